@@ -1,0 +1,69 @@
+"""The compute engine: plan tiles under a memory limit, compute them, write them.
+
+``run(job, source, sink, ...)`` is the whole pipeline on canonical views
+(:class:`conv3d_cli.layout.CanonicalView`); ``run_array`` does it for an
+in-memory NumPy array in Keras layout.
+"""
+
+from __future__ import annotations
+
+import mmap
+
+import numpy as np
+
+from ..layout import CanonicalView, Layout
+from .choose import choose_method
+from .execute import Stats, execute
+from .plan import Plan, default_workers, make_plan, parse_memory
+
+__all__ = ["run", "run_array", "plan_job", "Stats", "Plan", "parse_memory",
+           "default_workers"]
+
+
+def plan_job(job, method="auto", memory_limit=None, workers=None, chunk_shape=None,
+             split_order=(0, 1, 2)) -> Plan:
+    workers = default_workers() if workers is None else workers
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        from ..errors import ArgumentError
+        raise ArgumentError(f"Invalid `workers`: {workers!r}. Expected an integer >= 1.")
+    return make_plan(job, choose_method(job, method), memory_limit=memory_limit,
+                     workers=workers, chunk_shape=chunk_shape, split_order=split_order)
+
+
+def run(job, source, sink, plan, want_sums=False, progress=None) -> Stats:
+    return execute(job, plan, source, sink, want_sums=want_sums, progress=progress)
+
+
+def _shared_zeros(shape, dtype):
+    """A zeroed array in anonymous shared memory: forked workers write into it."""
+    nbytes = max(int(np.prod(shape)) * np.dtype(dtype).itemsize, 1)
+    buf = mmap.mmap(-1, nbytes)
+    return np.frombuffer(buf, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
+
+
+def run_array(job, x, method="auto", workers=1, memory_limit=None, chunk_shape=None,
+              progress=False):
+    """Apply ``job`` to the Keras-layout array ``x``; returns (output, stats)."""
+    plan = plan_job(job, method, memory_limit, workers, chunk_shape)
+    source = CanonicalView(x, Layout(x.shape, job.data_format))
+    out_layout = Layout(job.keras_output_shape[:-4] + _keras_tail(job), job.data_format)
+    shape = out_layout.shape
+    y = _shared_zeros(shape, job.dtype) if plan.workers > 1 else np.zeros(shape, job.dtype)
+    bar = None
+    if progress:
+        from ..progress import progress_bar
+        bar = progress_bar(int(np.prod(job.out_canonical_shape[:4])), enabled=True)
+    try:
+        stats = run(job, source, CanonicalView(y, out_layout), plan, want_sums=True,
+                    progress=bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    if plan.workers > 1:
+        y = np.array(y)  # detach from the shared mapping
+    return y, stats
+
+
+def _keras_tail(job):
+    b, d, h, w, f = job.out_canonical_shape
+    return (d, h, w, f) if job.data_format == "channels_last" else (f, d, h, w)

@@ -1,0 +1,61 @@
+"""Choose FFT or direct convolution for a job: a documented cost model.
+
+Like SciPy's ``choose_conv_method``, the choice compares operation counts
+weighted by constants fitted on this kind of machine (``make bench`` prints
+the achieved rates). Per output voxel and batch element:
+
+- direct: every tap costs ``C/G`` copies to build the im2col block plus
+  ``C/G * F/G * G`` multiply-adds at GEMM speed; with few channels the
+  stencil's rate applies instead;
+- FFT: per input-sized FFT block, ``(C + F)`` real FFTs of ``N log2 N`` and a
+  complex ``C/G x F/G`` product per frequency (``N / 2`` of them); strided
+  Conv3D computes all ``s^3`` stride-1 outputs and keeps one (FFT loses there).
+
+``--method direct|fft`` forces a path; ``auto`` takes the cheaper estimate.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .stencil import stencil_suits
+
+# Seconds per operation (one core), fitted from the benchmark workloads.
+GEMM_MAC = 1 / 40e9        # BLAS sgemm multiply-add
+COPY = 1 / 1.5e9           # im2col element copy
+STENCIL_MAC = 1 / 3.0e9    # compiled stencil multiply-add
+FFT_FLOP = 1 / 1.2e9       # one "N log2 N" unit of a real FFT
+CMAC = 1 / 1.0e9           # complex multiply-add in the per-frequency product
+
+
+def direct_cost(job) -> float:
+    taps = math.prod(g.k for g in job.geoms)
+    n_out = job.batch * math.prod(job.out_spatial)
+    if job.kind != "conv":
+        taps /= math.prod(g.s for g in job.geoms)
+    cg, fg = job.in_channels // job.groups, job.filters // job.groups
+    if stencil_suits(job):
+        return n_out * taps * cg * fg * job.groups * STENCIL_MAC
+    return n_out * taps * (cg * job.groups * COPY + cg * fg * job.groups * GEMM_MAC)
+
+
+def fft_cost(job) -> float:
+    # Work as if the output were computed at stride 1 (Conv3D) or per phase
+    # (transposed: same total number of outputs).
+    n = job.batch * math.prod(
+        (g.out - 1) * (g.s if g.kind == "conv" else 1) + g.ke if g.kind == "conv" else g.out + g.k
+        for g in job.geoms)
+    cg, fg = job.in_channels // job.groups, job.filters // job.groups
+    ffts = (job.in_channels + job.filters) * n * math.log2(max(n, 2)) * FFT_FLOP
+    mix = n / 2 * cg * fg * job.groups * CMAC
+    return ffts + mix
+
+
+def choose_method(job, method="auto") -> str:
+    method = (method or "auto").lower()
+    if method not in ("auto", "direct", "fft"):
+        from ..errors import ArgumentError
+        raise ArgumentError(f"Invalid `method`: {method!r}. Expected auto, direct or fft.")
+    if method != "auto":
+        return method
+    return "fft" if fft_cost(job) < direct_cost(job) else "direct"

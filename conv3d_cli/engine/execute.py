@@ -1,0 +1,159 @@
+"""Run a plan's tiles: in this process, or in a pool of worker processes.
+
+A tile task reads its own input region (zeros outside the volume), computes
+the convolution by the plan's method, adds the bias, applies the activation
+and writes its block straight into the output. Sinks that cannot take writes
+from several processes (HDF5) say so with ``single_writer = True``; their
+blocks come back to this process to be written. Workers are forked, so the
+job, the source and the sink are inherited rather than pickled; each worker
+opens its own file handles (the sources reopen lazily after a fork).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from ..errors import EngineError
+from .direct import correlate_gemm
+from .fft import SpectrumCache, correlate_fft
+from .stencil import correlate_stencil, stencil_suits
+
+
+@dataclass
+class Stats:
+    method: str = ""
+    tiles: int = 0
+    seconds: float = 0.0
+    activity_sums: tuple | None = None
+    workers: int = 1
+    extra: dict = field(default_factory=dict)
+
+
+def read_padded(source, job, b0, b1, ranges):
+    """Canonical input block over ``ranges`` (may extend past the volume; zeros there)."""
+    shape = job.in_spatial
+    clipped = [(max(a, 0), min(z, n)) for (a, z), n in zip(ranges, shape)]
+    full = tuple(z - a for a, z in ranges)
+    if any(z <= a for a, z in clipped):
+        return np.zeros((b1 - b0,) + full + (job.in_channels,), job.dtype)
+    inner = source.read(b0, b1, clipped)
+    if tuple(clipped) == tuple(ranges):
+        return np.asarray(inner, dtype=job.dtype)
+    x = np.zeros((b1 - b0,) + full + (job.in_channels,), job.dtype)
+    x[(slice(None),) + tuple(slice(ca - a, cz - a) for (a, _), (ca, cz) in zip(ranges, clipped))] = inner
+    return x
+
+
+def compute_tile(job, tile, source, method, cache, fft_workers=1, want_sums=False):
+    """Output block of ``tile`` after bias and activation, and its activity sums."""
+    axes = [g.terms(o0, o1) for g, (o0, o1) in zip(job.geoms, tile.out)]
+    nb = tile.b1 - tile.b0
+    acc = np.zeros((nb,) + tile.shape + (job.filters,), job.dtype)
+    if all(terms for _, _, terms in axes):
+        x = read_padded(source, job, tile.b0, tile.b1, [(i0, i1) for i0, i1, _ in axes])
+        terms = [t for _, _, t in axes]
+        if method == "fft":
+            correlate_fft(x, terms, job.taps, acc, cache, workers=fft_workers)
+        elif stencil_suits(job):
+            correlate_stencil(x, terms, job.taps, acc)
+        else:
+            correlate_gemm(x, terms, job.taps, acc)
+    if job.bias is not None:
+        acc += job.bias.astype(job.dtype)
+    y = job.activation(acc, axis=job.act_axis)
+    sums = None
+    if want_sums:
+        y64 = y.astype(np.float64)
+        sums = (float(np.abs(y64).sum()), float(np.square(y64).sum()))
+    return y, sums
+
+
+def out_ranges(job, tile):
+    """Where a tile's post-activation block goes in the canonical output."""
+    ranges = list(tile.out)
+    if job.activation.halves_last_axis and job.act_axis == 3:
+        ranges[2] = (ranges[2][0] // 2, ranges[2][1] // 2)
+    return ranges
+
+
+# State of a forked worker (inherited from the parent at fork time).
+_CTX: dict = {}
+
+
+def _init_worker(threads):
+    _CTX["limits"] = threadpool_limits(limits=threads)
+    _CTX["cache"] = SpectrumCache()
+    _CTX["threads"] = threads
+
+
+def _run_in_worker(index):
+    job, plan, source, sink, want_sums = (_CTX[k] for k in ("job", "plan", "source", "sink", "want_sums"))
+    tile = plan.tiles[index]
+    y, sums = compute_tile(job, tile, source, plan.method, _CTX["cache"],
+                           fft_workers=_CTX["threads"], want_sums=want_sums)
+    if getattr(sink, "single_writer", False):
+        return index, y, sums
+    sink.write(tile.b0, tile.b1, out_ranges(job, tile), y)
+    return index, None, sums
+
+
+def execute(job, plan, source, sink, want_sums=False, progress=None) -> Stats:
+    """Compute every tile of ``plan`` into ``sink``. ``progress`` is a tqdm-like bar or None."""
+    start = time.perf_counter()
+    total = [0.0, 0.0]
+
+    def done(tile, sums):
+        if sums is not None:
+            total[0] += sums[0]
+            total[1] += sums[1]
+        if progress is not None:
+            progress.update(_voxels(tile))
+
+    workers = min(plan.workers, len(plan.tiles))
+    if workers <= 1:
+        cache = SpectrumCache()
+        for tile in plan.tiles:
+            y, sums = compute_tile(job, tile, source, plan.method, cache,
+                                   fft_workers=os.cpu_count() or 1, want_sums=want_sums)
+            sink.write(tile.b0, tile.b1, out_ranges(job, tile), y)
+            done(tile, sums)
+    else:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        _CTX.update(job=job, plan=plan, source=source, sink=sink, want_sums=want_sums)
+        ctx = multiprocessing.get_context("fork")
+        try:
+            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                                     initargs=(threads,)) as pool:
+                futures = [pool.submit(_run_in_worker, i) for i in range(len(plan.tiles))]
+                try:
+                    for fut in as_completed(futures):
+                        index, y, sums = fut.result()
+                        tile = plan.tiles[index]
+                        if y is not None:
+                            sink.write(tile.b0, tile.b1, out_ranges(job, tile), y)
+                        done(tile, sums)
+                except BaseException:
+                    for f in futures:
+                        f.cancel()
+                    raise
+        except BrokenProcessPool:
+            raise EngineError(
+                "a worker process died (killed, or out of memory); no output was written. "
+                "Try fewer --workers or a lower --memory-limit.") from None
+        finally:
+            _CTX.clear()
+    return Stats(method=plan.method, tiles=len(plan.tiles),
+                 seconds=time.perf_counter() - start,
+                 activity_sums=tuple(total) if want_sums else None, workers=workers)
+
+
+def _voxels(tile):
+    return (tile.b1 - tile.b0) * int(np.prod(tile.shape))

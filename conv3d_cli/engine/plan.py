@@ -1,0 +1,176 @@
+"""Split a job's output into tiles that fit a memory limit.
+
+A tile is a pure task: a batch range and an output box; the input region it
+needs (its halo) follows from the per-axis geometry
+(:meth:`~conv3d_cli.shapes.AxisGeometry.terms`), including the inverse
+mapping of transposed convolutions. The planner starts from the whole output
+and halves the longest axis (preferring the axes the file stores slowest, so
+reads stay contiguous) until a tile's estimated peak memory fits the per-worker
+budget, then splits further only to give every worker work.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass, field
+
+from scipy import fft as sfft
+
+from ..errors import ArgumentError
+from .direct import COLS_BLOCK_BYTES
+
+# Resident memory of a worker before any tile: interpreter, NumPy/SciPy, BLAS.
+PROCESS_OVERHEAD = 80 << 20
+# Work below this many FLOPs is not worth splitting for parallelism.
+MIN_PARALLEL_FLOPS = 2e8
+
+
+@dataclass(frozen=True)
+class Tile:
+    b0: int
+    b1: int
+    out: tuple  # ((o0, o1), (o0, o1), (o0, o1)) in pre-activation output coords
+
+    @property
+    def shape(self):
+        return tuple(b - a for a, b in self.out)
+
+
+@dataclass
+class Plan:
+    method: str
+    tile_shape: tuple
+    batch_per_tile: int
+    tiles: list = field(repr=False)
+    tile_bytes: int
+    workers: int
+    memory_limit: int
+
+    @property
+    def peak_bytes(self):
+        return self.workers * (self.tile_bytes + PROCESS_OVERHEAD)
+
+    def summary(self, job):
+        return {"method": self.method, "tile_shape": list(self.tile_shape),
+                "batch_per_tile": self.batch_per_tile, "tiles": len(self.tiles),
+                "workers": self.workers, "memory_limit": self.memory_limit,
+                "estimated_peak_bytes": self.peak_bytes, "flops": job.flops()}
+
+
+def parse_memory(text) -> int:
+    """``"512M"``, ``"4G"``, ``"1.5GiB"``, ``"1000000"`` -> bytes."""
+    if text is None:
+        return default_memory_limit()
+    if isinstance(text, (int, float)):
+        value = int(text)
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b)?\s*", str(text), re.I)
+        if not m:
+            raise ArgumentError(
+                f"Invalid `memory_limit`: {text!r}. Expected a size like 512M, 4G or 2.5GiB.")
+        value = int(float(m.group(1)) * 1024 ** "_kmgt".index((m.group(2) or "_").lower()))
+    if value <= 0:
+        raise ArgumentError(f"Invalid `memory_limit`: {text!r}. Expected a positive size.")
+    return value
+
+
+def default_memory_limit() -> int:
+    """Half of the memory currently available."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 // 2
+    except OSError:
+        pass
+    return 2 << 30
+
+
+def default_workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+def tile_bytes(job, nb, shape, method) -> int:
+    """Estimated peak bytes of computing one tile of ``shape`` with ``nb`` batch elements."""
+    isz = job.dtype.itemsize
+    spans = [g.ke if g.kind == "conv" else -(-g.ke // g.s) + 1 for g in job.geoms]
+    steps = [g.s if g.kind == "conv" else 1 for g in job.geoms]
+    in_ext = [(n - 1) * st + sp if g.kind == "conv" else -(-n // g.s) + sp
+              for n, st, sp, g in zip(shape, steps, spans, job.geoms)]
+    x = nb * math.prod(in_ext) * job.in_channels * isz
+    out = nb * math.prod(shape) * job.filters * isz
+    if method == "fft":
+        n = nb * math.prod(sfft.next_fast_len(e, real=True) for e in in_ext)
+        scratch = n * (job.in_channels + 2 * job.filters) * isz * 2
+        scratch += n // nb * job.in_channels * job.filters // job.groups * isz * 2
+    else:
+        scratch = min(COLS_BLOCK_BYTES * 2, 2 * math.prod(shape) * nb * job.in_channels
+                      * math.prod(g.k for g in job.geoms) * isz)
+    return int(2 * x + 3 * out + scratch)
+
+
+def make_plan(job, method, memory_limit=None, workers=1, chunk_shape=None,
+              split_order=(0, 1, 2)) -> Plan:
+    limit = parse_memory(memory_limit)
+    out = job.out_spatial
+    whole = job.whole_axis
+    budget = limit // max(workers, 1) - PROCESS_OVERHEAD
+    nb = 1
+    if chunk_shape is not None:
+        tile = [min(c, n) for c, n in zip(chunk_shape, out)]
+        if whole is not None and tile[whole] < out[whole]:
+            raise ArgumentError(
+                f"`chunk_shape` must span the whole W axis ({out[whole]}): the "
+                f"'{job.activation.name}' activation acts along it under channels_first.")
+    else:
+        tile = list(out)
+        while tile_bytes(job, 1, tile, method) > budget:
+            axis = _axis_to_split(tile, whole, split_order)
+            if axis is None:
+                need = tile_bytes(job, 1, tile, method) + PROCESS_OVERHEAD
+                raise ArgumentError(
+                    f"`memory_limit` {limit} bytes is too small for this layer with "
+                    f"{workers} worker(s): one tile needs about {need} bytes per worker.")
+            tile[axis] = -(-tile[axis] // 2)
+        # Several batch elements per tile when whole volumes are small.
+        if tile == list(out) and job.batch > 1:
+            per = tile_bytes(job, 1, tile, method)
+            nb = max(1, min(job.batch, budget // max(per, 1)))
+            nb = max(1, min(nb, -(-job.batch // max(workers, 1))))
+        # Give every worker something to do.
+        if workers > 1 and job.flops() > MIN_PARALLEL_FLOPS:
+            while _count(job.batch, nb, out, tile) < 2 * workers:
+                if nb > 1:
+                    nb = -(-nb // 2)
+                    continue
+                axis = _axis_to_split(tile, whole, split_order)
+                if axis is None:
+                    break
+                tile[axis] = -(-tile[axis] // 2)
+    tiles = [Tile(b, min(b + nb, job.batch), box)
+             for b in range(0, job.batch, nb) for box in _boxes(out, tile)]
+    return Plan(method=method, tile_shape=tuple(tile), batch_per_tile=nb, tiles=tiles,
+                tile_bytes=tile_bytes(job, nb, tile, method), workers=workers,
+                memory_limit=limit)
+
+
+def _axis_to_split(tile, whole, order):
+    candidates = [a for a in order if a != whole and tile[a] > 1]
+    if not candidates:
+        return None
+    longest = max(tile[a] for a in candidates)
+    return next(a for a in candidates if tile[a] * 2 > longest)
+
+
+def _count(batch, nb, out, tile):
+    return -(-batch // nb) * math.prod(-(-n // t) for n, t in zip(out, tile))
+
+
+def _boxes(out, tile):
+    ranges = [[(a, min(a + t, n)) for a in range(0, n, t)] for n, t in zip(out, tile)]
+    return [(r0, r1, r2) for r0 in ranges[0] for r1 in ranges[1] for r2 in ranges[2]]

@@ -1,0 +1,210 @@
+"""The 31 Keras 3 activations in NumPy, plus tf.keras 2's ``hard_sigmoid``.
+
+Each activation works on an array in the engine's channels-last layout and is
+told which axis is Keras's axis -1 (the channel axis under ``channels_last``,
+W under ``channels_first``), because ``softmax``, ``log_softmax``, ``glu`` and
+``sparsemax`` act along it. Formulas follow ``keras/src/activations`` and
+``keras/src/backend/numpy/nn.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+from scipy import special
+
+from ..errors import ArgumentError
+
+_SELU_ALPHA = 1.6732632423543772848170429916717
+_SELU_SCALE = 1.0507009873554804934193349852946
+
+
+def _softmax(x, axis):
+    e = np.exp(x - np.max(x, axis=axis, keepdims=True))
+    return e / np.sum(e, axis=axis, keepdims=True)
+
+
+def _log_softmax(x, axis):
+    shifted = x - np.max(x, axis=axis, keepdims=True)
+    return shifted - np.log(np.sum(np.exp(shifted), axis=axis, keepdims=True))
+
+
+def _glu(x, axis):
+    if x.shape[axis] % 2:
+        raise ArgumentError(
+            "axis size must be divisible by 2. Received: "
+            f"x.shape={x.shape} with axis={axis}")
+    a, b = np.split(x, 2, axis=axis)
+    return a * special.expit(b)
+
+
+def _sparsemax(x, axis):
+    # Martins & Astudillo (2016): project onto the simplex along `axis`.
+    x = np.moveaxis(x, axis, -1)
+    z = np.sort(x, axis=-1)[..., ::-1]
+    k = np.arange(1, x.shape[-1] + 1, dtype=x.dtype)
+    cssv = np.cumsum(z, axis=-1)
+    support = (1 + k * z) > cssv
+    k_z = np.sum(support, axis=-1, keepdims=True)
+    tau = (np.take_along_axis(cssv, k_z - 1, axis=-1) - 1) / k_z.astype(x.dtype)
+    out = np.maximum(x - tau, 0)
+    return np.moveaxis(out, -1, axis)
+
+
+def _elu(x, alpha=1.0):
+    return np.where(x > 0, x, alpha * np.expm1(np.minimum(x, 0)))
+
+
+def _relu(x, negative_slope=0.0, max_value=None, threshold=0.0):
+    # Keras's ReLU.static_call, step by step.
+    if negative_slope != 0.0:
+        if max_value is None and threshold == 0:
+            return np.maximum(x, negative_slope * x)
+        negative_part = np.maximum(-x + threshold, 0)
+    if threshold != 0:
+        out = np.where(x > threshold, x, 0)
+    else:
+        out = np.maximum(x, 0)
+    if max_value is not None:
+        out = np.clip(out, 0, max_value)
+    if negative_slope != 0.0:
+        out = out - negative_slope * negative_part
+    return out
+
+
+def _hard_sigmoid(x):
+    return np.clip(x + 3.0, 0, 6.0) / 6.0
+
+
+def _softplus(x):
+    return np.logaddexp(np.zeros((), x.dtype), x)
+
+
+_ELEMENTWISE = {
+    "celu": lambda x, alpha=1.0: np.maximum(x, 0) + np.minimum(0, alpha * np.expm1(np.minimum(x, 0) / alpha)),
+    "elu": _elu,
+    "exponential": np.exp,
+    "gelu": lambda x, approximate=False: (
+        0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+        if approximate else 0.5 * x * (1 + special.erf(x / math.sqrt(2)))),
+    "hard_shrink": lambda x, threshold=0.5: np.where(np.abs(x) > threshold, x, 0),
+    "hard_sigmoid": _hard_sigmoid,
+    "hard_silu": lambda x: x * _hard_sigmoid(x),
+    "hard_tanh": lambda x: np.clip(x, -1, 1),
+    "leaky_relu": lambda x, negative_slope=0.2: np.maximum(x, negative_slope * x),
+    "linear": lambda x: x,
+    "log_sigmoid": lambda x: -_softplus(-x),
+    "mish": lambda x: x * np.tanh(_softplus(x)),
+    "relu": _relu,
+    "relu6": lambda x: np.clip(x, 0, 6),
+    "selu": lambda x: _SELU_SCALE * _elu(x, _SELU_ALPHA),
+    "sigmoid": special.expit,
+    "silu": lambda x: x * special.expit(x),
+    "soft_shrink": lambda x, threshold=0.5: np.where(
+        x > threshold, x - threshold, np.where(x < -threshold, x + threshold, 0)),
+    "softplus": _softplus,
+    "softsign": lambda x: x / (1 + np.abs(x)),
+    "sparse_plus": lambda x: np.where(x <= -1, 0, np.where(x >= 1, x, (x + 1) ** 2 / 4)),
+    "sparse_sigmoid": lambda x: np.where(x <= -1, 0, np.where(x >= 1, 1, (x + 1) / 2)),
+    "squareplus": lambda x, b=4: (x + np.sqrt(x * x + b)) / 2,
+    "tanh": np.tanh,
+    "tanh_shrink": lambda x: x - np.tanh(x),
+    "threshold": lambda x, threshold, default_value: np.where(x > threshold, x, default_value),
+}
+_AXISWISE = {
+    "softmax": _softmax,
+    "log_softmax": _log_softmax,
+    "glu": _glu,
+    "sparsemax": _sparsemax,
+}
+_ALIASES = {"swish": "silu", "hard_swish": "hard_silu", None: "linear"}
+
+# tf.keras 2 defines hard_sigmoid differently (see keras-semantics.md).
+_KERAS2 = {"hard_sigmoid": lambda x: np.clip(0.2 * x + 0.5, 0, 1)}
+
+NAMES = sorted(set(_ELEMENTWISE) | set(_AXISWISE) | {"swish", "hard_swish"})
+
+
+class Activation:
+    """A named activation with fixed arguments."""
+
+    def __init__(self, name: str, kwargs: dict | None = None, keras2: bool = False,
+                 fn=None):
+        self.name = name
+        self.kwargs = dict(kwargs or {})
+        self.keras2 = keras2
+        self.axiswise = name in _AXISWISE
+        if fn is not None:
+            self._fn = fn
+        elif keras2 and name in _KERAS2:
+            self._fn = _KERAS2[name]
+        else:
+            self._fn = _AXISWISE.get(name) or _ELEMENTWISE[name]
+
+    @property
+    def is_linear(self) -> bool:
+        return self.name == "linear"
+
+    @property
+    def halves_last_axis(self) -> bool:
+        """glu halves Keras's axis -1 (filters under channels_last, W otherwise)."""
+        return self.name == "glu"
+
+    def __call__(self, x: np.ndarray, axis: int = -1) -> np.ndarray:
+        if self.is_linear:
+            return x
+        if self.axiswise:
+            out = self._fn(x, axis, **self.kwargs)
+        else:
+            out = self._fn(x, **self.kwargs)
+        return np.asarray(out, dtype=x.dtype)
+
+    def serialize(self):
+        if self.kwargs:
+            return {"class_name": self.name, "config": dict(self.kwargs)}
+        return self.name
+
+    def __repr__(self):
+        return f"Activation({self.name!r})"
+
+
+def get(identifier, keras2: bool = False) -> Activation:
+    """An :class:`Activation` from a name, ``NAME:{json}``, dict or callable."""
+    if isinstance(identifier, Activation):
+        return identifier
+    if identifier is None:
+        return Activation("linear")
+    if callable(identifier):
+        return Activation(getattr(identifier, "__name__", "custom"), fn=identifier)
+    kwargs = {}
+    name = identifier
+    if isinstance(identifier, dict):
+        name, kwargs = identifier.get("class_name"), identifier.get("config") or {}
+    elif isinstance(identifier, str) and ":" in identifier:
+        name, _, args = identifier.partition(":")
+        try:
+            kwargs = json.loads(args)
+        except json.JSONDecodeError as exc:
+            raise ArgumentError(f"Invalid JSON in `activation`: {exc.msg} in {args!r}") from None
+        if not isinstance(kwargs, dict):
+            raise ArgumentError(f"Invalid `activation`: arguments after ':' must be a JSON object, got {args!r}")
+    if not isinstance(name, str):
+        raise ArgumentError(f"Could not interpret activation function identifier: {identifier!r}")
+    key = name.strip().lower()
+    key = _ALIASES.get(key, key)
+    if key not in _ELEMENTWISE and key not in _AXISWISE:
+        raise ArgumentError(
+            f"Could not interpret activation function identifier: {name!r}. "
+            f"Expected one of: {', '.join(NAMES)}.")
+    if key == "threshold" and not {"threshold", "default_value"} <= set(kwargs):
+        raise ArgumentError(
+            "The `threshold` activation needs arguments, e.g. "
+            "'threshold:{\"threshold\": 0.5, \"default_value\": 0}'.")
+    act = Activation(key, kwargs, keras2=keras2)
+    try:  # validate the arguments once on a tiny array
+        act(np.zeros((1, 2), np.float32), -1)
+    except TypeError as exc:
+        raise ArgumentError(f"Invalid arguments for activation {key!r}: {kwargs}. {exc}") from None
+    return act

@@ -1,0 +1,408 @@
+"""Keras-compatible ``Conv3D`` and ``Conv3DTranspose`` objects over NumPy.
+
+Like ``keras/src/layers/convolutional``, the two public classes are thin: the
+argument handling, weights, config round trip and call live in
+:class:`BaseConv3D`; the shape math is in :mod:`conv3d_cli.shapes` and the
+computation in :mod:`conv3d_cli.engine`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .. import shapes
+from ..errors import ArgumentError, ShapeError, WeightsError
+from . import activations, constraints, initializers, regularizers
+from .args import (positive_int, standardize_data_format, standardize_dtype,
+                   standardize_padding, standardize_tuple)
+
+# Keys of a Keras layer config that carry no meaning for inference here.
+_IGNORED_CONFIG_KEYS = {"batch_input_shape", "batch_shape", "input_shape",
+                        "input_dim", "autocast", "build_config", "module",
+                        "registered_name", "quantization_config"}
+_UNSUPPORTED_IF_SET = ("lora_rank", "lora_alpha", "dora_rank", "dora_alpha")
+
+_NAME_COUNTS: dict[str, int] = {}
+
+
+def _auto_name(prefix: str) -> str:
+    n = _NAME_COUNTS.get(prefix, 0)
+    _NAME_COUNTS[prefix] = n + 1
+    return prefix if n == 0 else f"{prefix}_{n}"
+
+
+class BaseConv3D:
+    """Shared implementation of the two layers (private)."""
+
+    kind = shapes.CONV
+    keras_name = "Conv3D"
+    snake_name = "conv3d"
+
+    def __init__(self, filters, kernel_size, strides=1, padding="valid",
+                 data_format=None, dilation_rate=1, groups=1, output_padding=None,
+                 activation=None, use_bias=True, kernel_initializer="glorot_uniform",
+                 bias_initializer="zeros", kernel_regularizer=None,
+                 bias_regularizer=None, activity_regularizer=None,
+                 kernel_constraint=None, bias_constraint=None, name=None,
+                 dtype=None, trainable=True, keras2=False, **kwargs):
+        for key in _UNSUPPORTED_IF_SET:
+            if kwargs.pop(key, None) is not None:
+                raise ArgumentError(f"`{key}` (LoRA/DoRA fine-tuning) is not supported.")
+        unknown = set(kwargs) - _IGNORED_CONFIG_KEYS
+        if unknown:
+            raise ArgumentError(
+                f"Unrecognized keyword arguments passed to {self.keras_name}: "
+                f"{ {k: kwargs[k] for k in sorted(unknown)} }")
+        self.keras2 = bool(keras2)
+        self.filters = positive_int(filters, "filters")
+        self.groups = groups
+        if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)) or groups <= 0:
+            raise ArgumentError(
+                f"The number of groups must be a positive integer. Received: groups={groups}.")
+        if self.filters % groups:
+            raise ArgumentError(
+                "The number of filters must be evenly divisible by the number of "
+                f"groups. Received: groups={groups}, filters={self.filters}.")
+        self.kernel_size = standardize_tuple(kernel_size, 3, "kernel_size")
+        self.strides = standardize_tuple(strides, 3, "strides")
+        self.dilation_rate = standardize_tuple(dilation_rate, 3, "dilation_rate")
+        self.padding = standardize_padding(padding)
+        self.data_format = standardize_data_format(data_format)
+        self.output_padding = (None if output_padding is None else
+                               standardize_tuple(output_padding, 3, "output_padding",
+                                                 allow_zero=True))
+        if self.output_padding is not None:
+            for i, (op, s) in enumerate(zip(self.output_padding, self.strides)):
+                if op >= s:
+                    raise ArgumentError(
+                        "`output_padding` must be strictly less than `strides` for "
+                        f"all dimensions. At dimension {i}, `output_padding` is {op} "
+                        f"but `strides` is {s}. Received: output_padding="
+                        f"{self.output_padding}, strides={self.strides}")
+        if max(self.strides) > 1 and max(self.dilation_rate) > 1:
+            raise ArgumentError(
+                "`strides > 1` not supported in conjunction with `dilation_rate > 1`. "
+                f"Received: strides={self.strides} and dilation_rate={self.dilation_rate}")
+        self.activation = activations.get(activation, keras2=self.keras2)
+        self.use_bias = bool(use_bias)
+        self.kernel_initializer = initializers.get(kernel_initializer, "kernel_initializer")
+        self.bias_initializer = initializers.get(bias_initializer, "bias_initializer")
+        self.kernel_regularizer = regularizers.get(kernel_regularizer, "kernel_regularizer")
+        self.bias_regularizer = regularizers.get(bias_regularizer, "bias_regularizer")
+        self.activity_regularizer = regularizers.get(activity_regularizer, "activity_regularizer")
+        self.kernel_constraint = constraints.get(kernel_constraint, "kernel_constraint")
+        self.bias_constraint = constraints.get(bias_constraint, "bias_constraint")
+        self.name = name or _auto_name(self.snake_name)
+        self.dtype = standardize_dtype(dtype)
+        self.trainable = bool(trainable)
+        self.built = False
+        self.input_channels = None
+        self.kernel = None
+        self.bias = None
+        self._activity_loss = None
+
+    # ----------------------------------------------------------------- shapes
+    def kernel_shape(self, input_channels: int) -> tuple:
+        return self.kernel_size + (input_channels // self.groups, self.filters)
+
+    def _channels(self, input_shape):
+        shape = tuple(input_shape)
+        if len(shape) < 5:
+            raise ShapeError(
+                f"Input 0 of layer \"{self.name}\" is incompatible with the layer: "
+                f"expected min_ndim=5, found ndim={len(shape)}. Full shape received: {shape}")
+        return shapes.split_layout(shape, self.data_format)[2]
+
+    def compute_output_shape(self, input_shape):
+        input_shape = tuple(input_shape)
+        self._channels(input_shape)  # validates the rank
+        batch, spatial, _ = shapes.split_layout(input_shape, self.data_format)
+        if any(n is None for n in spatial):  # unknown dims stay unknown
+            known = tuple(1 if n is None else n for n in spatial)
+            out = tuple(None if n is None else g.out
+                        for n, g in zip(spatial, self.geometries(known)))
+            return shapes.join_layout(batch, out, self.filters, self.data_format)
+        return shapes.output_shape(self.kind, input_shape, self.filters, self.kernel_size,
+                                   self.strides, self.padding, self.data_format,
+                                   self.dilation_rate, self.output_padding)
+
+    def geometries(self, spatial_shape):
+        return shapes.axis_geometries(self.kind, spatial_shape, self.kernel_size,
+                                      self.strides, self.dilation_rate, self.padding,
+                                      self.output_padding)
+
+    # ---------------------------------------------------------------- weights
+    def build(self, input_shape):
+        channels = self._channels(input_shape)
+        if channels is None:
+            raise ShapeError("The channel dimension of the inputs should be defined.")
+        if channels % self.groups:
+            raise ShapeError(
+                "The number of input channels must be evenly divisible by the number "
+                f"of groups. Received groups={self.groups}, but the input has "
+                f"{channels} channels (full input shape is {tuple(input_shape)}).")
+        self.compute_output_shape(input_shape)
+        self.input_channels = channels
+        self.kernel = np.asarray(self.kernel_initializer(self.kernel_shape(channels), self.dtype),
+                                 dtype=self.dtype)
+        self.bias = (np.asarray(self.bias_initializer((self.filters,), self.dtype), dtype=self.dtype)
+                     if self.use_bias else None)
+        self.built = True
+
+    def _ensure_built(self, what):
+        if not self.built:
+            raise ArgumentError(
+                f"You tried to call `{what}` on layer '{self.name}', but the layer "
+                "isn't built. You can build it manually via: `layer.build(batch_input_shape)`.")
+
+    def get_weights(self):
+        if not self.built:
+            return []
+        return [self.kernel.copy()] + ([self.bias.copy()] if self.use_bias else [])
+
+    def set_weights(self, weights):
+        """Set ``[kernel]`` or ``[kernel, bias]`` in Keras layout.
+
+        An unbuilt layer is built from the kernel's input-channel dimension.
+        """
+        weights = list(weights)
+        expected = 2 if self.use_bias else 1
+        if len(weights) != expected:
+            raise WeightsError(
+                f"You called `set_weights(weights)` on layer '{self.name}' with a weight "
+                f"list of length {len(weights)}, but the layer was expecting "
+                f"{expected} weights.")
+        kernel = np.asarray(weights[0])
+        if kernel.ndim != 5:
+            raise WeightsError(
+                f"Layer '{self.name}' expects a 5-D kernel; received shape {kernel.shape}.")
+        if not self.built:
+            channels = kernel.shape[-2] * self.groups if self.kind == shapes.CONV else kernel.shape[-1]
+            self.build(shapes.join_layout((None,), (None,) * 3, channels, self.data_format))
+        for label, current, new in (("kernel", self.kernel, kernel),
+                                    ("bias", self.bias, weights[1] if self.use_bias else None)):
+            if current is None:
+                continue
+            new = np.asarray(new)
+            if new.shape != current.shape:
+                raise WeightsError(
+                    f"Layer '{self.name}' {label} weight shape {current.shape} is not "
+                    f"compatible with provided weight shape {new.shape}.")
+            if not np.issubdtype(new.dtype, np.number) or np.iscomplexobj(new):
+                raise WeightsError(f"Layer '{self.name}' {label} must be real numbers, got {new.dtype}.")
+        self.kernel = kernel.astype(self.dtype, copy=True)
+        if self.use_bias:
+            self.bias = np.asarray(weights[1]).astype(self.dtype, copy=True)
+
+    def apply_constraints(self):
+        """Project the weights with the kernel/bias constraints (as Keras's optimizer does)."""
+        self._ensure_built("apply_constraints")
+        if self.kernel_constraint is not None:
+            self.kernel = np.asarray(self.kernel_constraint(self.kernel), self.dtype)
+        if self.bias_constraint is not None and self.use_bias:
+            self.bias = np.asarray(self.bias_constraint(self.bias), self.dtype)
+
+    def count_params(self):
+        self._ensure_built("count_params")
+        return int(self.kernel.size + (self.bias.size if self.use_bias else 0))
+
+    # ----------------------------------------------------------------- losses
+    def regularization_losses(self, activity_sums=None, batch_size=1):
+        """Penalties by name: kernel_regularizer, bias_regularizer, activity_regularizer.
+
+        ``activity_sums`` are (sum |y|, sum y**2) of the last output; the
+        activity penalty is divided by the batch size, as Keras does.
+        """
+        out = {"kernel_regularizer": None, "bias_regularizer": None,
+               "activity_regularizer": None}
+        if self.built and self.kernel_regularizer is not None:
+            out["kernel_regularizer"] = float(self.kernel_regularizer(self.kernel))
+        if self.built and self.use_bias and self.bias_regularizer is not None:
+            out["bias_regularizer"] = float(self.bias_regularizer(self.bias))
+        if self.activity_regularizer is not None and activity_sums is not None:
+            out["activity_regularizer"] = float(
+                self.activity_regularizer.from_sums(*activity_sums)) / max(batch_size, 1)
+        return out
+
+    @property
+    def losses(self):
+        """Keras's ``layer.losses``: weight penalties, then the last call's activity penalty."""
+        terms = self.regularization_losses()
+        terms["activity_regularizer"] = self._activity_loss
+        return [v for v in terms.values() if v is not None]
+
+    # ------------------------------------------------------------------- call
+    def job(self, input_shape):
+        """The engine's description of applying this layer to ``input_shape``."""
+        from ..engine.job import Job
+        channels = self._channels(input_shape)
+        if not self.built:
+            self.build(input_shape)
+        elif channels != self.input_channels:
+            raise ShapeError(
+                f"Input 0 of layer \"{self.name}\" is incompatible with the layer: "
+                f"expected axis {'-1' if self.data_format == 'channels_last' else '1'} "
+                f"of input shape to have value {self.input_channels}, but received "
+                f"input with shape {tuple(input_shape)}")
+        elif channels % self.groups:
+            raise ShapeError("The number of input channels must be evenly divisible by "
+                             f"the number of groups. Received groups={self.groups}, but "
+                             f"the input has {channels} channels.")
+        out_shape = self.compute_output_shape(input_shape)
+        batch, spatial, _ = shapes.split_layout(tuple(input_shape), self.data_format)
+        return Job(kind=self.kind, geoms=self.geometries(spatial), batch_shape=batch,
+                   in_channels=channels, filters=self.filters, groups=self.groups,
+                   kernel=self.kernel, bias=self.bias if self.use_bias else None,
+                   activation=self.activation, data_format=self.data_format,
+                   dtype=np.dtype(self.dtype), keras_output_shape=out_shape)
+
+    def __call__(self, inputs, method="auto", workers=1, memory_limit=None,
+                 chunk_shape=None, progress=False):
+        """Apply the layer to a NumPy array in Keras layout (rank >= 5)."""
+        from ..engine import run_array
+        x = np.asarray(inputs)
+        if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool) or np.iscomplexobj(x):
+            raise ShapeError(f"Inputs must be real numbers; received dtype {x.dtype}.")
+        job = self.job(x.shape)
+        y, stats = run_array(job, x, method=method, workers=workers,
+                             memory_limit=memory_limit, chunk_shape=chunk_shape,
+                             progress=progress)
+        self._activity_loss = self.regularization_losses(
+            stats.activity_sums, batch_size=x.shape[0])["activity_regularizer"]
+        self.last_stats = stats
+        return y
+
+    # ----------------------------------------------------------------- config
+    def get_config(self):
+        config = {
+            "name": self.name,
+            "trainable": self.trainable,
+            "dtype": {"module": "keras", "class_name": "DTypePolicy",
+                      "config": {"name": self.dtype}, "registered_name": None},
+            "filters": self.filters,
+            "kernel_size": self.kernel_size,
+            "strides": self.strides,
+            "padding": self.padding,
+        }
+        if self.kind == shapes.TRANSPOSE:
+            config["output_padding"] = self.output_padding
+        config.update({
+            "data_format": self.data_format,
+            "dilation_rate": self.dilation_rate,
+        })
+        if self.kind == shapes.CONV:
+            config["groups"] = self.groups
+        config.update({
+            "activation": self.activation.serialize(),
+            "use_bias": self.use_bias,
+            "kernel_initializer": initializers.serialize(self.kernel_initializer),
+            "bias_initializer": initializers.serialize(self.bias_initializer),
+            "kernel_regularizer": regularizers.serialize(self.kernel_regularizer),
+            "bias_regularizer": regularizers.serialize(self.bias_regularizer),
+            "activity_regularizer": regularizers.serialize(self.activity_regularizer),
+            "kernel_constraint": constraints.serialize(self.kernel_constraint),
+            "bias_constraint": constraints.serialize(self.bias_constraint),
+        })
+        return config
+
+    @classmethod
+    def from_config(cls, config, keras2=None):
+        """Build from a Keras 3 or tf.keras 2 ``get_config()`` dict.
+
+        ``keras2`` (tf.keras 2 semantics, e.g. its ``hard_sigmoid``) is guessed
+        from the config's style when not given: tf.keras 2 writes ``dtype`` as
+        a plain string and serializes objects without a ``module`` key.
+        """
+        config = dict(config)
+        if keras2 is None:
+            keras2 = looks_like_keras2(config)
+        return cls(**config, keras2=keras2)
+
+    def __repr__(self):
+        return (f"{self.keras_name}(filters={self.filters}, kernel_size={self.kernel_size}, "
+                f"strides={self.strides}, padding={self.padding!r}, name={self.name!r})")
+
+
+def looks_like_keras2(config) -> bool:
+    if isinstance(config.get("dtype"), dict):
+        return False
+
+    def has_module(value):
+        if isinstance(value, dict):
+            return "module" in value or any(has_module(v) for v in value.values())
+        return False
+
+    return not any(has_module(v) for v in config.values())
+
+
+class Conv3D(BaseConv3D):
+    """3D convolution layer (Keras ``Conv3D``), computed without Keras.
+
+    Arguments, defaults and errors are Keras's: ``Conv3D(filters, kernel_size,
+    strides=1, padding="valid", data_format=None, dilation_rate=1, groups=1,
+    activation=None, use_bias=True, ...)``. The kernel has shape
+    ``(kd, kh, kw, C_in // groups, filters)``.
+
+    >>> layer = Conv3D(4, 3, padding="same")
+    >>> layer(np.zeros((1, 8, 8, 8, 2), np.float32)).shape
+    (1, 8, 8, 8, 4)
+    """
+
+    def __init__(self, filters, kernel_size, strides=1, padding="valid", data_format=None,
+                 dilation_rate=1, groups=1, **kwargs):
+        if "output_padding" in kwargs:
+            raise ArgumentError("Conv3D has no `output_padding` argument (Conv3DTranspose has).")
+        super().__init__(filters, kernel_size, strides=strides, padding=padding,
+                         data_format=data_format, dilation_rate=dilation_rate,
+                         groups=groups, **kwargs)
+
+
+class Conv3DTranspose(BaseConv3D):
+    """3D transposed convolution layer (Keras ``Conv3DTranspose``), without Keras.
+
+    The kernel has shape ``(kd, kh, kw, filters, C_in)``; there is no
+    ``groups`` argument, and ``output_padding`` must be smaller than the
+    strides on every axis.
+
+    >>> layer = Conv3DTranspose(2, 3, strides=2, padding="same")
+    >>> layer(np.zeros((1, 4, 4, 4, 1), np.float32)).shape
+    (1, 8, 8, 8, 2)
+    """
+
+    kind = shapes.TRANSPOSE
+    keras_name = "Conv3DTranspose"
+    snake_name = "conv3d_transpose"
+
+    def __init__(self, filters, kernel_size, strides=1, padding="valid",
+                 output_padding=None, data_format=None, dilation_rate=1, **kwargs):
+        groups = kwargs.pop("groups", 1)
+        if groups != 1:
+            raise ArgumentError("Conv3DTranspose has no `groups` argument (only Conv3D has).")
+        super().__init__(filters, kernel_size, strides=strides, padding=padding,
+                         output_padding=output_padding, data_format=data_format,
+                         dilation_rate=dilation_rate, **kwargs)
+
+    def kernel_shape(self, input_channels: int) -> tuple:
+        return self.kernel_size + (self.filters, input_channels)
+
+
+LAYER_CLASSES = {"conv3d": Conv3D, "conv3dtranspose": Conv3DTranspose,
+                 "convolution3d": Conv3D, "convolution3dtranspose": Conv3DTranspose}
+
+
+def layer_class(name: str):
+    key = str(name).replace("_", "").lower()
+    if key not in LAYER_CLASSES:
+        raise ArgumentError(
+            f"Unknown layer {name!r}: expected Conv3D or Conv3DTranspose.")
+    return LAYER_CLASSES[key]
+
+
+def from_config(config, keras2=None):
+    """A layer from ``{"class_name": ..., "config": ...}`` or a bare config (Conv3D)."""
+    if "class_name" in config and "config" in config:
+        return layer_class(config["class_name"]).from_config(config["config"], keras2=keras2)
+    return Conv3D.from_config(config, keras2=keras2)
+

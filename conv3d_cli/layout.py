@@ -1,0 +1,132 @@
+"""Map an array's own axes to the engine's canonical layout and back.
+
+The engine works on ``(B, D, H, W, C)`` blocks: batch dims flattened, spatial
+axes, channels last. A volume array is one of:
+
+- Keras layout, rank >= 5: batch dims, then spatial and channels per
+  ``data_format``;
+- rank 4: one volume with channels (``(D, H, W, C)`` or ``(C, D, H, W)``);
+- rank 3: one volume with one channel.
+
+:class:`Layout` is pure bookkeeping; :class:`CanonicalView` reads and writes
+canonical blocks through any object that supports NumPy basic slicing
+(``ndarray``, ``h5py.Dataset``, the npy/NIfTI readers in :mod:`conv3d_cli.io`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import ShapeError
+
+
+@dataclass(frozen=True)
+class Layout:
+    shape: tuple  # the array's own shape
+    data_format: str
+
+    def __post_init__(self):
+        if len(self.shape) < 3:
+            raise ShapeError(
+                f"expected a volume of rank >= 3 (D, H, W), got shape {tuple(self.shape)}")
+        if any(n <= 0 for n in self.shape):
+            raise ShapeError(f"volume shape {tuple(self.shape)} has an empty dimension")
+
+    @property
+    def rank(self):
+        return len(self.shape)
+
+    @property
+    def channels_first(self):
+        return self.data_format == "channels_first"
+
+    @property
+    def batch_shape(self):
+        return tuple(self.shape[:-4]) if self.rank >= 5 else ()
+
+    @property
+    def keras_shape(self):
+        """The shape Keras sees (rank >= 5)."""
+        if self.rank >= 5:
+            return tuple(self.shape)
+        if self.rank == 3:
+            return (1,) + tuple(self.shape) + (1,) if not self.channels_first \
+                else (1, 1) + tuple(self.shape)
+        return (1,) + tuple(self.shape)
+
+    @property
+    def canonical_shape(self):
+        ks = self.keras_shape
+        b = math.prod(ks[:-4])
+        if self.channels_first:
+            return (b,) + tuple(ks[-3:]) + (ks[-4],)
+        return (b,) + tuple(ks[-4:])
+
+    def output_shape(self, canonical_out):
+        """Own-axes shape of the output whose canonical shape is ``canonical_out``.
+
+        Exactly the axes the tool added are dropped: the batch axis of a rank
+        3/4 volume, and the channel axis of a rank-3 volume when it has one
+        filter.
+        """
+        b, d, h, w, f = canonical_out
+        spatial_c = ((f, d, h, w) if self.channels_first else (d, h, w, f))
+        if self.rank >= 5:
+            return self.batch_shape + spatial_c
+        if self.rank == 3 and f == 1:
+            return (d, h, w)
+        return spatial_c
+
+
+class CanonicalView:
+    """Canonical ``(B, D, H, W, C)`` block access to an array in ``layout``."""
+
+    def __init__(self, array, layout: Layout):
+        self.array = array
+        self.layout = layout
+        self.shape = layout.canonical_shape
+        # An in-memory Keras-layout array: flatten the batch dims once (a view).
+        self._flat = None
+        if isinstance(array, np.ndarray) and layout.rank >= 5:
+            try:
+                self._flat = array.view().reshape((self.shape[0],) + tuple(layout.shape[-4:]))
+            except AttributeError:  # not viewable as a reshape: go element by element
+                self._flat = None
+
+    def _inner(self, ranges):
+        sp = tuple(slice(a, z) for a, z in ranges)
+        if self.layout.rank == 3:
+            return sp
+        return (slice(None),) + sp if self.layout.channels_first else sp + (slice(None),)
+
+    def _own_index(self, b, ranges):
+        """Own-axes index of flat batch element b and spatial ranges."""
+        if self.layout.rank < 5:
+            return self._inner(ranges)
+        return tuple(int(i) for i in np.unravel_index(b, self.layout.batch_shape)) + self._inner(ranges)
+
+    def read(self, b0, b1, ranges):
+        """Canonical block ``[b0:b1, ranges..., :]`` (ranges inside the array)."""
+        if self._flat is not None:
+            block = self._flat[(slice(b0, b1),) + self._inner(ranges)]
+        else:
+            block = np.stack([np.asarray(self.array[self._own_index(b, ranges)])
+                              for b in range(b0, b1)])
+        if self.layout.rank == 3:
+            return block[..., None]
+        return np.moveaxis(block, 1, -1) if self.layout.channels_first else block
+
+    def write(self, b0, b1, ranges, block):
+        """Store a canonical block at ``[b0:b1, ranges..., :]``."""
+        if self.layout.rank == 3:
+            block = block[..., 0]
+        elif self.layout.channels_first:
+            block = np.moveaxis(block, -1, 1)
+        if self._flat is not None:
+            self._flat[(slice(b0, b1),) + self._inner(ranges)] = block
+            return
+        for i, b in enumerate(range(b0, b1)):
+            self.array[self._own_index(b, ranges)] = block[i]
