@@ -155,7 +155,8 @@ def make_plan(job, method, memory_limit=None, workers=1, chunk_shape=None,
     tiles = [Tile(b, min(b + nb, job.batch), box)
              for b in range(0, job.batch, nb) for box in _boxes(out, tile)]
     return Plan(method=method, tile_shape=tuple(tile), batch_per_tile=nb, tiles=tiles,
-                tile_bytes=tile_bytes(job, nb, tile, method), workers=workers,
+                tile_bytes=tile_bytes(job, nb, tile, method),
+                workers=max(1, min(workers, len(tiles))),
                 memory_limit=limit)
 
 

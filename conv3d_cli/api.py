@@ -1,0 +1,224 @@
+"""The library behind the CLI: build a layer from arguments, apply it to a file.
+
+``build_layer`` merges a Keras layer config, explicit arguments and a
+weights file into one layer; ``apply_to_file`` runs it over a volume file
+into an output file; ``describe`` is ``conv3d shape`` without printing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+
+from . import engine, shapes
+from .errors import ArgumentError, ShapeError, WeightsError
+from .geometry import output_affine
+from .io import OutputTarget, open_volume
+from .layers import conv as convmod
+from .layout import CanonicalView, Layout
+from .weights import load_weights
+
+
+def load_config_file(path):
+    """A Keras layer config from JSON: ``get_config()`` or ``{"class_name", "config"}``."""
+    try:
+        with open(path) as fh:
+            data = json.load(fh)
+    except FileNotFoundError:
+        raise ArgumentError(f"--config {path}: no such file") from None
+    except (OSError, ValueError) as exc:
+        raise ArgumentError(f"--config {path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ArgumentError(f"--config {path}: expected a JSON object (a Keras layer config)")
+    if "class_name" in data and "config" in data:
+        return data["class_name"], dict(data["config"])
+    return None, dict(data)
+
+
+def build_layer(layer=None, config=None, overrides=None, weights=None, seed=None,
+                apply_constraints=False):
+    """One layer from a class name, a config dict, explicit arguments and weights.
+
+    ``overrides`` win over ``config``; ``weights`` (a dict with ``kernel`` and
+    ``bias``, or a path) supply ``filters`` and ``kernel_size`` when neither
+    gives them, and are checked against them otherwise. ``seed`` seeds the
+    random initializers that have no seed of their own.
+    """
+    class_name, cfg = (None, {})
+    if isinstance(config, str):
+        class_name, cfg = load_config_file(config)
+    elif isinstance(config, dict):
+        if "class_name" in config and "config" in config:
+            class_name, cfg = config["class_name"], dict(config["config"])
+        else:
+            cfg = dict(config)
+    if layer is not None and class_name is not None and \
+            convmod.layer_class(layer) is not convmod.layer_class(class_name):
+        raise ArgumentError(f"--layer {layer} contradicts the config's class_name {class_name}")
+    cls = convmod.layer_class(layer or class_name or "Conv3D")
+    keras2 = convmod.looks_like_keras2(cfg) if cfg else False
+    args = {**cfg, **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    w = load_weights(weights) if isinstance(weights, (str, os.PathLike)) else weights
+    if w is not None:
+        kernel = np.asarray(w["kernel"])
+        if kernel.ndim != 5:
+            raise WeightsError(f"--weights: the kernel must be 5-D (kd, kh, kw, in, out); got shape {kernel.shape}")
+        f_axis = -1 if cls is convmod.Conv3D else -2
+        args.setdefault("filters", int(kernel.shape[f_axis]))
+        args.setdefault("kernel_size", tuple(int(n) for n in kernel.shape[:3]))
+        if "use_bias" not in args:
+            args["use_bias"] = w.get("bias") is not None
+    for key in ("filters", "kernel_size"):
+        if args.get(key) is None:
+            raise ArgumentError(f"`{key}` is required (give --{key.replace('_', '-')}, "
+                                "--config or --weights)")
+    if seed is not None:
+        for key in ("kernel_initializer", "bias_initializer"):
+            args[key] = _with_seed(args.get(key, "glorot_uniform" if key[0] == "k" else "zeros"),
+                                   seed, key)
+    lyr = cls(**args, keras2=keras2)
+    if w is not None:
+        kernel = np.asarray(w["kernel"])
+        want = lyr.kernel_size
+        if tuple(kernel.shape[:3]) != want:
+            raise WeightsError(f"--weights: kernel spatial shape {kernel.shape[:3]} does not "
+                               f"match kernel_size {want}")
+        if kernel.shape[-1 if cls is convmod.Conv3D else -2] != lyr.filters:
+            raise WeightsError(f"--weights: kernel shape {kernel.shape} does not have "
+                               f"filters={lyr.filters} on its output axis")
+        bias = w.get("bias")
+        if lyr.use_bias and bias is None:
+            raise WeightsError("--weights: the layer uses a bias (use_bias=True) but the "
+                               "file has no 'bias' array; pass --no-use-bias or add it")
+        if not lyr.use_bias and bias is not None:
+            raise WeightsError("--weights: the file has a 'bias' array but use_bias=False")
+        lyr.set_weights([kernel, bias] if lyr.use_bias else [kernel])
+        if apply_constraints:
+            lyr.apply_constraints()
+    return lyr
+
+
+def _with_seed(identifier, seed, argument):
+    from .layers import initializers
+    init = initializers.get(identifier, argument)
+    if hasattr(init, "seed") and init.seed is None:
+        config = init.get_config()
+        config["seed"] = seed
+        return type(init)(**config)
+    return init
+
+
+def _file_layout(vol, layer):
+    # A NIfTI image is (X, Y, Z[, C]) whatever the layer's data_format.
+    return Layout(vol.shape, "channels_last" if vol.is_nifti else layer.data_format)
+
+
+def _keras_shape(layout, layer):
+    b, d, h, w, c = layout.canonical_shape
+    batch = layout.batch_shape or (1,)
+    return shapes.join_layout(batch, (d, h, w), c, layer.data_format)
+
+
+def _split_order(vol):
+    # Split first along the axis the file stores slowest, so tiles read contiguously.
+    return (2, 1, 0) if vol is not None and vol.is_nifti else (0, 1, 2)
+
+
+def describe(layer, input_shape=None, volume=None, method="auto", workers=None,
+             memory_limit=None, chunk_shape=None):
+    """Output shape, parameters, per-axis padding and the plan, as a dict."""
+    if volume is not None:
+        layout = _file_layout(volume, layer)
+        keras_in = _keras_shape(layout, layer)
+    else:
+        keras_in = tuple(input_shape)
+        layout = None
+    job = layer.job(keras_in)
+    plan = engine.plan_job(job, method, memory_limit, workers, chunk_shape,
+                           split_order=_split_order(volume))
+    axes = []
+    for name, g in zip("DHW", job.geoms):
+        if g.kind == shapes.CONV:
+            before = g.offset
+            after = (g.out - 1) * g.s + g.ke - g.n - before
+            axes.append({"axis": name, "pad_before": before, "pad_after": max(after, 0)})
+        else:
+            full = (g.n - 1) * g.s + g.ke
+            axes.append({"axis": name, "crop_before": g.offset,
+                         "crop_after": full - g.offset - g.out})
+    out_keras = shapes.join_layout(job.batch_shape, job.out_canonical_shape[1:4],
+                                   job.out_canonical_shape[4], layer.data_format)
+    info = {"layer": layer.keras_name, "input_shape": list(keras_in),
+            "output_shape": list(out_keras), "params": layer.count_params(),
+            "padding": axes, "plan": plan.summary(job)}
+    if layout is not None:
+        info["file_input_shape"] = list(volume.shape)
+        info["file_output_shape"] = list(layout.output_shape(job.out_canonical_shape))
+    return info, job, plan
+
+
+def apply_to_file(layer, input_spec, output_spec, overwrite=False, method="auto",
+                  workers=None, memory_limit=None, chunk_shape=None, progress=True,
+                  on_plan=None):
+    """Run ``layer`` over the volume ``input_spec`` into ``output_spec``; returns a report."""
+    from .progress import progress_bar
+    start = time.perf_counter()
+    vol = open_volume(input_spec)
+    target = None
+    try:
+        target = OutputTarget(output_spec, overwrite=overwrite, inputs=[vol.spec])
+        info, job, plan = describe(layer, volume=vol, method=method, workers=workers,
+                                   memory_limit=memory_limit, chunk_shape=chunk_shape)
+        if on_plan is not None:
+            on_plan(info)
+        layout = _file_layout(vol, layer)
+        out_shape = layout.output_shape(job.out_canonical_shape)
+        out_format = "channels_last" if target.spec.format == "nifti" else layout.data_format
+        if target.spec.format == "nifti" and len(out_shape) > 4:
+            raise ShapeError(f"OUTPUT {target.spec}: a NIfTI output holds one volume "
+                             f"(X, Y, Z[, C]); this output has shape {out_shape}")
+        affine = None
+        if target.spec.format == "nifti":
+            base = vol.affine if vol.affine is not None else np.eye(4)
+            affine = output_affine(base, job.geoms)
+        description = (f"conv3d {layer.keras_name} k{'x'.join(map(str, layer.kernel_size))} "
+                       f"s{'x'.join(map(str, layer.strides))} "
+                       f"d{'x'.join(map(str, layer.dilation_rate))} {layer.padding} "
+                       f"f{layer.filters}")
+        writer = target.create(out_shape, job.dtype, affine=affine,
+                               like=vol.image if vol.is_nifti else None,
+                               description=description)
+        out_layout = Layout(out_shape, out_format)
+        sink = CanonicalView(writer, out_layout)
+        sink.single_writer = target.single_writer
+        source = CanonicalView(vol.array, layout)
+        bar = progress_bar(int(np.prod(job.out_canonical_shape[:4])), enabled=progress)
+        try:
+            stats = engine.run(job, source, sink, plan,
+                               want_sums=layer.activity_regularizer is not None, progress=bar)
+        finally:
+            bar.close()
+        target.commit()
+    except BaseException:
+        if target is not None:
+            target.abort()
+        raise
+    finally:
+        vol.close()
+    losses = layer.regularization_losses(stats.activity_sums,
+                                         batch_size=info["input_shape"][0])
+    return {
+        "input": str(vol.spec), "output": str(target.spec),
+        "input_shape": info["input_shape"], "output_shape": info["output_shape"],
+        "file_input_shape": info["file_input_shape"],
+        "file_output_shape": info["file_output_shape"],
+        "params": info["params"], "layer": {"class_name": layer.keras_name,
+                                            "config": layer.get_config()},
+        "method": stats.method, "tiles": stats.tiles, "workers": stats.workers,
+        "seconds": round(time.perf_counter() - start, 4),
+        "compute_seconds": round(stats.seconds, 4),
+        "losses": losses, "plan": info["plan"],
+    }

@@ -1,0 +1,57 @@
+"""``conv3d run``: volume in, volume out."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from ..api import apply_to_file
+from ..weights import save_weights as write_weights
+from .options import engine_options, layer_from_kwargs, layer_options
+
+
+@click.command(short_help="Apply the layer to a volume file.")
+@click.argument("input", metavar="INPUT")
+@click.argument("output", metavar="OUTPUT")
+@layer_options
+@engine_options
+@click.option("--save-weights", type=click.Path(dir_okay=False), default=None,
+              help="Write the kernel and bias used to this .npz.")
+@click.option("--report", type=click.Path(dir_okay=False, allow_dash=True), default=None,
+              help="Write a JSON report (shapes, params, config, method, seconds, losses); - for stdout.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--progress/--no-progress", default=True, show_default=True,
+              help="Progress bar on stderr for work over about a second.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary line.")
+def run(input, output, save_weights, report, overwrite, progress, quiet, **kwargs):
+    """Apply one Conv3D / Conv3DTranspose layer to INPUT and write OUTPUT.
+
+    INPUT and OUTPUT are .npy, .nii, .nii.gz or HDF5 (file.h5:/group/dataset;
+    OUTPUT's dataset defaults to /data). A 3-D scan is one volume with one
+    channel; the NIfTI affine of OUTPUT places every voxel where it lies.
+
+    \b
+    Example:
+      conv3d run brain.nii.gz edges.nii.gz --filters 1 --kernel-size 3 \\
+          --padding same --weights sobel.npz
+    """
+    method, workers = kwargs.pop("method"), kwargs.pop("workers")
+    memory_limit, chunk_shape = kwargs.pop("memory_limit"), kwargs.pop("chunk_shape")
+    layer = layer_from_kwargs(kwargs)
+    result = apply_to_file(layer, input, output, overwrite=overwrite, method=method.lower(),
+                           workers=workers, memory_limit=memory_limit,
+                           chunk_shape=chunk_shape, progress=progress and not quiet)
+    if save_weights:
+        write_weights(save_weights, layer.kernel, layer.bias if layer.use_bias else None)
+    if report:
+        text = json.dumps(result, indent=2)
+        if report == "-":
+            click.echo(text)
+        else:
+            with open(report, "w") as fh:
+                fh.write(text + "\n")
+    if not quiet and report != "-":
+        click.echo(f"wrote {result['output']} {tuple(result['file_output_shape'])} "
+                   f"({result['method']}, {result['tiles']} tiles, {result['workers']} "
+                   f"workers, {result['seconds']:.2f} s)", err=True)

@@ -1,0 +1,120 @@
+"""NIfTI-1/2 volumes (``.nii``, ``.nii.gz``) through nibabel's headers.
+
+Voxel data are accessed region by region as a Fortran-ordered
+:class:`~conv3d_cli.io.rawfile.RawArrayFile` at the header's data offset, so
+an uncompressed ``.nii`` of any size is read and written with bounded memory.
+A ``.nii.gz`` cannot be read at random offsets: it is first decompressed, as
+a stream, to a temporary ``.nii`` (disk, not memory, holds the volume), and a
+``.nii.gz`` output is written as a temporary ``.nii`` and compressed as a
+stream at the end.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import tempfile
+
+import nibabel as nib
+import numpy as np
+
+from ..errors import VolumeError
+from .npy import check_dtype
+from .rawfile import RawArrayFile
+
+
+class Scaled:
+    """Applies NIfTI's ``scl_slope`` / ``scl_inter`` on read."""
+
+    def __init__(self, array, slope, inter):
+        self.array, self.slope, self.inter = array, slope, inter
+        self.shape = array.shape
+        self.dtype = np.dtype(np.float32)
+
+    def __getitem__(self, idx):
+        return self.array[idx].astype(np.float32) * np.float32(self.slope) + np.float32(self.inter)
+
+
+class HeaderOnly:
+    """Shape and dtype of a volume whose voxels were not made readable."""
+
+    def __init__(self, shape, dtype):
+        self.shape, self.dtype = shape, np.dtype(dtype)
+
+    def __getitem__(self, idx):
+        raise RuntimeError("volume opened with header_only=True")
+
+
+def _decompress(path):
+    fd, tmp = tempfile.mkstemp(suffix=".nii", prefix="conv3d-")
+    try:
+        with gzip.open(path, "rb") as src, os.fdopen(fd, "wb") as dst:
+            shutil.copyfileobj(src, dst, 16 << 20)
+    except (OSError, EOFError) as exc:
+        os.unlink(tmp)
+        raise VolumeError(f"{path}: corrupt or truncated gzip data ({exc})") from None
+    return tmp
+
+
+def open_nifti(path, header_only=False):
+    """(array, image header object, affine, temporary file or None)."""
+    if not os.path.exists(path):
+        raise VolumeError(f"{path}: no such file")
+    try:
+        img = nib.load(path)
+        header = img.header
+        shape = tuple(int(n) for n in img.shape)
+        dtype = header.get_data_dtype()
+        offset = int(header.get_data_offset())
+        slope, inter = header.get_slope_inter()
+    except Exception as exc:  # nibabel raises many types for bad headers
+        raise VolumeError(f"{path}: not a valid NIfTI file ({exc})") from None
+    check_dtype(dtype, path)
+    if not 3 <= len(shape) <= 4:
+        raise VolumeError(f"{path}: expected a NIfTI image of 3 or 4 dimensions (X, Y, Z[, C]), "
+                          f"got shape {shape}")
+    if header_only and path.lower().endswith(".gz"):
+        return HeaderOnly(shape, dtype), img, np.asarray(img.affine, dtype=np.float64), None
+    tmp = _decompress(path) if path.lower().endswith(".gz") else None
+    data_path = tmp or path
+    arr = RawArrayFile(data_path, offset, shape, dtype, fortran_order=True)
+    if os.path.getsize(data_path) < offset + arr.nbytes:
+        if tmp:
+            os.unlink(tmp)
+        raise VolumeError(f"{path}: file is truncated: the header says {shape} {dtype}")
+    if slope is not None and not (slope == 1 and (inter or 0) == 0):
+        arr = Scaled(arr, slope, inter or 0.0)
+    return arr, img, np.asarray(img.affine, dtype=np.float64), tmp
+
+
+def create_nifti(path, shape, dtype, affine, like=None, description=""):
+    """A new uncompressed NIfTI at ``path`` with ``affine``; data written by region."""
+    if like is not None and isinstance(like.header, nib.Nifti2Header):
+        header = nib.Nifti2Header.from_header(like.header)
+    elif like is not None:
+        header = nib.Nifti1Header.from_header(like.header)
+    else:
+        header = nib.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(np.dtype(dtype))
+    sform_code = int(like.header["sform_code"]) if like is not None else 1
+    qform_code = int(like.header["qform_code"]) if like is not None else 1
+    header.set_sform(affine, code=sform_code or 1)
+    header.set_qform(affine, code=qform_code or 1)
+    header.set_slope_inter(np.nan, np.nan)
+    header["descrip"] = description[:79].encode()
+    header.set_xyzt_units(*(like.header.get_xyzt_units() if like is not None else ("mm", "sec")))
+    offset = header.single_vox_offset if hasattr(header, "single_vox_offset") else 352
+    header.set_data_offset(offset)
+    with open(path, "wb") as fh:
+        header.write_to(fh)
+        fh.write(b"\0" * (offset - fh.tell()))
+        fh.truncate(offset + int(np.prod(shape)) * np.dtype(dtype).itemsize)
+    return RawArrayFile(path, offset, shape, header.get_data_dtype(), fortran_order=True,
+                        writable=True)
+
+
+def gzip_file(src, dst):
+    with open(src, "rb") as fin, gzip.open(dst, "wb", compresslevel=6) as fout:
+        shutil.copyfileobj(fin, fout, 16 << 20)

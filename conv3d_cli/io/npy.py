@@ -1,0 +1,49 @@
+"""``.npy`` volumes, read and written region by region; never unpickles."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from numpy.lib import format as npformat
+
+from ..errors import VolumeError
+from .rawfile import RawArrayFile
+
+
+def check_dtype(dtype, where):
+    dtype = np.dtype(dtype)
+    if dtype.hasobject:
+        raise VolumeError(f"{where}: object arrays are refused (they would need unpickling)")
+    if dtype.fields is not None or dtype.kind not in "biuf":
+        raise VolumeError(f"{where}: expected real numbers (integer or float), got dtype {dtype}")
+    return dtype
+
+
+def open_npy(path) -> RawArrayFile:
+    try:
+        with open(path, "rb") as fh:
+            version = npformat.read_magic(fh)
+            if version == (1, 0):
+                shape, fortran, dtype = npformat.read_array_header_1_0(fh, max_header_size=1 << 20)
+            else:
+                shape, fortran, dtype = npformat.read_array_header_2_0(fh, max_header_size=1 << 20)
+            offset = fh.tell()
+    except FileNotFoundError:
+        raise VolumeError(f"{path}: no such file") from None
+    except (ValueError, EOFError, OSError, SyntaxError) as exc:
+        raise VolumeError(f"{path}: not a valid .npy file ({exc})") from None
+    check_dtype(dtype, path)
+    arr = RawArrayFile(path, offset, shape, dtype, fortran_order=fortran)
+    if os.path.getsize(path) < offset + arr.nbytes:
+        raise VolumeError(f"{path}: file is truncated: header says {tuple(shape)} {dtype} "
+                          f"({offset + arr.nbytes} bytes) but the file has {os.path.getsize(path)}")
+    return arr
+
+
+def create_npy(path, shape, dtype) -> RawArrayFile:
+    """A new zero-filled (sparse) .npy of ``shape``, writable region by region."""
+    mm = npformat.open_memmap(path, mode="w+", dtype=np.dtype(dtype), shape=tuple(shape))
+    offset = mm.offset
+    del mm  # nothing was touched: the file is sparse until regions are written
+    return RawArrayFile(path, offset, shape, dtype, writable=True)

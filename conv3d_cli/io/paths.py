@@ -1,0 +1,54 @@
+"""Volume specs: ``scan.nii.gz``, ``vol.npy``, ``data.h5:/group/dataset``."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from ..errors import VolumeError
+
+HDF5_EXTENSIONS = (".h5", ".hdf5", ".hdf", ".he5")
+FORMATS = {".npy": "npy", ".nii": "nifti", ".nii.gz": "nifti"}
+FORMATS.update({ext: "hdf5" for ext in HDF5_EXTENSIONS})
+
+
+@dataclass(frozen=True)
+class VolumeSpec:
+    path: str
+    format: str
+    dataset: str | None = None  # HDF5 only
+
+    def __str__(self):
+        return f"{self.path}:{self.dataset}" if self.dataset else self.path
+
+    @property
+    def gzipped(self):
+        return self.path.lower().endswith(".gz")
+
+
+def extension(path: str) -> str:
+    low = path.lower()
+    if low.endswith(".nii.gz"):
+        return ".nii.gz"
+    return os.path.splitext(low)[1]
+
+
+def parse_spec(text: str, role: str = "INPUT") -> VolumeSpec:
+    """Split ``file.h5:/dataset`` and pick the format from the extension."""
+    text = os.fspath(text)
+    path, dataset = text, None
+    low = text.lower()
+    for ext in HDF5_EXTENSIONS:
+        marker = ext + ":"
+        i = low.rfind(marker)
+        if i != -1:
+            path, dataset = text[:i + len(ext)], text[i + len(marker):] or None
+            break
+    ext = extension(path)
+    if ext not in FORMATS:
+        raise VolumeError(
+            f"{role} {text}: unknown volume format {ext or '(no extension)'!r}; expected "
+            ".npy, .nii, .nii.gz or .h5/.hdf5 (file.h5:/group/dataset)")
+    if dataset is not None and not dataset.startswith("/"):
+        dataset = "/" + dataset
+    return VolumeSpec(path, FORMATS[ext], dataset)

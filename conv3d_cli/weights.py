@@ -1,0 +1,72 @@
+"""Layer weights from ``.npz`` / ``.npy`` files, and back. Never unpickles."""
+
+from __future__ import annotations
+
+import os
+import zipfile
+
+import numpy as np
+
+from .errors import WeightsError
+
+
+def load_weights(path):
+    """``{"kernel": array, "bias": array or None}`` from a ``.npz`` or ``.npy`` file.
+
+    A ``.npz`` holds ``kernel`` and optionally ``bias`` (``arr_0`` / ``arr_1``,
+    as ``np.savez(*layer.get_weights())`` writes, are accepted too); a
+    ``.npy`` holds the kernel alone.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise WeightsError(f"--weights {path}: no such file")
+    low = path.lower()
+    try:
+        if low.endswith(".npy"):
+            return {"kernel": _real(np.load(path, allow_pickle=False), path, "kernel"), "bias": None}
+        if not low.endswith(".npz"):
+            raise WeightsError(
+                f"--weights {path}: expected a .npz (kernel, bias) or .npy (kernel) file")
+        with np.load(path, allow_pickle=False) as data:
+            names = list(data.files)
+            if "kernel" in names:
+                kernel, bias = data["kernel"], data["bias"] if "bias" in names else None
+            elif "arr_0" in names and set(names) <= {"arr_0", "arr_1"}:
+                kernel, bias = data["arr_0"], data["arr_1"] if "arr_1" in names else None
+            else:
+                raise WeightsError(
+                    f"--weights {path}: expected arrays named 'kernel' and optionally "
+                    f"'bias'; the file holds: {', '.join(names) or 'nothing'}")
+            return {"kernel": _real(kernel, path, "kernel"),
+                    "bias": None if bias is None else _real(bias, path, "bias")}
+    except WeightsError:
+        raise
+    except ValueError as exc:
+        if "pickle" in str(exc).lower():
+            raise WeightsError(f"--weights {path}: holds pickled objects, which are refused") from None
+        raise WeightsError(f"--weights {path}: not a valid NumPy file ({exc})") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise WeightsError(f"--weights {path}: corrupt or truncated ({exc})") from None
+
+
+def _real(a, path, name):
+    if a.dtype.hasobject or a.dtype.kind not in "biuf":
+        raise WeightsError(f"--weights {path}: '{name}' must hold real numbers, got dtype {a.dtype}")
+    return a
+
+
+def save_weights(path, kernel, bias=None):
+    """Write ``kernel`` and ``bias`` to ``path`` (.npz) atomically."""
+    path = os.fspath(path)
+    if not path.lower().endswith(".npz"):
+        raise WeightsError(f"--save-weights {path}: expected a .npz file name")
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
+                       f".{os.path.basename(path)}.conv3d-{os.getpid()}.tmp")
+    arrays = {"kernel": kernel} if bias is None else {"kernel": kernel, "bias": bias}
+    try:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
