@@ -41,16 +41,19 @@ def _glu(x, axis):
 
 
 def _sparsemax(x, axis):
-    # Martins & Astudillo (2016): project onto the simplex along `axis`.
-    x = np.moveaxis(x, axis, -1)
-    z = np.sort(x, axis=-1)[..., ::-1]
-    k = np.arange(1, x.shape[-1] + 1, dtype=x.dtype)
-    cssv = np.cumsum(z, axis=-1)
-    support = (1 + k * z) > cssv
-    k_z = np.sum(support, axis=-1, keepdims=True)
-    tau = (np.take_along_axis(cssv, k_z - 1, axis=-1) - 1) / k_z.astype(x.dtype)
-    out = np.maximum(x - tau, 0)
-    return np.moveaxis(out, -1, axis)
+    # Keras 3's own formula (keras/src/backend/*/nn.py), kept as is: its tau sums
+    # the cumulative sums over the support, which is not Martins & Astudillo's
+    # tau (the cumulative sum at k), so outputs need not sum to one. The tool
+    # computes what Keras computes.
+    z = -np.sort(-x, axis=axis)
+    cssv = np.cumsum(z, axis=axis)
+    shape = [1] * x.ndim
+    shape[axis] = -1
+    r = np.arange(1, x.shape[axis] + 1, dtype=x.dtype).reshape(shape)
+    support = z - (cssv - 1) / r > 0
+    k = np.sum(support, axis=axis, keepdims=True).astype(x.dtype)
+    tau = (np.sum(np.where(support, cssv, 0), axis=axis, keepdims=True) - 1) / k
+    return np.maximum(x - tau, 0)
 
 
 def _elu(x, alpha=1.0):

@@ -228,10 +228,11 @@ class BaseConv3D:
 
     @property
     def losses(self):
-        """Keras's ``layer.losses``: weight penalties, then the last call's activity penalty."""
+        """Keras's ``layer.losses``, in its order: the last call's activity penalty,
+        then the kernel and bias penalties."""
         terms = self.regularization_losses()
-        terms["activity_regularizer"] = self._activity_loss
-        return [v for v in terms.values() if v is not None]
+        ordered = [self._activity_loss, terms["kernel_regularizer"], terms["bias_regularizer"]]
+        return [v for v in ordered if v is not None]
 
     # ------------------------------------------------------------------- call
     def job(self, input_shape):
