@@ -1,0 +1,142 @@
+"""The engine: chunked == unchunked == the NumPy reference, FFT == direct, workers,
+the planner's memory bound, a killed worker."""
+
+import importlib
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from conftest import assert_close
+from conv3d_cli import Conv3D, Conv3DTranspose
+from conv3d_cli.engine import plan_job
+from conv3d_cli.engine.choose import choose_method
+from conv3d_cli.errors import ArgumentError, EngineError
+from reference import conv3d as ref_conv3d
+from reference import conv3d_transpose as ref_conv3d_transpose
+
+execute_mod = importlib.import_module("conv3d_cli.engine.execute")
+
+CONV_CASES = [  # kernel, strides, dilation, padding, groups, channels, filters
+    ((3, 3, 3), 1, 1, "valid", 1, 2, 3),
+    ((2, 4, 3), 1, 1, "same", 1, 1, 2),        # even kernels
+    ((3, 3, 3), (2, 1, 3), 1, "same", 1, 3, 2),  # strides
+    ((3, 2, 3), 1, (2, 1, 3), "same", 1, 2, 2),  # dilation
+    ((3, 3, 3), 2, 1, "valid", 3, 6, 3),        # groups
+    ((1, 1, 1), 1, 1, "valid", 1, 4, 5),
+]
+TCONV_CASES = [  # kernel, strides, dilation, padding, output_padding
+    ((3, 3, 3), 2, 1, "same", None),
+    ((4, 2, 3), (2, 3, 1), 1, "valid", (1, 2, 0)),
+    ((3, 3, 3), 2, 1, "same", 1),
+    ((2, 3, 2), 1, (2, 1, 2), "same", None),
+    ((1, 2, 1), 3, 1, "valid", None),
+]
+CHUNKS = [None, (2, 3, 5), (1, 1, 7), (4, 4, 1)]
+
+
+def _x(rng, df, shape=(2, 9, 8, 10), c=2):
+    b, d, h, w = shape
+    s = (b, d, h, w, c) if df == "channels_last" else (b, c, d, h, w)
+    return rng.standard_normal(s).astype(np.float32)
+
+
+@pytest.mark.parametrize("df", ["channels_last", "channels_first"])
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_conv3d_chunked_equals_reference(rng, df, case):
+    k, s, d, pad, g, c, f = case
+    layer = Conv3D(f, k, strides=s, dilation_rate=d, padding=pad, groups=g, data_format=df,
+                   bias_initializer="random_normal")
+    x = _x(rng, df, c=c)
+    layer.build(x.shape)
+    expected = ref_conv3d(x, layer.kernel, layer.bias, layer.strides, pad,
+                          layer.dilation_rate, g, df)
+    for method in ("direct", "fft"):
+        for chunk in CHUNKS:
+            assert_close(layer(x, method=method, chunk_shape=chunk), expected)
+
+
+@pytest.mark.parametrize("df", ["channels_last", "channels_first"])
+@pytest.mark.parametrize("case", TCONV_CASES)
+def test_conv3d_transpose_chunked_equals_reference(rng, df, case):
+    k, s, d, pad, op = case
+    layer = Conv3DTranspose(3, k, strides=s, dilation_rate=d, padding=pad, output_padding=op,
+                            data_format=df, bias_initializer="random_normal")
+    x = _x(rng, df, shape=(1, 5, 4, 6))
+    layer.build(x.shape)
+    expected = ref_conv3d_transpose(x, layer.kernel, layer.bias, layer.strides, pad,
+                                    layer.output_padding, layer.dilation_rate, df)
+    for method in ("direct", "fft"):
+        for chunk in CHUNKS:
+            assert_close(layer(x, method=method, chunk_shape=chunk), expected)
+
+
+def test_extended_batch_dims(rng):
+    layer = Conv3D(2, 3, padding="same")
+    x = rng.standard_normal((2, 3, 5, 6, 4, 1)).astype(np.float32)
+    y = layer(x, chunk_shape=(2, 2, 2))
+    flat = ref_conv3d(x.reshape(6, 5, 6, 4, 1), layer.kernel, layer.bias, padding="same")
+    assert_close(y, flat.reshape(2, 3, 5, 6, 4, 2))
+
+
+@pytest.mark.parametrize("method", ["direct", "fft"])
+def test_two_workers_tiny_tiles(rng, method):
+    layer = Conv3DTranspose(2, 3, strides=2, padding="same", activation="relu",
+                            activity_regularizer="l1")
+    x = rng.standard_normal((3, 6, 7, 5, 2)).astype(np.float32)
+    one = layer(x, method=method)
+    loss_one = layer.losses[0]
+    two = layer(x, method=method, workers=2, chunk_shape=(3, 2, 5))
+    assert layer.last_stats.workers == 2 and layer.last_stats.tiles > 2
+    assert_close(two, one)
+    assert layer.losses[0] == pytest.approx(loss_one, rel=1e-5)
+
+
+def test_axiswise_activation_tiles_span_w_under_channels_first(rng):
+    layer = Conv3D(3, 3, padding="same", activation="softmax", data_format="channels_first")
+    x = rng.standard_normal((1, 2, 6, 6, 7)).astype(np.float32)
+    whole = layer(x)
+    assert_close(whole.sum(axis=-1), np.ones((1, 3, 6, 6)), rtol=1e-5)
+    job = layer.job(x.shape)
+    plan = plan_job(job, "direct", memory_limit="1G", workers=2)
+    assert all(t.out[2] == (0, 7) for t in plan.tiles)
+    with pytest.raises(ArgumentError, match="must span the whole W axis"):
+        layer(x, chunk_shape=(2, 2, 2))
+
+
+def test_plan_respects_memory_limit():
+    layer = Conv3D(8, 3, padding="same")
+    layer.build((1, 128, 128, 128, 4))
+    job = layer.job((1, 128, 128, 128, 4))
+    for limit in ("300M", "200M", "1G"):
+        plan = plan_job(job, "direct", memory_limit=limit, workers=2)
+        assert plan.peak_bytes <= plan.memory_limit
+        assert sum(np.prod(t.shape) for t in plan.tiles) == 128 ** 3
+    with pytest.raises(ArgumentError, match="too small"):
+        plan_job(job, "direct", memory_limit="10M", workers=1)
+
+
+def test_method_choice_follows_cost_model():
+    small = Conv3D(1, 3)
+    assert choose_method(small.job((1, 64, 64, 64, 1))) == "direct"
+    big = Conv3D(1, 15)
+    assert choose_method(big.job((1, 96, 96, 96, 1))) == "fft"
+    strided = Conv3D(16, 3, strides=2)
+    assert choose_method(strided.job((1, 32, 32, 32, 16))) == "direct"
+
+
+def test_killed_worker_gives_clean_error(rng, monkeypatch):
+    parent = os.getpid()
+    real = execute_mod.compute_tile
+
+    def dying(*args, **kwargs):
+        if os.getpid() != parent:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(execute_mod, "compute_tile", dying)
+    layer = Conv3D(1, 3)
+    with pytest.raises(EngineError, match="worker process died"):
+        layer(rng.standard_normal((1, 20, 20, 20, 1)).astype(np.float32), workers=2,
+              chunk_shape=(5, 5, 5))
