@@ -21,6 +21,10 @@ class Conv3DGroup(click.Group):
             if _debug(ctx):
                 raise
             _fail(str(exc))
+        except click.UsageError as exc:  # bad option values: one line, exit 2
+            if _debug(ctx):
+                raise
+            _fail(exc.format_message(), code=exc.exit_code)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except KeyboardInterrupt:

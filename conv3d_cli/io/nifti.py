@@ -66,8 +66,10 @@ def open_nifti(path, header_only=False):
         header = img.header
         shape = tuple(int(n) for n in img.shape)
         dtype = header.get_data_dtype()
-        offset = int(header.get_data_offset())
-        slope, inter = header.get_slope_inter()
+        # The array proxy knows where the data really start (a header's
+        # vox_offset may read 0) and the effective scaling.
+        offset = int(img.dataobj.offset)
+        slope, inter = float(img.dataobj.slope), float(img.dataobj.inter)
     except Exception as exc:  # nibabel raises many types for bad headers
         raise VolumeError(f"{path}: not a valid NIfTI file ({exc})") from None
     check_dtype(dtype, path)
@@ -83,8 +85,8 @@ def open_nifti(path, header_only=False):
         if tmp:
             os.unlink(tmp)
         raise VolumeError(f"{path}: file is truncated: the header says {shape} {dtype}")
-    if slope is not None and not (slope == 1 and (inter or 0) == 0):
-        arr = Scaled(arr, slope, inter or 0.0)
+    if not (slope == 1 and inter == 0):
+        arr = Scaled(arr, slope, inter)
     return arr, img, np.asarray(img.affine, dtype=np.float64), tmp
 
 
