@@ -119,6 +119,12 @@ class CanonicalView:
             return block[..., None]
         return np.moveaxis(block, 1, -1) if self.layout.channels_first else block
 
+    def region_view(self, b0, b1, ranges):
+        """A writable canonical view of an in-memory array's region, or None."""
+        if self._flat is None or self.layout.channels_first:
+            return None
+        return self._flat[(slice(b0, b1),) + self._inner(ranges)]
+
     def write(self, b0, b1, ranges, block):
         """Store a canonical block at ``[b0:b1, ranges..., :]``."""
         if self.layout.rank == 3:

@@ -10,6 +10,7 @@ import pytest
 
 from conftest import assert_close
 from conv3d_cli import Conv3D, Conv3DTranspose
+from conv3d_cli.api import apply_to_file
 from conv3d_cli.engine import plan_job
 from conv3d_cli.engine.choose import choose_method
 from conv3d_cli.errors import ArgumentError, EngineError
@@ -34,6 +35,14 @@ TCONV_CASES = [  # kernel, strides, dilation, padding, output_padding
     ((1, 2, 1), 3, 1, "valid", None),
 ]
 CHUNKS = [None, (2, 3, 5), (1, 1, 7), (4, 4, 1)]
+stencil_mod = importlib.import_module("conv3d_cli.engine.stencil")
+
+
+@pytest.fixture(params=["gemm", "stencil"], autouse=True)
+def direct_path(request, monkeypatch):
+    """Run every test with each direct formulation (im2col + GEMM, compiled stencil)."""
+    monkeypatch.setattr(stencil_mod, "MAX_CG_FG", 0 if request.param == "gemm" else 10 ** 9)
+    return request.param
 
 
 def _x(rng, df, shape=(2, 9, 8, 10), c=2):
@@ -126,7 +135,7 @@ def test_method_choice_follows_cost_model():
     assert choose_method(strided.job((1, 32, 32, 32, 16))) == "direct"
 
 
-def test_killed_worker_gives_clean_error(rng, monkeypatch):
+def test_killed_worker_gives_clean_error(tmp_path, rng, monkeypatch):
     parent = os.getpid()
     real = execute_mod.compute_tile
 
@@ -136,7 +145,19 @@ def test_killed_worker_gives_clean_error(rng, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(execute_mod, "compute_tile", dying)
+    np.save(tmp_path / "in.npy", rng.standard_normal((20, 20, 20)).astype(np.float32))
     layer = Conv3D(1, 3)
     with pytest.raises(EngineError, match="worker process died"):
-        layer(rng.standard_normal((1, 20, 20, 20, 1)).astype(np.float32), workers=2,
-              chunk_shape=(5, 5, 5))
+        apply_to_file(layer, str(tmp_path / "in.npy"), str(tmp_path / "out.npy"), workers=2,
+                      chunk_shape=(5, 5, 5), progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["in.npy"]
+
+
+def test_file_workers_processes_equal_serial(tmp_path, rng):
+    np.save(tmp_path / "in.npy", rng.standard_normal((2, 11, 12, 13, 3)).astype(np.float32))
+    layer = Conv3D(4, 3, padding="same", activation="tanh")
+    apply_to_file(layer, str(tmp_path / "in.npy"), str(tmp_path / "a.npy"), workers=1,
+                  progress=False)
+    apply_to_file(layer, str(tmp_path / "in.npy"), str(tmp_path / "b.npy"), workers=2,
+                  chunk_shape=(4, 5, 3), progress=False)
+    assert_close(np.load(tmp_path / "b.npy"), np.load(tmp_path / "a.npy"), rtol=1e-6)

@@ -7,8 +7,6 @@ in-memory NumPy array in Keras layout.
 
 from __future__ import annotations
 
-import mmap
-
 import numpy as np
 
 from ..layout import CanonicalView, Layout
@@ -30,37 +28,29 @@ def plan_job(job, method="auto", memory_limit=None, workers=None, chunk_shape=No
                      workers=workers, chunk_shape=chunk_shape, split_order=split_order)
 
 
-def run(job, source, sink, plan, want_sums=False, progress=None) -> Stats:
-    return execute(job, plan, source, sink, want_sums=want_sums, progress=progress)
-
-
-def _shared_zeros(shape, dtype):
-    """A zeroed array in anonymous shared memory: forked workers write into it."""
-    nbytes = max(int(np.prod(shape)) * np.dtype(dtype).itemsize, 1)
-    buf = mmap.mmap(-1, nbytes)
-    return np.frombuffer(buf, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
+def run(job, source, sink, plan, want_sums=False, progress=None, executor="processes") -> Stats:
+    return execute(job, plan, source, sink, want_sums=want_sums, progress=progress,
+                   executor=executor)
 
 
 def run_array(job, x, method="auto", workers=1, memory_limit=None, chunk_shape=None,
-              progress=False):
+              progress=False, want_sums=False):
     """Apply ``job`` to the Keras-layout array ``x``; returns (output, stats)."""
     plan = plan_job(job, method, memory_limit, workers, chunk_shape)
     source = CanonicalView(x, Layout(x.shape, job.data_format))
     out_layout = Layout(job.keras_output_shape[:-4] + _keras_tail(job), job.data_format)
     shape = out_layout.shape
-    y = _shared_zeros(shape, job.dtype) if plan.workers > 1 else np.zeros(shape, job.dtype)
+    y = np.empty(shape, job.dtype)
     bar = None
     if progress:
         from ..progress import progress_bar
         bar = progress_bar(int(np.prod(job.out_canonical_shape[:4])), enabled=True)
     try:
-        stats = run(job, source, CanonicalView(y, out_layout), plan, want_sums=True,
-                    progress=bar)
+        stats = run(job, source, CanonicalView(y, out_layout), plan, want_sums=want_sums,
+                    progress=bar, executor="threads")
     finally:
         if bar is not None:
             bar.close()
-    if plan.workers > 1:
-        y = np.array(y)  # detach from the shared mapping
     return y, stats
 
 

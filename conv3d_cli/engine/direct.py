@@ -37,11 +37,25 @@ def _out_slice(term, q0, q1):
     return slice(a, a + (q1 - q0 - 1) * term.out_step + 1, term.out_step)
 
 
-def stacked_weights(taps_w, taps):
-    """``(G, T * C/G, F/G)`` weights for the tap list ``((j0, o0), (j1, o1), (j2, o2))``."""
-    w = np.stack([taps_w[j0, j1, j2] for (j0, _), (j1, _), (j2, _) in taps])  # T,G,Cg,Fg
-    t, g, cg, fg = w.shape
-    return np.ascontiguousarray(w.transpose(1, 0, 2, 3).reshape(g, t * cg, fg))
+def _w_window(x, term):
+    """A view ``(B, Di, Hi, count, taps, C)`` of every W window of ``term``, and the
+    kernel indices of its taps in window order.
+
+    The taps of one axis sit at offsets in arithmetic progression (``j * d``
+    for Conv3D, consecutive for a transposed phase), so all windows are one
+    strided view and each output voxel's ``taps x C`` values are copied as one
+    run instead of one run per tap.
+    """
+    taps = sorted(term.taps, key=lambda t: t[1])
+    offs = [o for _, o in taps]
+    step = offs[1] - offs[0] if len(offs) > 1 else 1
+    assert all(b - a == step for a, b in zip(offs, offs[1:]))
+    sb, s0, s1, s2, sc = x.strides
+    nb, d0, d1, _, c = x.shape
+    view = np.lib.stride_tricks.as_strided(
+        x[:, :, :, term.in_start + offs[0]:], shape=(nb, d0, d1, term.count, len(taps), c),
+        strides=(sb, s0, s1, s2 * term.in_step, s2 * step, sc), writeable=False)
+    return view, [j for j, _ in taps]
 
 
 def correlate_gemm(x, terms, taps_w, out):
@@ -49,20 +63,25 @@ def correlate_gemm(x, terms, taps_w, out):
     nb = x.shape[0]
     g, cg, fg = taps_w.shape[3:]
     for t0, t1, t2 in product(*terms):
-        taps = list(product(t0.taps, t1.taps, t2.taps))
-        w = stacked_weights(taps_w, taps)
-        k = len(taps) * cg
+        win, j2s = _w_window(x, t2)
+        k2 = len(j2s)
+        taps01 = list(product(t0.taps, t1.taps))
+        # (G, T01 * k2 * Cg, Fg), K ordered as the columns below: tap01, W tap, channel.
+        w = taps_w[np.ix_([j0 for (j0, _), _ in taps01], [j1 for _, (j1, _) in taps01], j2s)]
+        w = w[np.arange(len(taps01)), np.arange(len(taps01))]  # (T01, k2, G, Cg, Fg)
+        w = np.ascontiguousarray(w.transpose(2, 0, 1, 3, 4).reshape(g, -1, fg))
+        k = w.shape[1]
         row_bytes = nb * t1.count * t2.count * k * g * x.itemsize
         planes = max(1, min(t0.count, COLS_BLOCK_BYTES // max(row_bytes, 1)))
-        cols = np.empty((nb, planes, t1.count, t2.count, g, len(taps), cg), x.dtype)
+        cols = np.empty((nb, planes, t1.count, t2.count, g, len(taps01), k2, cg), x.dtype)
         for q0 in range(0, t0.count, planes):
             q1 = min(t0.count, q0 + planes)
             m = q1 - q0
             c = cols if m == planes else np.empty((nb, m) + cols.shape[2:], x.dtype)
-            for i, ((_, o0), (_, o1), (_, o2)) in enumerate(taps):
-                src = x[:, _axis_slice(t0, o0, q0, q1), _axis_slice(t1, o1, 0, t1.count),
-                        _axis_slice(t2, o2, 0, t2.count)]
-                c[..., i, :] = src.reshape(src.shape[:4] + (g, cg))
+            for i, ((_, o0), (_, o1)) in enumerate(taps01):
+                src = win[:, _axis_slice(t0, o0, q0, q1), _axis_slice(t1, o1, 0, t1.count)]
+                src = src.reshape(src.shape[:5] + (g, cg))  # (B, m, n1, n2, k2, G, Cg)
+                c[:, :, :, :, :, i] = src.transpose(0, 1, 2, 3, 5, 4, 6)
             rows = c.reshape(-1, g, k)
             if g == 1:
                 res = rows[:, 0] @ w[0]

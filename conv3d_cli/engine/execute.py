@@ -12,9 +12,8 @@ opens its own file handles (the sources reopen lazily after a fork).
 from __future__ import annotations
 
 import multiprocessing
-import os
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
@@ -52,11 +51,16 @@ def read_padded(source, job, b0, b1, ranges):
     return x
 
 
-def compute_tile(job, tile, source, method, cache, fft_workers=1, want_sums=False):
-    """Output block of ``tile`` after bias and activation, and its activity sums."""
+def compute_tile(job, tile, source, method, cache, fft_workers=1, want_sums=False, out=None):
+    """Output block of ``tile`` after bias and activation, and its activity sums.
+
+    ``out``, when given, is where the block goes (a view into an in-memory
+    output): the tile is accumulated there directly, with no extra copy.
+    """
     axes = [g.terms(o0, o1) for g, (o0, o1) in zip(job.geoms, tile.out)]
     nb = tile.b1 - tile.b0
-    acc = np.zeros((nb,) + tile.shape + (job.filters,), job.dtype)
+    acc = out if out is not None else np.empty((nb,) + tile.shape + (job.filters,), job.dtype)
+    acc[...] = 0 if job.bias is None else job.bias.astype(job.dtype)
     if all(terms for _, _, terms in axes):
         x = read_padded(source, job, tile.b0, tile.b1, [(i0, i1) for i0, i1, _ in axes])
         terms = [t for _, _, t in axes]
@@ -66,9 +70,9 @@ def compute_tile(job, tile, source, method, cache, fft_workers=1, want_sums=Fals
             correlate_stencil(x, terms, job.taps, acc)
         else:
             correlate_gemm(x, terms, job.taps, acc)
-    if job.bias is not None:
-        acc += job.bias.astype(job.dtype)
-    y = job.activation(acc, axis=job.act_axis)
+    y = acc if job.activation.is_linear else job.activation(acc, axis=job.act_axis)
+    if out is not None and y is not out:
+        out[...] = y
     sums = None
     if want_sums:
         y64 = y.astype(np.float64)
@@ -105,10 +109,27 @@ def _run_in_worker(index):
     return index, None, sums
 
 
-def execute(job, plan, source, sink, want_sums=False, progress=None) -> Stats:
-    """Compute every tile of ``plan`` into ``sink``. ``progress`` is a tqdm-like bar or None."""
+def _direct_view(job, sink, tile):
+    """A writable view of the sink for ``tile`` when it can be computed in place."""
+    view = getattr(sink, "region_view", None)
+    if view is None or job.activation.halves_last_axis:
+        return None
+    return view(tile.b0, tile.b1, tile.out)
+
+
+def execute(job, plan, source, sink, want_sums=False, progress=None, executor="processes") -> Stats:
+    """Compute every tile of ``plan`` into ``sink``.
+
+    ``executor`` is ``"processes"`` (forked workers that read and write files
+    themselves) or ``"threads"`` (for in-memory arrays: the kernels release the
+    GIL, and no process start-up or copies are needed). Each task gets
+    ``workers // concurrent tasks`` BLAS/FFT threads, so the total never
+    exceeds ``workers``. ``progress`` is a tqdm-like bar or None.
+    """
     start = time.perf_counter()
     total = [0.0, 0.0]
+    workers = min(plan.workers, len(plan.tiles))
+    threads = max(1, plan.workers // max(workers, 1))
 
     def done(tile, sums):
         if sums is not None:
@@ -117,16 +138,31 @@ def execute(job, plan, source, sink, want_sums=False, progress=None) -> Stats:
         if progress is not None:
             progress.update(_voxels(tile))
 
-    workers = min(plan.workers, len(plan.tiles))
-    if workers <= 1:
-        cache = SpectrumCache()
-        for tile in plan.tiles:
-            y, sums = compute_tile(job, tile, source, plan.method, cache,
-                                   fft_workers=os.cpu_count() or 1, want_sums=want_sums)
+    def one(tile, cache):
+        view = _direct_view(job, sink, tile)
+        y, sums = compute_tile(job, tile, source, plan.method, cache, fft_workers=threads,
+                               want_sums=want_sums, out=view)
+        if view is None:
             sink.write(tile.b0, tile.b1, out_ranges(job, tile), y)
-            done(tile, sums)
+        return sums
+
+    if workers <= 1:
+        with threadpool_limits(limits=threads):
+            cache = SpectrumCache()
+            for tile in plan.tiles:
+                done(tile, one(tile, cache))
+    elif executor == "threads":
+        cache = SpectrumCache()
+        with threadpool_limits(limits=threads), ThreadPoolExecutor(workers) as pool:
+            futures = {pool.submit(one, tile, cache): tile for tile in plan.tiles}
+            try:
+                for fut in as_completed(futures):
+                    done(futures[fut], fut.result())
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                raise
     else:
-        threads = max(1, (os.cpu_count() or 1) // workers)
         _CTX.update(job=job, plan=plan, source=source, sink=sink, want_sums=want_sums)
         ctx = multiprocessing.get_context("fork")
         try:

@@ -17,6 +17,7 @@ and cached for the job.
 
 from __future__ import annotations
 
+import threading
 from itertools import product
 
 import numpy as np
@@ -36,11 +37,13 @@ class SpectrumCache:
     def __init__(self, max_bytes=256 << 20):
         self._store = {}
         self._bytes = 0
+        self._lock = threading.Lock()
         self.max_bytes = max_bytes
 
     def get(self, taps_w, terms, fshape, dtype):
         key = (tuple(t.taps for t in terms), fshape)
-        hit = self._store.get(key)
+        with self._lock:
+            hit = self._store.get(key)
         if hit is not None:
             return hit
         spans = []
@@ -55,11 +58,12 @@ class SpectrumCache:
         spec = sfft.rfftn(dense, s=fshape, axes=(0, 1, 2))
         # (f0, f1, f2, G, Cg, Fg) -> (N, G, Cg, Fg) for per-frequency matmul
         spec = np.ascontiguousarray(spec.reshape(-1, g, cg, fg))
-        if self._bytes + spec.nbytes > self.max_bytes:
-            self._store.clear()
-            self._bytes = 0
-        self._store[key] = spec
-        self._bytes += spec.nbytes
+        with self._lock:
+            if self._bytes + spec.nbytes > self.max_bytes:
+                self._store.clear()
+                self._bytes = 0
+            self._store[key] = spec
+            self._bytes += spec.nbytes
         return spec
 
 

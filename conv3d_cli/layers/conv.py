@@ -269,7 +269,8 @@ class BaseConv3D:
         job = self.job(x.shape)
         y, stats = run_array(job, x, method=method, workers=workers,
                              memory_limit=memory_limit, chunk_shape=chunk_shape,
-                             progress=progress)
+                             progress=progress,
+                             want_sums=self.activity_regularizer is not None)
         self._activity_loss = self.regularization_losses(
             stats.activity_sums, batch_size=x.shape[0])["activity_regularizer"]
         self.last_stats = stats
