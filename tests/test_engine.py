@@ -118,11 +118,15 @@ def test_plan_respects_memory_limit():
     layer = Conv3D(8, 3, padding="same")
     layer.build((1, 128, 128, 128, 4))
     job = layer.job((1, 128, 128, 128, 4))
-    for limit in ("300M", "200M", "1G"):
-        plan = plan_job(job, "direct", memory_limit=limit, workers=2)
-        assert plan.peak_bytes <= plan.memory_limit
-        assert sum(np.prod(t.shape) for t in plan.tiles) == 128 ** 3
-    with pytest.raises(ArgumentError, match="too small"):
+    for limit in ("1200M", "2G", "4G"):
+        for processes in (True, False):
+            plan = plan_job(job, "direct", memory_limit=limit, workers=2, processes=processes)
+            assert plan.peak_bytes <= plan.memory_limit
+            assert sum(np.prod(t.shape) for t in plan.tiles) == 128 ** 3
+    small = plan_job(job, "direct", memory_limit="400M", workers=1)
+    assert small.peak_bytes <= small.memory_limit and len(small.tiles) > 1
+    assert small.tile_bytes < plan_job(job, "direct", memory_limit="4G", workers=1).tile_bytes
+    with pytest.raises(ArgumentError, match="too small for this layer"):
         plan_job(job, "direct", memory_limit="10M", workers=1)
 
 

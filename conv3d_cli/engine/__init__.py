@@ -19,13 +19,14 @@ __all__ = ["run", "run_array", "plan_job", "Stats", "Plan", "parse_memory",
 
 
 def plan_job(job, method="auto", memory_limit=None, workers=None, chunk_shape=None,
-             split_order=(0, 1, 2)) -> Plan:
+             split_order=(0, 1, 2), processes=True) -> Plan:
     workers = default_workers() if workers is None else workers
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         from ..errors import ArgumentError
         raise ArgumentError(f"Invalid `workers`: {workers!r}. Expected an integer >= 1.")
     return make_plan(job, choose_method(job, method), memory_limit=memory_limit,
-                     workers=workers, chunk_shape=chunk_shape, split_order=split_order)
+                     workers=workers, chunk_shape=chunk_shape, split_order=split_order,
+                     processes=processes)
 
 
 def run(job, source, sink, plan, want_sums=False, progress=None, executor="processes") -> Stats:
@@ -36,7 +37,7 @@ def run(job, source, sink, plan, want_sums=False, progress=None, executor="proce
 def run_array(job, x, method="auto", workers=1, memory_limit=None, chunk_shape=None,
               progress=False, want_sums=False):
     """Apply ``job`` to the Keras-layout array ``x``; returns (output, stats)."""
-    plan = plan_job(job, method, memory_limit, workers, chunk_shape)
+    plan = plan_job(job, method, memory_limit, workers, chunk_shape, processes=False)
     source = CanonicalView(x, Layout(x.shape, job.data_format))
     out_layout = Layout(job.keras_output_shape[:-4] + _keras_tail(job), job.data_format)
     shape = out_layout.shape

@@ -8,8 +8,10 @@ the achieved rates). Per output voxel and batch element:
   ``C/G * F/G * G`` multiply-adds at GEMM speed; with few channels the
   stencil's rate applies instead;
 - FFT: per input-sized FFT block, ``(C + F)`` real FFTs of ``N log2 N`` and a
-  complex ``C/G x F/G`` product per frequency (``N / 2`` of them); strided
-  Conv3D computes all ``s^3`` stride-1 outputs and keeps one (FFT loses there).
+  complex ``C/G x F/G`` product per frequency (``N / 2`` of them), plus the
+  ``C x F / G`` kernel spectra (which also make FFT memory-hungry with many
+  channels); strided Conv3D computes all ``s^3`` stride-1 outputs and keeps
+  one (FFT loses there).
 
 ``--method direct|fft`` forces a path; ``auto`` takes the cheaper estimate.
 """
@@ -41,14 +43,16 @@ def direct_cost(job) -> float:
 
 def fft_cost(job) -> float:
     # Work as if the output were computed at stride 1 (Conv3D) or per phase
-    # (transposed: same total number of outputs).
-    n = job.batch * math.prod(
-        (g.out - 1) * (g.s if g.kind == "conv" else 1) + g.ke if g.kind == "conv" else g.out + g.k
-        for g in job.geoms)
+    # (transposed: same total number of outputs), per batch element.
+    n = math.prod(
+        (g.out - 1) * g.s + g.ke if g.kind == "conv" else g.out + g.k for g in job.geoms)
     cg, fg = job.in_channels // job.groups, job.filters // job.groups
-    ffts = (job.in_channels + job.filters) * n * math.log2(max(n, 2)) * FFT_FLOP
-    mix = n / 2 * cg * fg * job.groups * CMAC
-    return ffts + mix
+    log_n = math.log2(max(n, 2))
+    ffts = job.batch * (job.in_channels + job.filters) * n * log_n * FFT_FLOP
+    mix = job.batch * n / 2 * cg * fg * job.groups * CMAC
+    # The kernel spectra: C*F/G transforms, once per tile shape.
+    spectra = cg * fg * job.groups * n * log_n * FFT_FLOP
+    return ffts + mix + spectra
 
 
 def choose_method(job, method="auto") -> str:

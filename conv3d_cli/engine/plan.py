@@ -21,8 +21,11 @@ from scipy import fft as sfft
 from ..errors import ArgumentError
 from .direct import COLS_BLOCK_BYTES
 
-# Resident memory of a worker before any tile: interpreter, NumPy/SciPy, BLAS.
-PROCESS_OVERHEAD = 80 << 20
+# Memory a process needs besides its tiles: measured at plan time (the
+# interpreter, NumPy/SciPy, numba, h5py, nibabel are loaded by then), at least
+# this much, plus room to load the compiled stencil.
+MIN_PROCESS_BYTES = 100 << 20
+JIT_MARGIN = 48 << 20
 # Work below this many FLOPs is not worth splitting for parallelism.
 MIN_PARALLEL_FLOPS = 2e8
 
@@ -47,10 +50,11 @@ class Plan:
     tile_bytes: int
     workers: int
     memory_limit: int
+    process_bytes: int = 0  # all processes' baseline (parent and forked workers)
 
     @property
     def peak_bytes(self):
-        return self.workers * (self.tile_bytes + PROCESS_OVERHEAD)
+        return self.process_bytes + self.workers * self.tile_bytes
 
     def summary(self, job):
         return {"method": self.method, "tile_shape": list(self.tile_shape),
@@ -88,6 +92,19 @@ def default_memory_limit() -> int:
     return 2 << 30
 
 
+def process_baseline() -> int:
+    """Resident bytes of this process now, plus room for the compiled kernels."""
+    rss = 0
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    rss = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return max(rss, MIN_PROCESS_BYTES) + JIT_MARGIN
+
+
 def default_workers() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -105,9 +122,13 @@ def tile_bytes(job, nb, shape, method) -> int:
     x = nb * math.prod(in_ext) * job.in_channels * isz
     out = nb * math.prod(shape) * job.filters * isz
     if method == "fft":
-        n = nb * math.prod(sfft.next_fast_len(e, real=True) for e in in_ext)
-        scratch = n * (job.in_channels + 2 * job.filters) * isz * 2
-        scratch += n // nb * job.in_channels * job.filters // job.groups * isz * 2
+        per = math.prod(sfft.next_fast_len(e, real=True) for e in in_ext)
+        # input and output spectra and the inverse transform, complex = 2 reals
+        scratch = nb * per * (job.in_channels + 2 * job.filters) * isz * 2
+        # the kernel spectra (C x F / G per frequency, half the frequencies)
+        scratch += per * job.in_channels * job.filters // job.groups * isz
+        if job.kind != "conv":  # one set per output phase
+            scratch *= 2
     else:
         scratch = min(COLS_BLOCK_BYTES * 2, 2 * math.prod(shape) * nb * job.in_channels
                       * math.prod(g.k for g in job.geoms) * isz)
@@ -115,11 +136,16 @@ def tile_bytes(job, nb, shape, method) -> int:
 
 
 def make_plan(job, method, memory_limit=None, workers=1, chunk_shape=None,
-              split_order=(0, 1, 2)) -> Plan:
+              split_order=(0, 1, 2), processes=True) -> Plan:
+    """Tiles for ``job``: ``processes`` says whether workers > 1 are forked
+    processes (each with its own baseline memory) or threads of this one."""
     limit = parse_memory(memory_limit)
     out = job.out_spatial
     whole = job.whole_axis
-    budget = limit // max(workers, 1) - PROCESS_OVERHEAD
+    n_proc = 1 + workers if processes and workers > 1 else 1
+    base = n_proc * process_baseline()
+    budget = (limit - base) // max(workers, 1)
+    min_len = [max(4, 2 * (g.ke - 1)) for g in job.geoms]
     nb = 1
     if chunk_shape is not None:
         tile = [min(c, n) for c, n in zip(chunk_shape, out)]
@@ -130,12 +156,14 @@ def make_plan(job, method, memory_limit=None, workers=1, chunk_shape=None,
     else:
         tile = list(out)
         while tile_bytes(job, 1, tile, method) > budget:
-            axis = _axis_to_split(tile, whole, split_order)
+            axis = _axis_to_split(tile, whole, split_order, min_len)
             if axis is None:
-                need = tile_bytes(job, 1, tile, method) + PROCESS_OVERHEAD
+                need = base + workers * tile_bytes(job, 1, tile, method)
                 raise ArgumentError(
-                    f"`memory_limit` {limit} bytes is too small for this layer with "
-                    f"{workers} worker(s): one tile needs about {need} bytes per worker.")
+                    f"`memory_limit` {_mib(limit)} is too small for this layer with {workers} "
+                    f"worker(s): it needs at least about {_mib(need)} ({_mib(base)} for the "
+                    f"process{'es' if n_proc > 1 else ''} themselves). Raise --memory-limit "
+                    "or use fewer --workers.")
             tile[axis] = -(-tile[axis] // 2)
         # Several batch elements per tile when whole volumes are small.
         if tile == list(out) and job.batch > 1:
@@ -148,7 +176,7 @@ def make_plan(job, method, memory_limit=None, workers=1, chunk_shape=None,
                 if nb > 1:
                     nb = -(-nb // 2)
                     continue
-                axis = _axis_to_split(tile, whole, split_order)
+                axis = _axis_to_split(tile, whole, split_order, min_len)
                 if axis is None:
                     break
                 tile[axis] = -(-tile[axis] // 2)
@@ -157,15 +185,24 @@ def make_plan(job, method, memory_limit=None, workers=1, chunk_shape=None,
     return Plan(method=method, tile_shape=tuple(tile), batch_per_tile=nb, tiles=tiles,
                 tile_bytes=tile_bytes(job, nb, tile, method),
                 workers=max(1, min(workers, len(tiles))),
-                memory_limit=limit)
+                memory_limit=limit, process_bytes=base)
 
 
-def _axis_to_split(tile, whole, order):
-    candidates = [a for a in order if a != whole and tile[a] > 1]
-    if not candidates:
-        return None
-    longest = max(tile[a] for a in candidates)
-    return next(a for a in candidates if tile[a] * 2 > longest)
+def _axis_to_split(tile, whole, order, min_len):
+    """Next axis to halve: the file's slowest axis first, down to ``min_len``
+    (so the halo stays a small part of a tile), then the next; below that any
+    axis longer than one voxel."""
+    for a in order:
+        if a != whole and tile[a] >= 2 * min_len[a]:
+            return a
+    for a in order:
+        if a != whole and tile[a] > 1:
+            return a
+    return None
+
+
+def _mib(n):
+    return f"{n / (1 << 20):.0f} MiB"
 
 
 def _count(batch, nb, out, tile):
