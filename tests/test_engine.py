@@ -165,3 +165,26 @@ def test_file_workers_processes_equal_serial(tmp_path, rng):
     apply_to_file(layer, str(tmp_path / "in.npy"), str(tmp_path / "b.npy"), workers=2,
                   chunk_shape=(4, 5, 3), progress=False)
     assert_close(np.load(tmp_path / "b.npy"), np.load(tmp_path / "a.npy"), rtol=1e-6)
+
+
+@pytest.mark.parametrize("df", ["channels_last", "channels_first"])
+@pytest.mark.parametrize("padding,groups", [("valid", 1), ("same", 1), ("same", 2)])
+def test_winograd_equals_reference(rng, df, padding, groups, direct_path):
+    if direct_path == "stencil":
+        pytest.skip("winograd does not depend on the direct formulation")
+    layer = Conv3D(16, 3, padding=padding, groups=groups, data_format=df,
+                   bias_initializer="random_normal")
+    x = _x(rng, df, shape=(2, 7, 6, 9), c=16)
+    layer.build(x.shape)
+    expected = ref_conv3d(x, layer.kernel, layer.bias, padding=padding, groups=groups,
+                          data_format=df)
+    for chunk in (None, (3, 2, 5), (1, 4, 4)):
+        assert_close(layer(x, method="winograd", chunk_shape=chunk), expected)
+    tconv = Conv3DTranspose(16, 3, padding=padding, data_format=df)
+    tconv.build(x.shape)
+    assert_close(tconv(x, method="winograd", chunk_shape=(4, 3, 5)), tconv(x, method="direct"))
+
+
+def test_winograd_refuses_other_kernels():
+    with pytest.raises(ArgumentError, match="winograd needs 3x3x3 kernels at stride 1"):
+        Conv3D(16, 3, strides=2)(np.zeros((1, 8, 8, 8, 16), np.float32), method="winograd")

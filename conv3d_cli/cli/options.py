@@ -81,7 +81,7 @@ LAYER_OPTIONS = [
 ]
 
 ENGINE_OPTIONS = [
-    click.option("--method", type=click.Choice(["auto", "direct", "fft"], case_sensitive=False),
+    click.option("--method", type=click.Choice(["auto", "direct", "fft", "winograd"], case_sensitive=False),
                  default="auto", show_default=True, help="Convolution algorithm."),
     click.option("--workers", type=click.IntRange(min=1), default=None,
                  help="Worker processes. Default: the cores this process may use."),

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 
 from .stencil import stencil_suits
+from .winograd import winograd_suits
 
 # Seconds per operation (one core), fitted from the benchmark workloads.
 GEMM_MAC = 1 / 40e9        # BLAS sgemm multiply-add
@@ -28,6 +29,10 @@ COPY = 1 / 1.5e9           # im2col element copy
 STENCIL_MAC = 1 / 3.0e9    # compiled stencil multiply-add
 FFT_FLOP = 1 / 1.2e9       # one "N log2 N" unit of a real FFT
 CMAC = 1 / 1.0e9           # complex multiply-add in the per-frequency product
+SMALL_K_GEMM_MAC = 1 / 20e9  # BLAS with K = C/G around 32 (Winograd's GEMMs)
+TRANSFORM_OP = 1 / 2.0e9   # one addition of a Winograd transform
+
+METHODS = ("auto", "direct", "fft", "winograd")
 
 
 def direct_cost(job) -> float:
@@ -55,11 +60,28 @@ def fft_cost(job) -> float:
     return ffts + mix + spectra
 
 
+def winograd_cost(job) -> float:
+    """F(2,3)^3: 8 multiply-adds per output and channel pair in 64 GEMMs of
+    K = C/G, plus about 24 additions per input channel and 14 per filter."""
+    if not winograd_suits(job):
+        return math.inf
+    n_out = job.batch * math.prod(job.out_spatial)
+    cg, fg = job.in_channels // job.groups, job.filters // job.groups
+    return n_out * (8 * cg * fg * job.groups * SMALL_K_GEMM_MAC
+                    + (24 * job.in_channels + 14 * job.filters) * TRANSFORM_OP)
+
+
 def choose_method(job, method="auto") -> str:
     method = (method or "auto").lower()
-    if method not in ("auto", "direct", "fft"):
+    if method not in METHODS:
         from ..errors import ArgumentError
-        raise ArgumentError(f"Invalid `method`: {method!r}. Expected auto, direct or fft.")
+        raise ArgumentError(f"Invalid `method`: {method!r}. Expected one of {', '.join(METHODS)}.")
+    if method == "winograd" and not winograd_suits(job):
+        from ..errors import ArgumentError
+        raise ArgumentError(
+            "`method` winograd needs 3x3x3 kernels at stride 1 without dilation and at least "
+            "8 channels and filters per group; use direct or fft.")
     if method != "auto":
         return method
-    return "fft" if fft_cost(job) < direct_cost(job) else "direct"
+    costs = {"direct": direct_cost(job), "fft": fft_cost(job), "winograd": winograd_cost(job)}
+    return min(costs, key=costs.get)

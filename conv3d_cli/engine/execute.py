@@ -24,6 +24,7 @@ from ..errors import EngineError
 from .direct import correlate_gemm
 from .fft import SpectrumCache, correlate_fft
 from .stencil import correlate_stencil, stencil_suits
+from .winograd import correlate_winograd
 
 
 @dataclass
@@ -60,12 +61,23 @@ def compute_tile(job, tile, source, method, cache, fft_workers=1, want_sums=Fals
     axes = [g.terms(o0, o1) for g, (o0, o1) in zip(job.geoms, tile.out)]
     nb = tile.b1 - tile.b0
     acc = out if out is not None else np.empty((nb,) + tile.shape + (job.filters,), job.dtype)
-    acc[...] = 0 if job.bias is None else job.bias.astype(job.dtype)
-    if all(terms for _, _, terms in axes):
+    bias = np.zeros(job.filters, job.dtype) if job.bias is None else job.bias.astype(job.dtype)
+    terms = [t for _, _, t in axes]
+    # A direct stencil over one term per axis writes every output once: it sets
+    # bias + sum itself. Everything else accumulates onto the bias.
+    fused = (method == "direct" and stencil_suits(job)
+             and all(len(t) == 1 and t[0].out_step == 1 and t[0].count == n
+                     for t, n in zip(terms, tile.shape)))
+    if not fused:
+        acc[...] = bias
+    if all(terms):
         x = read_padded(source, job, tile.b0, tile.b1, [(i0, i1) for i0, i1, _ in axes])
-        terms = [t for _, _, t in axes]
-        if method == "fft":
+        if fused:
+            correlate_stencil(x, terms, job.taps, acc, bias=bias)
+        elif method == "fft":
             correlate_fft(x, terms, job.taps, acc, cache, workers=fft_workers)
+        elif method == "winograd":
+            correlate_winograd(x, terms, job.taps, acc, cache)
         elif stencil_suits(job):
             correlate_stencil(x, terms, job.taps, acc)
         else:

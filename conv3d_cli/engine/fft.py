@@ -40,6 +40,17 @@ class SpectrumCache:
         self._lock = threading.Lock()
         self.max_bytes = max_bytes
 
+    def get_or(self, key, make):
+        """A cached value by key, made by ``make()`` on a miss (any kernel transform)."""
+        with self._lock:
+            hit = self._store.get(key)
+        if hit is None:
+            hit = make()
+            with self._lock:
+                self._store[key] = hit
+                self._bytes += hit.nbytes
+        return hit
+
     def get(self, taps_w, terms, fshape, dtype):
         key = (tuple(t.taps for t in terms), fshape)
         with self._lock:

@@ -32,7 +32,7 @@ def stencil_suits(job) -> bool:
 if numba is not None:
     @numba.njit(nogil=True, fastmath=True, cache=True)
     def _kernel(xt, w, out, in_start, in_step, offs0, offs1, offs2, out_start, out_step,
-                counts, groups):
+                counts, groups, init, assign):
         # xt is channels-first (B, C, D, H, W) so every input row is contiguous.
         nb = xt.shape[0]
         cg = xt.shape[1] // groups
@@ -47,7 +47,8 @@ if numba is not None:
                 for q1 in range(n1):
                     o1 = out_start[1] + q1 * out_step[1]
                     for g in range(groups):
-                        acc[:, :] = 0
+                        for f in range(fg):
+                            acc[f, :] = init[g * fg + f]
                         for t0 in range(k0):
                             i0 = in_start[0] + offs0[t0] + q0 * in_step[0]
                             for t1 in range(k1):
@@ -67,13 +68,23 @@ if numba is not None:
                                                 for q2 in range(n2):
                                                     a[q2] += row[base + q2 * s2] * wv
                         for f in range(fg):
-                            for q2 in range(n2):
-                                out[b, o0, o1, out_start[2] + q2 * out_step[2], g * fg + f] += acc[f, q2]
+                            if assign:
+                                for q2 in range(n2):
+                                    out[b, o0, o1, out_start[2] + q2 * out_step[2], g * fg + f] = acc[f, q2]
+                            else:
+                                for q2 in range(n2):
+                                    out[b, o0, o1, out_start[2] + q2 * out_step[2], g * fg + f] += acc[f, q2]
 
 
-def correlate_stencil(x, terms, taps_w, out):
-    """Accumulate the tile into ``out`` (B, Do, Ho, Wo, F) from ``x`` (B, Di, Hi, Wi, C)."""
+def correlate_stencil(x, terms, taps_w, out, bias=None):
+    """Accumulate the tile into ``out`` (B, Do, Ho, Wo, F) from ``x`` (B, Di, Hi, Wi, C).
+
+    With ``bias`` (one term per axis, so every output is written once), ``out``
+    need not be initialised: it is set to bias + sum, saving two passes over it.
+    """
     groups = taps_w.shape[3]
+    assign = bias is not None
+    init = (np.asarray(bias, out.dtype) if assign else np.zeros(out.shape[4], out.dtype))
     xt = np.ascontiguousarray(np.moveaxis(x, -1, 1))
     for t0, t1, t2 in product(*terms):
         js = [np.array([j for j, _ in t.taps], np.intp) for t in (t0, t1, t2)]
@@ -85,5 +96,5 @@ def correlate_stencil(x, terms, taps_w, out):
                 offs[0], offs[1], offs[2],
                 np.array([t0.out_start, t1.out_start, t2.out_start], np.intp),
                 np.array([t0.out_step, t1.out_step, t2.out_step], np.intp),
-                np.array([t0.count, t1.count, t2.count], np.intp), groups)
+                np.array([t0.count, t1.count, t2.count], np.intp), groups, init, assign)
     return out
