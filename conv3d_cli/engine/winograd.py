@@ -40,7 +40,7 @@ def winograd_suits(job) -> bool:
         return False
     cg, fg = job.in_channels // job.groups, job.filters // job.groups
     return (all(g.k == 3 and g.s == 1 and g.d == 1 for g in job.geoms)
-            and cg >= 8 and fg >= 8 and cg * fg >= 128)
+            and cg >= 8 and fg >= 8)
 
 
 def kernel_transform(taps_w, terms):
