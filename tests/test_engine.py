@@ -38,9 +38,9 @@ CHUNKS = [None, (2, 3, 5), (1, 1, 7), (4, 4, 1)]
 stencil_mod = importlib.import_module("conv3d_cli.engine.stencil")
 
 
-@pytest.fixture(params=["gemm", "stencil"], autouse=True)
+@pytest.fixture(params=["gemm", "stencil"])
 def direct_path(request, monkeypatch):
-    """Run every test with each direct formulation (im2col + GEMM, compiled stencil)."""
+    """Run a test with each direct formulation (im2col + GEMM, compiled stencil)."""
     monkeypatch.setattr(stencil_mod, "MAX_CG_FG", 0 if request.param == "gemm" else 10 ** 9)
     return request.param
 
@@ -53,7 +53,7 @@ def _x(rng, df, shape=(2, 9, 8, 10), c=2):
 
 @pytest.mark.parametrize("df", ["channels_last", "channels_first"])
 @pytest.mark.parametrize("case", CONV_CASES)
-def test_conv3d_chunked_equals_reference(rng, df, case):
+def test_conv3d_chunked_equals_reference(rng, df, case, direct_path):
     k, s, d, pad, g, c, f = case
     layer = Conv3D(f, k, strides=s, dilation_rate=d, padding=pad, groups=g, data_format=df,
                    bias_initializer="random_normal")
@@ -68,7 +68,7 @@ def test_conv3d_chunked_equals_reference(rng, df, case):
 
 @pytest.mark.parametrize("df", ["channels_last", "channels_first"])
 @pytest.mark.parametrize("case", TCONV_CASES)
-def test_conv3d_transpose_chunked_equals_reference(rng, df, case):
+def test_conv3d_transpose_chunked_equals_reference(rng, df, case, direct_path):
     k, s, d, pad, op = case
     layer = Conv3DTranspose(3, k, strides=s, dilation_rate=d, padding=pad, output_padding=op,
                             data_format=df, bias_initializer="random_normal")
@@ -81,7 +81,7 @@ def test_conv3d_transpose_chunked_equals_reference(rng, df, case):
             assert_close(layer(x, method=method, chunk_shape=chunk), expected)
 
 
-def test_extended_batch_dims(rng):
+def test_extended_batch_dims(rng, direct_path):
     layer = Conv3D(2, 3, padding="same")
     x = rng.standard_normal((2, 3, 5, 6, 4, 1)).astype(np.float32)
     y = layer(x, chunk_shape=(2, 2, 2))
@@ -90,7 +90,7 @@ def test_extended_batch_dims(rng):
 
 
 @pytest.mark.parametrize("method", ["direct", "fft"])
-def test_two_workers_tiny_tiles(rng, method):
+def test_two_workers_tiny_tiles(rng, method, direct_path):
     layer = Conv3DTranspose(2, 3, strides=2, padding="same", activation="relu",
                             activity_regularizer="l1")
     x = rng.standard_normal((3, 6, 7, 5, 2)).astype(np.float32)
@@ -169,9 +169,7 @@ def test_file_workers_processes_equal_serial(tmp_path, rng):
 
 @pytest.mark.parametrize("df", ["channels_last", "channels_first"])
 @pytest.mark.parametrize("padding,groups", [("valid", 1), ("same", 1), ("same", 2)])
-def test_winograd_equals_reference(rng, df, padding, groups, direct_path):
-    if direct_path == "stencil":
-        pytest.skip("winograd does not depend on the direct formulation")
+def test_winograd_equals_reference(rng, df, padding, groups):
     layer = Conv3D(16, 3, padding=padding, groups=groups, data_format=df,
                    bias_initializer="random_normal")
     x = _x(rng, df, shape=(2, 7, 6, 9), c=16)
