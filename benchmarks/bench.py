@@ -8,8 +8,8 @@ that is installed (a missing peer is skipped with a note). Ratios are this
 tool's time / the peer's: below 1 is faster. GFLOP/s counts useful
 multiply-adds x 2 and is set against this machine's NumPy sgemm, measured here.
 W5 runs the `conv3d` CLI on a 2 GiB .npy with and without --memory-limit and
-reports the peak resident memory of the whole process tree (sampled) and
-/usr/bin/time's maximum RSS of the largest process.
+reports the peak memory of the whole process tree (sampled PSS, shared pages
+counted once) and /usr/bin/time's maximum RSS (of the largest process).
 """
 
 from __future__ import annotations
@@ -135,7 +135,10 @@ def bench_compute(only, repeats):
 
 
 class TreeRSS(threading.Thread):
-    """Peak total RSS of a process and its descendants, sampled every 20 ms."""
+    """Peak memory of a process and its descendants, sampled every 20 ms: the sum
+    of their PSS (proportional set size: pages shared between the parent and its
+    forked workers counted once, split between them), i.e. the memory the job
+    really holds."""
 
     def __init__(self, pid):
         super().__init__(daemon=True)
@@ -156,9 +159,9 @@ class TreeRSS(threading.Thread):
             p = todo.pop()
             todo += children.get(p, [])
             try:
-                with open(f"/proc/{p}/status") as fh:
+                with open(f"/proc/{p}/smaps_rollup") as fh:
                     for line in fh:
-                        if line.startswith("VmRSS:"):
+                        if line.startswith("Pss:"):
                             total += int(line.split()[1]) * 1024
             except OSError:
                 pass
@@ -237,7 +240,7 @@ def report(rows, sgemm, w5, markdown):
         (lw, lpeak, lmax), (uw, upeak, umax) = w5
         mib = 1 << 20
         lines.append("")
-        lines.append("| W5: conv3d run, 1x512x1024x1024x1 .npy (2 GiB), k5 | wall (s) | peak RSS, process tree (MiB) | max RSS, largest process (MiB) |")
+        lines.append("| W5: conv3d run, 1x512x1024x1024x1 .npy (2 GiB), k5 | wall (s) | peak PSS, process tree (MiB) | max RSS, largest process (MiB, /usr/bin/time -v) |")
         lines.append("|---|---|---|---|")
         lines.append(f"| --memory-limit 512M | {lw:.1f} | {lpeak / mib:.0f} | {lmax / mib if lmax else float('nan'):.0f} |")
         lines.append(f"| no limit | {uw:.1f} | {upeak / mib:.0f} | {umax / mib if umax else float('nan'):.0f} |")

@@ -143,11 +143,15 @@ def execute(job, plan, source, sink, want_sums=False, progress=None, executor="p
     workers = min(plan.workers, len(plan.tiles))
     threads = max(1, plan.workers // max(workers, 1))
 
+    finished = [0]
+
     def done(tile, sums):
         if sums is not None:
             total[0] += sums[0]
             total[1] += sums[1]
+        finished[0] += 1
         if progress is not None:
+            progress.set_postfix_str(f"tiles {finished[0]}/{len(plan.tiles)}", refresh=False)
             progress.update(_voxels(tile))
 
     def one(tile, cache):

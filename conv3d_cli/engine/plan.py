@@ -26,6 +26,9 @@ from .direct import COLS_BLOCK_BYTES
 # this much, plus room to load the compiled stencil.
 MIN_PROCESS_BYTES = 100 << 20
 JIT_MARGIN = 48 << 20
+# A forked worker shares the parent's pages; what it adds besides its tiles
+# (pages it writes to, its own compiled-kernel load, allocator slack).
+WORKER_PRIVATE = 64 << 20
 # Work below this many FLOPs is not worth splitting for parallelism.
 MIN_PARALLEL_FLOPS = 2e8
 
@@ -142,8 +145,8 @@ def make_plan(job, method, memory_limit=None, workers=1, chunk_shape=None,
     limit = parse_memory(memory_limit)
     out = job.out_spatial
     whole = job.whole_axis
-    n_proc = 1 + workers if processes and workers > 1 else 1
-    base = n_proc * process_baseline()
+    forked = workers if processes and workers > 1 else 0
+    base = process_baseline() + forked * WORKER_PRIVATE
     budget = (limit - base) // max(workers, 1)
     min_len = [max(4, 2 * (g.ke - 1)) for g in job.geoms]
     nb = 1
@@ -162,7 +165,7 @@ def make_plan(job, method, memory_limit=None, workers=1, chunk_shape=None,
                 raise ArgumentError(
                     f"`memory_limit` {_mib(limit)} is too small for this layer with {workers} "
                     f"worker(s): it needs at least about {_mib(need)} ({_mib(base)} for the "
-                    f"process{'es' if n_proc > 1 else ''} themselves). Raise --memory-limit "
+                    f"process{'es' if forked else ''} themselves). Raise --memory-limit "
                     "or use fewer --workers.")
             tile[axis] = -(-tile[axis] // 2)
         # Several batch elements per tile when whole volumes are small.
