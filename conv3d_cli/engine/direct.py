@@ -91,3 +91,42 @@ def correlate_gemm(x, terms, taps_w, out):
                    _out_slice(t2, 0, t2.count))
             out[dst] += res.reshape(nb, m, t1.count, t2.count, g * fg)
     return out
+
+
+def scatter_transpose(x, x_start, geoms, tile, kernel, out):
+    """Transposed convolution of one tile in scatter form, through one GEMM per slab.
+
+    ``full[i*s + j*d] += x[i] @ kernel[j].T`` (keras-semantics.md): the input
+    itself is the GEMM's left operand (no im2col), multiplied once by all
+    taps' weights ``(C, k^3 * F)``; a compiled col2im then adds each tap's
+    slab of the product into the tile at its strided positions. ``x_start`` is
+    the input index (per axis) of ``x[:, 0, 0, 0]``; ``tile.out`` the tile's
+    output box.
+    """
+    from .stencil import col2im
+    nb, di, hi, wi, c = x.shape
+    k = [g.k for g in geoms]
+    f = kernel.shape[3]
+    w_all = np.ascontiguousarray(kernel.transpose(4, 0, 1, 2, 3).reshape(c, -1))  # (C, k^3 F)
+    per_plane = nb * hi * wi * w_all.shape[1] * x.itemsize
+    planes = max(1, min(di, COLS_BLOCK_BYTES * 2 // max(per_plane, 1)))
+
+    def spans(ax, a, n):
+        """Per tap: input rows [lo, hi) of x (local, from row a, n of them) that land
+        in the tile, and the tile-local output row of the first."""
+        g, (o0, o1) = geoms[ax], tile.out[ax]
+        lo_hi_st = np.zeros((3, g.k), np.intp)
+        for j in range(g.k):
+            base = (x_start[ax] + a) * g.s + j * g.d - g.offset - o0  # output of row a
+            lo = max(0, -(base // g.s))
+            hi = min(n, -(-(o1 - o0 - base) // g.s))
+            lo_hi_st[:, j] = (lo, max(hi, lo), base + lo * g.s)
+        return lo_hi_st
+
+    steps = np.array([g.s for g in geoms], np.intp)
+    s1, s2 = spans(1, 0, hi), spans(2, 0, wi)
+    for a in range(0, di, planes):
+        z = min(di, a + planes)
+        y = (x[:, a:z].reshape(-1, c) @ w_all).reshape(nb, z - a, hi, wi, k[0] * k[1] * k[2], f)
+        col2im(y, out, spans(0, a, z - a), s1, s2, steps)
+    return out

@@ -21,7 +21,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from ..errors import EngineError
-from .direct import correlate_gemm
+from .direct import correlate_gemm, scatter_transpose
 from .fft import SpectrumCache, correlate_fft
 from .stencil import correlate_stencil, stencil_suits
 from .winograd import correlate_winograd
@@ -80,6 +80,9 @@ def compute_tile(job, tile, source, method, cache, fft_workers=1, want_sums=Fals
             correlate_winograd(x, terms, job.taps, acc, cache)
         elif stencil_suits(job):
             correlate_stencil(x, terms, job.taps, acc)
+        elif job.kind != "conv" and any(g.s > 1 for g in job.geoms):
+            scatter_transpose(x, [i0 for i0, _, _ in axes], job.geoms, tile,
+                              np.asarray(job.kernel, job.dtype), acc)
         else:
             correlate_gemm(x, terms, job.taps, acc)
     y = acc if job.activation.is_linear else job.activation(acc, axis=job.act_axis)

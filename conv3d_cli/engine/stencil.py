@@ -76,6 +76,31 @@ if numba is not None:
                                     out[b, o0, o1, out_start[2] + q2 * out_step[2], g * fg + f] += acc[f, q2]
 
 
+if numba is not None:
+    @numba.njit(nogil=True, fastmath=True, cache=True)
+    def col2im(y, out, sp0, sp1, sp2, steps):
+        """out[b, o] += y[b, i, tap] where o = first + (i - lo) * stride per axis and tap.
+
+        ``spN`` are (3, k) arrays of (lo, hi, first output) per tap of axis N;
+        used by the scatter form of transposed convolution.
+        """
+        nb, nf = y.shape[0], y.shape[5]
+        k0, k1, k2 = sp0.shape[1], sp1.shape[1], sp2.shape[1]
+        for b in range(nb):
+            for j0 in range(k0):
+                for i0 in range(sp0[0, j0], sp0[1, j0]):
+                    o0 = sp0[2, j0] + (i0 - sp0[0, j0]) * steps[0]
+                    for j1 in range(k1):
+                        for i1 in range(sp1[0, j1], sp1[1, j1]):
+                            o1 = sp1[2, j1] + (i1 - sp1[0, j1]) * steps[1]
+                            for j2 in range(k2):
+                                t = (j0 * k1 + j1) * k2 + j2
+                                for i2 in range(sp2[0, j2], sp2[1, j2]):
+                                    o2 = sp2[2, j2] + (i2 - sp2[0, j2]) * steps[2]
+                                    for f in range(nf):
+                                        out[b, o0, o1, o2, f] += y[b, i0, i1, i2, t, f]
+
+
 def correlate_stencil(x, terms, taps_w, out, bias=None):
     """Accumulate the tile into ``out`` (B, Do, Ho, Wo, F) from ``x`` (B, Di, Hi, Wi, C).
 
