@@ -63,23 +63,24 @@ def compute_tile(job, tile, source, method, cache, fft_workers=1, want_sums=Fals
     acc = out if out is not None else np.empty((nb,) + tile.shape + (job.filters,), job.dtype)
     bias = np.zeros(job.filters, job.dtype) if job.bias is None else job.bias.astype(job.dtype)
     terms = [t for _, _, t in axes]
-    # A direct stencil over one term per axis writes every output once: it sets
-    # bias + sum itself. Everything else accumulates onto the bias.
-    fused = (method == "direct" and stencil_suits(job)
-             and all(len(t) == 1 and t[0].out_step == 1 and t[0].count == n
-                     for t, n in zip(terms, tile.shape)))
+    # One term per axis covering the tile writes every output once: the stencil
+    # and FFT paths then set bias + sum themselves, saving two passes over the
+    # block. Everything else accumulates onto the bias.
+    covers = all(len(t) == 1 and t[0].out_step == 1 and t[0].count == n
+                 for t, n in zip(terms, tile.shape))
+    stencil = method == "direct" and stencil_suits(job)
+    fused = covers and (stencil or method == "fft")
     if not fused:
         acc[...] = bias
     if all(terms):
         x = read_padded(source, job, tile.b0, tile.b1, [(i0, i1) for i0, i1, _ in axes])
-        if fused:
-            correlate_stencil(x, terms, job.taps, acc, bias=bias)
-        elif method == "fft":
-            correlate_fft(x, terms, job.taps, acc, cache, workers=fft_workers)
+        given = bias if fused else None
+        if method == "fft":
+            correlate_fft(x, terms, job.taps, acc, cache, workers=fft_workers, bias=given)
         elif method == "winograd":
             correlate_winograd(x, terms, job.taps, acc, cache)
-        elif stencil_suits(job):
-            correlate_stencil(x, terms, job.taps, acc)
+        elif stencil:
+            correlate_stencil(x, terms, job.taps, acc, bias=given)
         elif job.kind != "conv" and any(g.s > 1 for g in job.geoms):
             scatter_transpose(x, [i0 for i0, _, _ in axes], job.geoms, tile,
                               np.asarray(job.kernel, job.dtype), acc)
@@ -144,7 +145,7 @@ def execute(job, plan, source, sink, want_sums=False, progress=None, executor="p
     start = time.perf_counter()
     total = [0.0, 0.0]
     workers = min(plan.workers, len(plan.tiles))
-    threads = max(1, plan.workers // max(workers, 1))
+    threads = plan.threads
 
     finished = [0]
 

@@ -51,9 +51,10 @@ class Plan:
     batch_per_tile: int
     tiles: list = field(repr=False)
     tile_bytes: int
-    workers: int
+    workers: int             # tiles computed at once
     memory_limit: int
-    process_bytes: int = 0  # all processes' baseline (parent and forked workers)
+    process_bytes: int = 0
+    threads: int = 1         # BLAS/FFT threads per tile: workers x threads <= --workers  # all processes' baseline (parent and forked workers)
 
     @property
     def peak_bytes(self):
@@ -62,7 +63,8 @@ class Plan:
     def summary(self, job):
         return {"method": self.method, "tile_shape": list(self.tile_shape),
                 "batch_per_tile": self.batch_per_tile, "tiles": len(self.tiles),
-                "workers": self.workers, "memory_limit": self.memory_limit,
+                "workers": self.workers, "threads_per_worker": self.threads,
+                "memory_limit": self.memory_limit,
                 "estimated_peak_bytes": self.peak_bytes, "flops": job.flops()}
 
 
@@ -173,21 +175,25 @@ def make_plan(job, method, memory_limit=None, workers=1, chunk_shape=None,
             per = tile_bytes(job, 1, tile, method)
             nb = max(1, min(job.batch, budget // max(per, 1)))
             nb = max(1, min(nb, -(-job.batch // max(workers, 1))))
-        # Give every worker something to do.
-        if workers > 1 and job.flops() > MIN_PARALLEL_FLOPS:
-            while _count(job.batch, nb, out, tile) < 2 * workers:
+        # Give every worker something to do: two tiles each for balance. FFT
+        # tiles pay for their overlap, so an FFT job keeps its tiles and runs
+        # each FFT on several threads instead.
+        if workers > 1 and job.flops() > MIN_PARALLEL_FLOPS and method != "fft":
+            want = 2 * workers
+            while _count(job.batch, nb, out, tile) < want:
                 if nb > 1:
                     nb = -(-nb // 2)
                     continue
                 axis = _axis_to_split(tile, whole, split_order, min_len)
                 if axis is None:
                     break
-                tile[axis] = -(-tile[axis] // 2)
+                tile[axis] = -(-out[axis] // (-(-out[axis] // tile[axis]) * 2))  # even pieces
     tiles = [Tile(b, min(b + nb, job.batch), box)
              for b in range(0, job.batch, nb) for box in _boxes(out, tile)]
     return Plan(method=method, tile_shape=tuple(tile), batch_per_tile=nb, tiles=tiles,
                 tile_bytes=tile_bytes(job, nb, tile, method),
                 workers=max(1, min(workers, len(tiles))),
+                threads=max(1, workers // max(1, min(workers, len(tiles)))),
                 memory_limit=limit, process_bytes=base)
 
 
