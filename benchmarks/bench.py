@@ -3,8 +3,9 @@
     python benchmarks/bench.py [--only W1,W2,...] [--repeats N] [--skip-w5] [--markdown]
 
 Every workload is timed as the median of repeats after one warm-up run (which
-compiles the numba stencil and fills caches), for this tool and for each peer
-that is installed (a missing peer is skipped with a note). Ratios are this
+compiles the numba kernels and fills caches), for this tool and for each peer
+that is installed (a missing peer is skipped with a note), in interleaved
+rounds with a pause between contenders (see ``time_side_by_side``). Ratios are this
 tool's time / the peer's: below 1 is faster. GFLOP/s counts useful
 multiply-adds x 2 and is set against this machine's NumPy sgemm, measured here.
 W5 runs the `conv3d` CLI on a 2 GiB .npy with and without --memory-limit and
@@ -56,6 +57,25 @@ def timeit(fn, repeats):
     return statistics.median(times)
 
 
+def time_side_by_side(contenders, repeats):
+    """Median seconds per contender, timed in interleaved rounds.
+
+    Each round runs every contender once, with a pause between them so that
+    thread pools that spin after work (OpenMP, OpenBLAS) are parked again and
+    no contender runs while another's threads still hold the cores.
+    """
+    for fn in contenders.values():
+        fn()  # warm-up: compile, allocate, fill caches
+    times = {name: [] for name in contenders}
+    for _ in range(repeats):
+        for name, fn in contenders.items():
+            time.sleep(0.25)
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def sgemm_gflops():
     a = np.random.default_rng(0).standard_normal((2048, 2048)).astype(np.float32)
     t = timeit(lambda: a @ a, 5)
@@ -95,7 +115,7 @@ def torch_fn(layer, x):
     return lambda: torch.nn.functional.conv3d(xt, k, bias, stride=layer.strides)
 
 
-def check(name, layer, x, ours, peers):
+def check(name, layer, x, peers):
     """Largest difference between our output and a peer's, relative to the output scale."""
     y = layer(x)
     ref = None
@@ -125,9 +145,13 @@ def bench_compute(only, repeats):
             peers["scipy.fftconvolve"] = lambda: signal.fftconvolve(v, k, mode="valid") + layer.bias
             peers["scipy.oaconvolve"] = lambda: signal.oaconvolve(v, k, mode="valid") + layer.bias
         flops = layer.job(x.shape).flops()
-        ours = {w: timeit(lambda w=w: layer(x, workers=w), repeats) for w in sorted({1, CORES})}
-        err = check(name, layer, x, ours, peers)
-        peer_times = {p: timeit(f, repeats) for p, f in peers.items()}
+        err = check(name, layer, x, peers)
+        contenders = {("ours", w): (lambda w=w: layer(x, workers=w)) for w in sorted({1, CORES})}
+        contenders.update(peers)
+        times = time_side_by_side(contenders, repeats)
+        layer(x)
+        ours = {w: times[("ours", w)] for w in sorted({1, CORES})}
+        peer_times = {p: times[p] for p in peers}
         rows.append({"name": name, "desc": desc, "flops": flops, "ours": ours,
                      "peers": peer_times, "method": layer.last_stats.method, "err": err})
         print(f"  {name} done", file=sys.stderr)
