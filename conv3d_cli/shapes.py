@@ -137,10 +137,6 @@ class AxisGeometry:
         ]
         return i0, i1, terms
 
-    def input_range(self, o0: int, o1: int) -> tuple[int, int]:
-        i0, i1, _ = self.terms(o0, o1)
-        return i0, i1
-
     def position(self, o: float) -> float:
         """Input voxel coordinate (possibly fractional) where output voxel o sits."""
         c = (self.ke - 1) / 2

@@ -83,10 +83,6 @@ class SpectrumCache:
         return spec
 
 
-def fft_shape(terms):
-    return tuple(sfft.next_fast_len(_term_extent(t)[2], real=True) for t in terms)
-
-
 def correlate_fft(x, terms, taps_w, out, cache=None, workers=1, bias=None):
     """Accumulate the tile into ``out`` (B, Do, Ho, Wo, F) from ``x`` (B, Di, Hi, Wi, C).
 
