@@ -38,13 +38,27 @@ def load_config_file(path):
     return None, dict(data)
 
 
+def is_model_file(path) -> bool:
+    low = os.fspath(path).lower()
+    return low.endswith((".keras", ".h5", ".hdf5"))
+
+
+def _from_model_file(path, layer_name):
+    from .io.keras_files import ModelFile
+    with ModelFile(path) as model:
+        entry = model.find(layer_name)
+        return entry, entry.load_weights()
+
+
 def build_layer(layer=None, config=None, overrides=None, weights=None, seed=None,
-                apply_constraints=False):
+                apply_constraints=False, layer_name=None):
     """One layer from a class name, a config dict, explicit arguments and weights.
 
     ``overrides`` win over ``config``; ``weights`` (a dict with ``kernel`` and
     ``bias``, or a path) supply ``filters`` and ``kernel_size`` when neither
-    gives them, and are checked against them otherwise. ``seed`` seeds the
+    gives them, and are checked against them otherwise. A Keras model file
+    (``.keras``, ``.weights.h5``, legacy ``.h5``) as ``weights`` gives the
+    layer's config too (``layer_name`` picks one of several). ``seed`` seeds the
     random initializers that have no seed of their own.
     """
     class_name, cfg = (None, {})
@@ -55,13 +69,28 @@ def build_layer(layer=None, config=None, overrides=None, weights=None, seed=None
             class_name, cfg = config["class_name"], dict(config["config"])
         else:
             cfg = dict(config)
+    keras2 = convmod.looks_like_keras2(cfg) if cfg else False
+    w = weights
+    if isinstance(weights, (str, os.PathLike)):
+        if is_model_file(weights):
+            entry, w = _from_model_file(weights, layer_name)
+            if entry.config is not None:
+                if class_name is not None or cfg:
+                    raise ArgumentError(f"--config and a model file ({weights}) both give the "
+                                        "layer's config; use one")
+                class_name, cfg, keras2 = entry.class_name, dict(entry.config), entry.keras2
+            elif class_name is None and layer is None:
+                class_name = entry.class_name
+        else:
+            if layer_name is not None:
+                raise ArgumentError("--layer-name needs a Keras model or weights file "
+                                    "(.keras, .weights.h5, .h5) as --weights")
+            w = load_weights(weights)
     if layer is not None and class_name is not None and \
             convmod.layer_class(layer) is not convmod.layer_class(class_name):
-        raise ArgumentError(f"--layer {layer} contradicts the config's class_name {class_name}")
+        raise ArgumentError(f"--layer {layer} contradicts the file's class {class_name}")
     cls = convmod.layer_class(layer or class_name or "Conv3D")
-    keras2 = convmod.looks_like_keras2(cfg) if cfg else False
     args = {**cfg, **{k: v for k, v in (overrides or {}).items() if v is not None}}
-    w = load_weights(weights) if isinstance(weights, (str, os.PathLike)) else weights
     if w is not None:
         kernel = np.asarray(w["kernel"])
         if kernel.ndim != 5:

@@ -58,14 +58,16 @@ def cli(debug):
       conv3d run scan.nii.gz out.nii.gz --filters 1 --kernel-size 3 --padding same
       conv3d shape scan.nii.gz --filters 8 --kernel-size 3 --strides 2
       conv3d info scan.nii.gz
+      conv3d layers model.keras
     """
 
 
 def _register():
     from .info import info
+    from .layers import layers
     from .run import run
     from .shape import shape
-    for command in (run, shape, info):
+    for command in (run, shape, info, layers):
         cli.add_command(command)
 
 

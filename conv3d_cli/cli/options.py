@@ -75,7 +75,10 @@ LAYER_OPTIONS = [
     click.option("--config", "config", type=click.Path(dir_okay=False), default=None,
                  help="A Keras layer config (JSON); options given here override it."),
     click.option("--weights", type=click.Path(dir_okay=False), default=None,
-                 help=".npz with kernel (and bias) in Keras layout, or .npy (kernel)."),
+                 help=".npz with kernel (and bias) in Keras layout, .npy (kernel), or a Keras "
+                      "model/weights file (.keras, .weights.h5, .h5) giving config and weights."),
+    click.option("--layer-name", default=None, metavar="NAME",
+                 help="Which Conv3D/Conv3DTranspose of a model file (e.g. encoder/conv3d_2)."),
     click.option("--apply-constraints", is_flag=True, default=False,
                  help="Project loaded weights with the kernel/bias constraints first."),
 ]
@@ -117,5 +120,6 @@ def layer_from_kwargs(kwargs):
     return build_layer(layer=kwargs.pop("layer"), config=kwargs.pop("config"),
                        overrides=overrides, weights=kwargs.pop("weights"),
                        seed=kwargs.pop("seed"),
-                       apply_constraints=kwargs.pop("apply_constraints"))
+                       apply_constraints=kwargs.pop("apply_constraints"),
+                       layer_name=kwargs.pop("layer_name"))
 
