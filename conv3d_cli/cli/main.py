@@ -63,11 +63,12 @@ def cli(debug):
 
 
 def _register():
+    from .export import export
     from .info import info
     from .layers import layers
     from .run import run
     from .shape import shape
-    for command in (run, shape, info, layers):
+    for command in (run, shape, info, layers, export):
         cli.add_command(command)
 
 
