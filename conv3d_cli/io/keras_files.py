@@ -106,7 +106,8 @@ class ModelFile:
                     f"{self.path} holds {len(self.layers)} convolution layers; choose one with "
                     f"--layer-name: {', '.join(e.name for e in self.layers)}")
             return self.layers[0]
-        matches = [e for e in self.layers if e.name == name or e.name.split("/")[-1] == name]
+        matches = [e for e in self.layers if e.name == name] or \
+            [e for e in self.layers if e.name.split("/")[-1] == name]
         if len(matches) != 1:
             what = "no" if not matches else "several"
             raise WeightsError(
