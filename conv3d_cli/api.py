@@ -16,7 +16,7 @@ import numpy as np
 from . import engine, shapes
 from .errors import ArgumentError, ShapeError, WeightsError
 from .geometry import output_affine
-from .io import OutputTarget, open_volume
+from .io import OutputTarget, open_volume, parse_spec
 from .layers import conv as convmod
 from .layout import CanonicalView, Layout
 from .weights import load_weights
@@ -191,43 +191,58 @@ def describe(layer, input_shape=None, volume=None, method="auto", workers=None,
 
 def apply_to_file(layer, input_spec, output_spec, overwrite=False, method="auto",
                   workers=None, memory_limit=None, chunk_shape=None, progress=True,
-                  on_plan=None):
-    """Run ``layer`` over the volume ``input_spec`` into ``output_spec``; returns a report."""
+                  on_plan=None, scheduler=None, resume=False):
+    """Run ``layer`` over the volume ``input_spec`` into ``output_spec``; returns a report.
+
+    ``scheduler`` (an address such as ``tcp://10.0.0.5:8786``, or ``"local"``)
+    runs the tiles on a Dask cluster; ``resume`` continues an interrupted run
+    into a Zarr output, skipping the tiles it already wrote.
+    """
     from .progress import progress_bar
     start = time.perf_counter()
     vol = open_volume(input_spec)
     target = None
     try:
-        target = OutputTarget(output_spec, overwrite=overwrite, inputs=[vol.spec])
+        out_spec = parse_spec(output_spec, "OUTPUT")
+        zarr_out = out_spec.format == "zarr"
+        if resume and not zarr_out:
+            raise ArgumentError("--resume needs a Zarr OUTPUT (store.zarr): only Zarr stores "
+                                "record which tiles are written")
+        if zarr_out:
+            from .io.zarr_io import ZarrOutput
+            target = ZarrOutput(out_spec, overwrite=overwrite, resume=resume)
+        else:
+            target = OutputTarget(out_spec, overwrite=overwrite, inputs=[vol.spec])
         info, job, plan = describe(layer, volume=vol, method=method, workers=workers,
                                    memory_limit=memory_limit, chunk_shape=chunk_shape)
         if on_plan is not None:
             on_plan(info)
         layout = _file_layout(vol, layer)
         out_shape = layout.output_shape(job.out_canonical_shape)
-        out_format = "channels_last" if target.spec.format == "nifti" else layout.data_format
-        if target.spec.format == "nifti" and len(out_shape) > 4:
-            raise ShapeError(f"OUTPUT {target.spec}: a NIfTI output holds one volume "
-                             f"(X, Y, Z[, C]); this output has shape {out_shape}")
-        affine = None
-        if target.spec.format == "nifti":
-            base = vol.affine if vol.affine is not None else np.eye(4)
-            affine = output_affine(base, job.geoms)
-        description = (f"conv3d {layer.keras_name} k{'x'.join(map(str, layer.kernel_size))} "
-                       f"s{'x'.join(map(str, layer.strides))} "
-                       f"d{'x'.join(map(str, layer.dilation_rate))} {layer.padding} "
-                       f"f{layer.filters}")
-        writer = target.create(out_shape, job.dtype, affine=affine,
-                               like=vol.image if vol.is_nifti else None,
-                               description=description)
+        out_format = "channels_last" if out_spec.format == "nifti" else layout.data_format
         out_layout = Layout(out_shape, out_format)
+        if out_spec.format == "nifti" and len(out_shape) > 4:
+            raise ShapeError(f"OUTPUT {out_spec}: a NIfTI output holds one volume "
+                             f"(X, Y, Z[, C]); this output has shape {out_shape}")
+        skip = set()
+        if zarr_out:
+            writer = target
+            skip = _prepare_zarr(target, vol, layer, job, plan, out_layout)
+        else:
+            writer = target.create(out_shape, job.dtype, affine=_nifti_affine(out_spec, vol, job),
+                                   like=vol.image if vol.is_nifti else None,
+                                   description=_description(layer))
         sink = CanonicalView(writer, out_layout)
         sink.single_writer = target.single_writer
         source = CanonicalView(vol.array, layout)
-        bar = progress_bar(int(np.prod(job.out_canonical_shape[:4])), enabled=progress)
+        remaining = [t for i, t in enumerate(plan.tiles) if i not in skip]
+        bar = progress_bar(sum((t.b1 - t.b0) * int(np.prod(t.shape)) for t in remaining),
+                           enabled=progress)
         try:
             stats = engine.run(job, source, sink, plan,
-                               want_sums=layer.activity_regularizer is not None, progress=bar)
+                               want_sums=layer.activity_regularizer is not None, progress=bar,
+                               skip=skip, on_done=target.mark_done if zarr_out else None,
+                               scheduler=scheduler)
         finally:
             bar.close()
         target.commit()
@@ -246,8 +261,59 @@ def apply_to_file(layer, input_spec, output_spec, overwrite=False, method="auto"
         "file_output_shape": info["file_output_shape"],
         "params": info["params"], "layer": {"class_name": layer.keras_name,
                                             "config": layer.get_config()},
-        "method": stats.method, "tiles": stats.tiles, "workers": stats.workers,
+        "method": stats.method, "tiles": stats.tiles, "skipped_tiles": len(skip),
+        "workers": stats.workers, "scheduler": scheduler,
         "seconds": round(time.perf_counter() - start, 4),
         "compute_seconds": round(stats.seconds, 4),
         "losses": losses, "plan": info["plan"],
     }
+
+
+def _description(layer):
+    return (f"conv3d {layer.keras_name} k{'x'.join(map(str, layer.kernel_size))} "
+            f"s{'x'.join(map(str, layer.strides))} "
+            f"d{'x'.join(map(str, layer.dilation_rate))} {layer.padding} f{layer.filters}")
+
+
+def _nifti_affine(out_spec, vol, job):
+    if out_spec.format != "nifti":
+        return None
+    return output_affine(vol.affine if vol.affine is not None else np.eye(4), job.geoms)
+
+
+def _prepare_zarr(target, vol, layer, job, plan, out_layout):
+    """Create or reopen the Zarr output (chunked like the tiles); the done tile indices.
+
+    Resuming reuses the recorded tiling (whatever --workers now asks) after
+    checking that input, layer, weights and output shape are the same."""
+    import hashlib
+    from .engine.plan import Tile
+    from .io.zarr_io import ome_output_attrs
+    digest = hashlib.sha1()
+    for w in layer.get_weights():
+        digest.update(np.ascontiguousarray(w).tobytes())
+    record = {"input": str(vol.spec), "input_shape": list(vol.shape),
+              "layer": json.loads(json.dumps(layer.get_config())), "weights": digest.hexdigest(),
+              "output_shape": list(out_layout.shape), "method": plan.method,
+              "tiles": [[t.b0, t.b1, [list(r) for r in t.out]] for t in plan.tiles]}
+    tile = plan.tile_shape
+    f = job.out_canonical_shape[4]
+    if job.activation.halves_last_axis and job.act_axis == 3:
+        tile = tile[:2] + (job.out_canonical_shape[3],)
+    spatial_c = (f,) + tuple(tile) if out_layout.channels_first else tuple(tile) + (f,)
+    if out_layout.rank >= 5:
+        chunks = (1,) * (out_layout.rank - 4) + spatial_c
+    elif out_layout.rank == 3:
+        chunks = tuple(tile)
+    else:
+        chunks = spatial_c
+    chunks = tuple(min(c, n) for c, n in zip(chunks, out_layout.shape))
+    ome = None
+    if vol.is_ome:  # OME-Zarr in, OME-Zarr out (one level, at "data")
+        ome = ome_output_attrs(vol.array, job.geoms, out_layout.shape, vol.array.ome["version"])
+        target.array_path = "data"
+    zarr_format = vol.array.zarr_format if vol.spec.format == "zarr" else 3
+    done, recorded = target.prepare(out_layout.shape, job.dtype, chunks, record, zarr_format, ome)
+    if recorded is not None:  # resuming: the tiles the store was chunked for
+        plan.tiles = [Tile(b0, b1, tuple(tuple(r) for r in box)) for b0, b1, box in recorded]
+    return done

@@ -21,15 +21,23 @@ from .options import engine_options, layer_from_kwargs, layer_options
 @click.option("--report", type=click.Path(dir_okay=False, allow_dash=True), default=None,
               help="Write a JSON report (shapes, params, config, method, seconds, losses); - for stdout.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--scheduler", default=None, metavar="ADDRESS|local",
+              help="Run the tiles on a Dask cluster (tcp://host:8786), or 'local' for a "
+                   "LocalCluster here. Needs conv3d-cli[distributed].")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted run into a Zarr OUTPUT, skipping written tiles.")
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="Progress bar on stderr for work over about a second.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary line.")
-def run(input, output, save_weights, report, overwrite, progress, quiet, **kwargs):
+def run(input, output, save_weights, report, overwrite, scheduler, resume, progress, quiet,
+        **kwargs):
     """Apply one Conv3D / Conv3DTranspose layer to INPUT and write OUTPUT.
 
-    INPUT and OUTPUT are .npy, .nii, .nii.gz or HDF5 (file.h5:/group/dataset;
-    OUTPUT's dataset defaults to /data). A 3-D scan is one volume with one
-    channel; the NIfTI affine of OUTPUT places every voxel where it lies.
+    INPUT and OUTPUT are .npy, .nii, .nii.gz, HDF5 (file.h5:/group/dataset;
+    OUTPUT's dataset defaults to /data) or Zarr (store.zarr[:/group/array];
+    OME-Zarr images are read at level 0). A 3-D scan is one volume with one
+    channel; the NIfTI affine (OME-Zarr transforms) of OUTPUT place every voxel
+    where it lies.
 
     \b
     Example:
@@ -41,7 +49,8 @@ def run(input, output, save_weights, report, overwrite, progress, quiet, **kwarg
     layer = layer_from_kwargs(kwargs)
     result = apply_to_file(layer, input, output, overwrite=overwrite, method=method.lower(),
                            workers=workers, memory_limit=memory_limit,
-                           chunk_shape=chunk_shape, progress=progress and not quiet)
+                           chunk_shape=chunk_shape, progress=progress and not quiet,
+                           scheduler=scheduler, resume=resume)
     if save_weights:
         write_weights(save_weights, layer.kernel, layer.bias if layer.use_bias else None)
     if report:

@@ -29,9 +29,10 @@ def plan_job(job, method="auto", memory_limit=None, workers=None, chunk_shape=No
                      processes=processes)
 
 
-def run(job, source, sink, plan, want_sums=False, progress=None, executor="processes") -> Stats:
+def run(job, source, sink, plan, want_sums=False, progress=None, executor="processes",
+        skip=(), on_done=None, scheduler=None) -> Stats:
     return execute(job, plan, source, sink, want_sums=want_sums, progress=progress,
-                   executor=executor)
+                   executor=executor, skip=skip, on_done=on_done, scheduler=scheduler)
 
 
 def run_array(job, x, method="auto", workers=1, memory_limit=None, chunk_shape=None,

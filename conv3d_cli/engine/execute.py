@@ -133,32 +133,38 @@ def _direct_view(job, sink, tile):
     return view(tile.b0, tile.b1, tile.out)
 
 
-def execute(job, plan, source, sink, want_sums=False, progress=None, executor="processes") -> Stats:
-    """Compute every tile of ``plan`` into ``sink``.
+def execute(job, plan, source, sink, want_sums=False, progress=None, executor="processes",
+            skip=(), on_done=None, scheduler=None) -> Stats:
+    """Compute the tiles of ``plan`` (but those in ``skip``) into ``sink``.
 
     ``executor`` is ``"processes"`` (forked workers that read and write files
     themselves) or ``"threads"`` (for in-memory arrays: the kernels release the
-    GIL, and no process start-up or copies are needed). Each task gets
-    ``workers // concurrent tasks`` BLAS/FFT threads, so the total never
-    exceeds ``workers``. ``progress`` is a tqdm-like bar or None.
+    GIL, and no process start-up or copies are needed); ``scheduler`` (a Dask
+    address or ``"local"``) sends the tiles to a Dask cluster instead. Each
+    task gets ``plan.threads`` BLAS/FFT threads, so the total never exceeds
+    the workers asked for. ``on_done(index)`` is called once a tile is
+    written; ``progress`` is a tqdm-like bar or None.
     """
     start = time.perf_counter()
     total = [0.0, 0.0]
-    workers = min(plan.workers, len(plan.tiles))
+    indices = [i for i in range(len(plan.tiles)) if i not in set(skip)]
+    workers = min(plan.workers, max(len(indices), 1))
     threads = plan.threads
-
     finished = [0]
 
-    def done(tile, sums):
+    def done(index, sums):
         if sums is not None:
             total[0] += sums[0]
             total[1] += sums[1]
+        if on_done is not None:
+            on_done(index)
         finished[0] += 1
         if progress is not None:
-            progress.set_postfix_str(f"tiles {finished[0]}/{len(plan.tiles)}", refresh=False)
-            progress.update(_voxels(tile))
+            progress.set_postfix_str(f"tiles {finished[0]}/{len(indices)}", refresh=False)
+            progress.update(_voxels(plan.tiles[index]))
 
-    def one(tile, cache):
+    def one(index, cache):
+        tile = plan.tiles[index]
         view = _direct_view(job, sink, tile)
         y, sums = compute_tile(job, tile, source, plan.method, cache, fft_workers=threads,
                                want_sums=want_sums, out=view)
@@ -166,15 +172,19 @@ def execute(job, plan, source, sink, want_sums=False, progress=None, executor="p
             sink.write(tile.b0, tile.b1, out_ranges(job, tile), y)
         return sums
 
-    if workers <= 1:
+    if scheduler is not None:
+        from .distributed import run_on_dask
+        workers = run_on_dask(scheduler, job, plan, source, sink, indices, want_sums, done,
+                              plan.workers)
+    elif workers <= 1:
         with threadpool_limits(limits=threads):
             cache = SpectrumCache()
-            for tile in plan.tiles:
-                done(tile, one(tile, cache))
+            for index in indices:
+                done(index, one(index, cache))
     elif executor == "threads":
         cache = SpectrumCache()
         with threadpool_limits(limits=threads), ThreadPoolExecutor(workers) as pool:
-            futures = {pool.submit(one, tile, cache): tile for tile in plan.tiles}
+            futures = {pool.submit(one, index, cache): index for index in indices}
             try:
                 for fut in as_completed(futures):
                     done(futures[fut], fut.result())
@@ -188,14 +198,14 @@ def execute(job, plan, source, sink, want_sums=False, progress=None, executor="p
         try:
             with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
                                      initargs=(threads,)) as pool:
-                futures = [pool.submit(_run_in_worker, i) for i in range(len(plan.tiles))]
+                futures = [pool.submit(_run_in_worker, i) for i in indices]
                 try:
                     for fut in as_completed(futures):
                         index, y, sums = fut.result()
                         tile = plan.tiles[index]
                         if y is not None:
                             sink.write(tile.b0, tile.b1, out_ranges(job, tile), y)
-                        done(tile, sums)
+                        done(index, sums)
                 except BaseException:
                     for f in futures:
                         f.cancel()

@@ -44,6 +44,10 @@ class InputVolume:
     def is_nifti(self):
         return self.spec.format == "nifti"
 
+    @property
+    def is_ome(self):
+        return getattr(self.array, "ome", None) is not None
+
     def close(self):
         close = getattr(self.array, "close", None) or getattr(getattr(self.array, "array", None), "close", None)
         if close:
@@ -64,6 +68,9 @@ def open_volume(spec, role="INPUT", header_only=False) -> InputVolume:
         return InputVolume(spec, open_npy(spec.path))
     if spec.format == "hdf5":
         return InputVolume(spec, open_hdf5(spec.path, spec.dataset))
+    if spec.format == "zarr":
+        from .zarr_io import ZarrVolume
+        return InputVolume(spec, ZarrVolume(spec.path, spec.dataset))
     arr, img, affine, tmp = open_nifti(spec.path, header_only=header_only)
     return InputVolume(spec, arr, affine=affine, image=img, temp_files=[tmp] if tmp else [])
 

@@ -10,6 +10,9 @@ from ..errors import VolumeError
 HDF5_EXTENSIONS = (".h5", ".hdf5", ".hdf", ".he5")
 FORMATS = {".npy": "npy", ".nii": "nifti", ".nii.gz": "nifti"}
 FORMATS.update({ext: "hdf5" for ext in HDF5_EXTENSIONS})
+FORMATS[".zarr"] = "zarr"
+# Container formats whose path may carry an inner array: file.h5:/group/data
+INNER_PATH_EXTENSIONS = HDF5_EXTENSIONS + (".zarr",)
 
 
 @dataclass(frozen=True)
@@ -27,7 +30,7 @@ class VolumeSpec:
 
 
 def extension(path: str) -> str:
-    low = path.lower()
+    low = path.lower().rstrip("/")
     if low.endswith(".nii.gz"):
         return ".nii.gz"
     return os.path.splitext(low)[1]
@@ -38,7 +41,7 @@ def parse_spec(text: str, role: str = "INPUT") -> VolumeSpec:
     text = os.fspath(text)
     path, dataset = text, None
     low = text.lower()
-    for ext in HDF5_EXTENSIONS:
+    for ext in INNER_PATH_EXTENSIONS:
         marker = ext + ":"
         i = low.rfind(marker)
         if i != -1:
@@ -48,7 +51,8 @@ def parse_spec(text: str, role: str = "INPUT") -> VolumeSpec:
     if ext not in FORMATS:
         raise VolumeError(
             f"{role} {text}: unknown volume format {ext or '(no extension)'!r}; expected "
-            ".npy, .nii, .nii.gz or .h5/.hdf5 (file.h5:/group/dataset)")
+            ".npy, .nii, .nii.gz, .h5/.hdf5 (file.h5:/group/dataset) or .zarr "
+            "(store.zarr:/group/array)")
     if dataset is not None and not dataset.startswith("/"):
         dataset = "/" + dataset
     return VolumeSpec(path, FORMATS[ext], dataset)
