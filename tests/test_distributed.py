@@ -173,3 +173,15 @@ def test_transposed_on_local_cluster_to_npy(volume):
     apply_to_file(layer, str(tmp / "v3.zarr"), str(tmp / "up.npy"), workers=2,
                   chunk_shape=(9, 9, 9), scheduler="local", progress=False)
     assert_close(np.load(tmp / "up.npy"), layer(a[None, ..., None])[0, ..., 0])
+
+
+def test_missing_extras_say_what_to_install(volume, monkeypatch):
+    tmp, _ = volume
+    monkeypatch.setitem(sys.modules, "distributed", None)
+    with pytest.raises(ArgumentError, match=r'pip install "conv3d-cli\[distributed\]"'):
+        apply_to_file(_layer(), str(tmp / "v3.zarr"), str(tmp / "o.npy"), scheduler="local",
+                      progress=False)
+    assert not (tmp / "o.npy").exists()
+    monkeypatch.setitem(sys.modules, "zarr", None)
+    with pytest.raises(ArgumentError, match=r'pip install "conv3d-cli\[distributed\]"'):
+        apply_to_file(_layer(), str(tmp / "v3.zarr"), str(tmp / "o.npy"), progress=False)
