@@ -35,6 +35,10 @@ demo: $(STAMP)
 		--seed 0 --overwrite
 	$(CONV3D) run $(S)/grid.npy $(DEMO)/grid_smooth.npy --config $(S)/smooth.json \
 		--report $(DEMO)/grid_smooth.json --overwrite
+	$(CONV3D) export $(DEMO)/sobel3.keras --weights $(S)/sobel3.npz --padding same --overwrite
+	$(CONV3D) layers $(DEMO)/sobel3.keras
+	$(CONV3D) run $(S)/brain.nii.gz $(DEMO)/brain_edges.zarr --weights $(DEMO)/sobel3.keras \
+		--scheduler local --workers 2 --overwrite
 	$(CONV3D) info $(DEMO)/brain_down.nii.gz
 	@echo
 	@echo "Wrote:"; ls -l $(DEMO)
