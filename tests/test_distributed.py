@@ -185,3 +185,10 @@ def test_missing_extras_say_what_to_install(volume, monkeypatch):
     monkeypatch.setitem(sys.modules, "zarr", None)
     with pytest.raises(ArgumentError, match=r'pip install "conv3d-cli\[distributed\]"'):
         apply_to_file(_layer(), str(tmp / "v3.zarr"), str(tmp / "o.npy"), progress=False)
+
+
+def test_write_and_read_volume_zarr(tmp_path):
+    from conv3d_cli.io import read_volume, write_volume
+    a = np.arange(60, dtype=np.float32).reshape(3, 4, 5)
+    write_volume(f"{tmp_path}/w.zarr", a)
+    np.testing.assert_array_equal(read_volume(f"{tmp_path}/w.zarr")[0], a)

@@ -88,6 +88,9 @@ class OutputTarget:
             if os.path.exists(spec.path) and os.path.exists(other.path) \
                     and os.path.samefile(spec.path, other.path):
                 raise VolumeError(f"OUTPUT {spec} is the input file {other}; write to another file")
+        if spec.format == "zarr":
+            raise VolumeError(f"OUTPUT {spec}: Zarr outputs are written through "
+                              "conv3d_cli.io.zarr_io.ZarrOutput")
         parent = os.path.dirname(os.path.abspath(spec.path))
         if not os.path.isdir(parent):
             raise VolumeError(f"OUTPUT {spec}: directory {parent} does not exist")
@@ -188,7 +191,15 @@ def read_volume(path):
 def write_volume(path, array, affine=None, overwrite=False):
     """Write ``array`` to ``path`` (format from the extension), atomically."""
     array = np.asarray(array)
-    target = OutputTarget(path, overwrite=overwrite)
+    spec = parse_spec(path, "OUTPUT")
+    if spec.format == "zarr":
+        from .zarr_io import ZarrOutput
+        target = ZarrOutput(spec, overwrite=overwrite)
+        target.prepare(array.shape, array.dtype, array.shape, {}, 3)
+        target[tuple(slice(None) for _ in array.shape)] = array
+        target.commit()
+        return
+    target = OutputTarget(spec, overwrite=overwrite)
     try:
         out = target.create(array.shape, array.dtype, affine=affine)
         out[tuple(slice(None) for _ in array.shape)] = array
