@@ -39,10 +39,10 @@ def run_array(job, x, method="auto", workers=1, memory_limit=None, chunk_shape=N
               progress=False, want_sums=False):
     """Apply ``job`` to the Keras-layout array ``x``; returns (output, stats)."""
     plan = plan_job(job, method, memory_limit, workers, chunk_shape, processes=False)
-    source = CanonicalView(x, Layout(x.shape, job.data_format))
-    out_layout = Layout(job.keras_output_shape[:-4] + _keras_tail(job), job.data_format)
-    shape = out_layout.shape
-    y = np.empty(shape, job.dtype)
+    layout = Layout(x.shape, job.data_format)
+    source = CanonicalView(x, layout)
+    out_layout = Layout(layout.output_shape(job.out_canonical_shape), job.data_format)
+    y = np.empty(out_layout.shape, job.dtype)
     bar = None
     if progress:
         from ..progress import progress_bar
@@ -55,7 +55,3 @@ def run_array(job, x, method="auto", workers=1, memory_limit=None, chunk_shape=N
             bar.close()
     return y, stats
 
-
-def _keras_tail(job):
-    b, d, h, w, f = job.out_canonical_shape
-    return (d, h, w, f) if job.data_format == "channels_last" else (f, d, h, w)

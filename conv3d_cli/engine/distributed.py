@@ -23,13 +23,9 @@ def require_distributed():
 
 
 def _tile_task(job, plan, source, sink, index, want_sums):
-    from .execute import compute_tile, out_ranges
+    from .execute import run_tile
     from .fft import SpectrumCache
-    tile = plan.tiles[index]
-    y, sums = compute_tile(job, tile, source, plan.method, SpectrumCache(), fft_workers=1,
-                           want_sums=want_sums)
-    sink.write(tile.b0, tile.b1, out_ranges(job, tile), y)
-    return index, sums
+    return index, run_tile(job, plan, index, source, sink, SpectrumCache(), 1, want_sums)
 
 
 def run_on_dask(scheduler, job, plan, source, sink, indices, want_sums, done, workers):

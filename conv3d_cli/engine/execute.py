@@ -114,23 +114,34 @@ def _init_worker(threads):
     _CTX["threads"] = threads
 
 
-def _run_in_worker(index):
-    job, plan, source, sink, want_sums = (_CTX[k] for k in ("job", "plan", "source", "sink", "want_sums"))
-    tile = plan.tiles[index]
-    y, sums = compute_tile(job, tile, source, plan.method, _CTX["cache"],
-                           fft_workers=_CTX["threads"], want_sums=want_sums)
-    if getattr(sink, "single_writer", False):
-        return index, y, sums
-    sink.write(tile.b0, tile.b1, out_ranges(job, tile), y)
-    return index, None, sums
-
-
 def _direct_view(job, sink, tile):
     """A writable view of the sink for ``tile`` when it can be computed in place."""
     view = getattr(sink, "region_view", None)
     if view is None or job.activation.halves_last_axis:
         return None
     return view(tile.b0, tile.b1, tile.out)
+
+
+def run_tile(job, plan, index, source, sink, cache, threads=1, want_sums=False):
+    """Compute tile ``index`` and write it into ``sink`` (in place where the sink
+    allows); returns its activity sums. The one task every executor runs."""
+    tile = plan.tiles[index]
+    view = _direct_view(job, sink, tile)
+    y, sums = compute_tile(job, tile, source, plan.method, cache, fft_workers=threads,
+                           want_sums=want_sums, out=view)
+    if view is None:
+        sink.write(tile.b0, tile.b1, out_ranges(job, tile), y)
+    return sums
+
+
+def _run_in_worker(index):
+    job, plan, source, sink, want_sums = (_CTX[k] for k in ("job", "plan", "source", "sink", "want_sums"))
+    if getattr(sink, "single_writer", False):  # the parent writes this block
+        y, sums = compute_tile(job, plan.tiles[index], source, plan.method, _CTX["cache"],
+                               fft_workers=_CTX["threads"], want_sums=want_sums)
+        return index, y, sums
+    return index, None, run_tile(job, plan, index, source, sink, _CTX["cache"],
+                                 _CTX["threads"], want_sums)
 
 
 def execute(job, plan, source, sink, want_sums=False, progress=None, executor="processes",
@@ -164,13 +175,7 @@ def execute(job, plan, source, sink, want_sums=False, progress=None, executor="p
             progress.update(_voxels(plan.tiles[index]))
 
     def one(index, cache):
-        tile = plan.tiles[index]
-        view = _direct_view(job, sink, tile)
-        y, sums = compute_tile(job, tile, source, plan.method, cache, fft_workers=threads,
-                               want_sums=want_sums, out=view)
-        if view is None:
-            sink.write(tile.b0, tile.b1, out_ranges(job, tile), y)
-        return sums
+        return run_tile(job, plan, index, source, sink, cache, threads, want_sums)
 
     if scheduler is not None:
         from .distributed import run_on_dask

@@ -53,8 +53,8 @@ class Plan:
     tile_bytes: int
     workers: int             # tiles computed at once
     memory_limit: int
-    process_bytes: int = 0
-    threads: int = 1         # BLAS/FFT threads per tile: workers x threads <= --workers  # all processes' baseline (parent and forked workers)
+    process_bytes: int = 0   # all processes' baseline (parent and forked workers)
+    threads: int = 1         # BLAS/FFT threads per tile: workers x threads <= --workers
 
     @property
     def peak_bytes(self):
