@@ -33,9 +33,7 @@ def load_config_file(path):
         raise ArgumentError(f"--config {path}: not valid JSON ({exc})") from None
     if not isinstance(data, dict):
         raise ArgumentError(f"--config {path}: expected a JSON object (a Keras layer config)")
-    if "class_name" in data and "config" in data:
-        return data["class_name"], dict(data["config"])
-    return None, dict(data)
+    return convmod.split_serialized(data)
 
 
 def is_model_file(path) -> bool:
@@ -65,10 +63,7 @@ def build_layer(layer=None, config=None, overrides=None, weights=None, seed=None
     if isinstance(config, str):
         class_name, cfg = load_config_file(config)
     elif isinstance(config, dict):
-        if "class_name" in config and "config" in config:
-            class_name, cfg = config["class_name"], dict(config["config"])
-        else:
-            cfg = dict(config)
+        class_name, cfg = convmod.split_serialized(config)
     keras2 = convmod.looks_like_keras2(cfg) if cfg else False
     w = weights
     if isinstance(weights, (str, os.PathLike)):
@@ -91,11 +86,11 @@ def build_layer(layer=None, config=None, overrides=None, weights=None, seed=None
         raise ArgumentError(f"--layer {layer} contradicts the file's class {class_name}")
     cls = convmod.layer_class(layer or class_name or "Conv3D")
     args = {**cfg, **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    f_axis = -1 if cls is convmod.Conv3D else -2  # filters axis of the kernel
     if w is not None:
         kernel = np.asarray(w["kernel"])
         if kernel.ndim != 5:
             raise WeightsError(f"--weights: the kernel must be 5-D (kd, kh, kw, in, out); got shape {kernel.shape}")
-        f_axis = -1 if cls is convmod.Conv3D else -2
         args.setdefault("filters", int(kernel.shape[f_axis]))
         args.setdefault("kernel_size", tuple(int(n) for n in kernel.shape[:3]))
         if "use_bias" not in args:
@@ -110,12 +105,11 @@ def build_layer(layer=None, config=None, overrides=None, weights=None, seed=None
                                    seed, key)
     lyr = cls(**args, keras2=keras2)
     if w is not None:
-        kernel = np.asarray(w["kernel"])
         want = lyr.kernel_size
         if tuple(kernel.shape[:3]) != want:
             raise WeightsError(f"--weights: kernel spatial shape {kernel.shape[:3]} does not "
                                f"match kernel_size {want}")
-        if kernel.shape[-1 if cls is convmod.Conv3D else -2] != lyr.filters:
+        if kernel.shape[f_axis] != lyr.filters:
             raise WeightsError(f"--weights: kernel shape {kernel.shape} does not have "
                                f"filters={lyr.filters} on its output axis")
         bias = w.get("bias")

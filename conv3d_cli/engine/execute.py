@@ -158,7 +158,8 @@ def execute(job, plan, source, sink, want_sums=False, progress=None, executor="p
     """
     start = time.perf_counter()
     total = [0.0, 0.0]
-    indices = [i for i in range(len(plan.tiles)) if i not in set(skip)]
+    skip = set(skip)
+    indices = [i for i in range(len(plan.tiles)) if i not in skip]
     workers = min(plan.workers, max(len(indices), 1))
     threads = plan.threads
     finished = [0]

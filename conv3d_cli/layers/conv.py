@@ -402,9 +402,15 @@ def layer_class(name: str):
     return LAYER_CLASSES[key]
 
 
+def split_serialized(config):
+    """(class name or None, layer config) of ``{"class_name", "config"}`` or a bare config."""
+    if "class_name" in config and "config" in config:
+        return config["class_name"], dict(config["config"])
+    return None, dict(config)
+
+
 def from_config(config, keras2=None):
     """A layer from ``{"class_name": ..., "config": ...}`` or a bare config (Conv3D)."""
-    if "class_name" in config and "config" in config:
-        return layer_class(config["class_name"]).from_config(config["config"], keras2=keras2)
-    return Conv3D.from_config(config, keras2=keras2)
+    class_name, cfg = split_serialized(config)
+    return layer_class(class_name or "Conv3D").from_config(cfg, keras2=keras2)
 
