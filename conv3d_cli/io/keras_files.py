@@ -222,8 +222,7 @@ class ModelFile:
                 by_layer.setdefault(layer, []).append(f"{group.name}/{n}")
             for layer, datasets in by_layer.items():
                 datasets = _order_kernel_bias(datasets)
-                with _open_h5(path) as g:
-                    shape = g[datasets[0]].shape if datasets and datasets[0] in g else ()
+                shape = f[datasets[0]].shape if datasets and datasets[0] in f else ()
                 if len(shape) == 5:  # the class is not recorded: --layer tells it
                     self.layers.append(LayerEntry(layer, None, None, keras2, (path, datasets)))
 
