@@ -1,5 +1,6 @@
 import os
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -7,9 +8,24 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 
+# The suite must not depend on the user's ~/.keras/keras.json (a channels_first
+# there would change every default data_format): point KERAS_HOME at an empty
+# folder for this process and every subprocess it starts. Tests of the
+# keras.json behaviour set KERAS_HOME themselves.
+_KERAS_HOME = tempfile.mkdtemp(prefix="conv3d-test-keras-home-")
+os.environ["KERAS_HOME"] = _KERAS_HOME
 
-def assert_close(actual, expected, rtol=1e-4):
-    """Float32 agreement: relative to the output's scale (Keras's own rounding)."""
+# Float32 agreement the engine really achieves against a float64 reference:
+# about 1e-6 of the output's scale (summation order, FFT rounding), so 1e-5
+# leaves a 10x margin and still catches a wrong formula (e.g. gelu's tanh
+# approximation differs by 4.7e-4).
+FLOAT32_RTOL = 1e-5
+# Float64 runs against a float64 reference.
+FLOAT64_RTOL = 1e-12
+
+
+def assert_close(actual, expected, rtol=FLOAT32_RTOL):
+    """Agreement relative to the output's scale (max |expected|)."""
     actual, expected = np.asarray(actual), np.asarray(expected)
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
     scale = max(float(np.max(np.abs(expected))) if expected.size else 0.0, 1e-6)
@@ -19,3 +35,8 @@ def assert_close(actual, expected, rtol=1e-4):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+def pytest_unconfigure(config):
+    import shutil
+    shutil.rmtree(_KERAS_HOME, ignore_errors=True)
