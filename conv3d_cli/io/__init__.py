@@ -18,7 +18,7 @@ from ..errors import OutputExistsError, VolumeError
 from .hdf5 import DEFAULT_DATASET, H5Writer, open_hdf5
 from .nifti import create_nifti, gzip_file, open_nifti
 from .npy import create_npy, open_npy
-from .paths import VolumeSpec, parse_spec
+from .paths import VolumeSpec, check_input_path, parse_spec
 
 __all__ = ["open_volume", "OutputTarget", "read_volume", "write_volume", "parse_spec",
            "VolumeSpec", "InputVolume"]
@@ -64,6 +64,7 @@ def open_volume(spec, role="INPUT", header_only=False) -> InputVolume:
     """Open a volume for region reads (``header_only``: shape, dtype, affine only)."""
     if not isinstance(spec, VolumeSpec):
         spec = parse_spec(spec, role)
+    check_input_path(spec.path, spec.path, directory=spec.format == "zarr")
     if spec.format == "npy":
         return InputVolume(spec, open_npy(spec.path))
     if spec.format == "hdf5":

@@ -3,8 +3,9 @@
 Reads slice the dataset (h5py reads only the chunks a region touches);
 worker processes reopen the file after a fork. Writes go through a single
 writer (HDF5 files do not take concurrent writers); the output dataset is
-chunked and compressed and its parent groups are created. External links,
-external storage and virtual datasets are not followed.
+chunked and compressed and its parent groups are created. Links out of the
+file (external links, anywhere on a dataset's path), external storage and
+virtual datasets are not followed (:func:`lookup`).
 """
 
 from __future__ import annotations
@@ -16,22 +17,100 @@ import numpy as np
 
 from ..errors import VolumeError
 from .npy import check_dtype
+from .paths import check_input_path
 
 DEFAULT_DATASET = "/data"
+
+
+# Soft links followed while resolving one path before it is taken for a loop.
+MAX_SOFT_LINKS = 40
 
 
 def _datasets(f):
     found = []
 
-    def visit(name, obj):
+    def visit(name, obj):  # visits objects reached through hard links only
         if isinstance(obj, h5py.Dataset):
             found.append("/" + name)
     f.visititems(visit)
     return found
 
 
+def _parts(path):
+    return [p for p in path.split("/") if p not in ("", ".")]
+
+
+def lookup(f, path, where, error=VolumeError):
+    """``(hard path, object)`` at ``path`` in the open file ``f``, or None if there is none.
+
+    Opening a path makes HDF5 follow every link on it silently, external links
+    into any file on the machine included. So each component is looked at as a
+    link first, from the root: an external (or user-defined) link anywhere is
+    refused; a soft link is replaced by its target path (absolute, or relative to
+    the group holding it), whose components are checked the same way; a soft
+    link to nothing is reported. The object is then opened by the path of hard
+    links found. ``where`` names the file in messages.
+    """
+    pending, current, hops, via = _parts(path), "/", 0, None
+    while pending:
+        name = pending.pop(0)
+        group = f[current]
+        shown = current.rstrip("/") + "/" + name
+        if not isinstance(group, h5py.Group):
+            raise error(f"{where}: {path}: {current} is a dataset, not a group")
+        link = group.get(name, getlink=True)
+        if link is None:
+            if via is not None:
+                raise error(f"{where}: {path}: the soft link {via[0]} points to {via[1]}, "
+                            f"which does not exist (a dangling link; {shown} is missing)")
+            return None
+        if isinstance(link, h5py.ExternalLink):
+            raise error(f"{where}: {shown} is an external link (to {link.filename}:{link.path}); "
+                        "external links are not followed")
+        if isinstance(link, h5py.SoftLink):
+            hops += 1
+            if hops > MAX_SOFT_LINKS:
+                raise error(f"{where}: {path}: more than {MAX_SOFT_LINKS} soft links on the way "
+                            "(a loop?)")
+            via = (shown, link.path)
+            if link.path.startswith("/"):
+                current = "/"
+            pending = _parts(link.path) + pending
+            continue
+        if not isinstance(link, h5py.HardLink):
+            raise error(f"{where}: {shown} is a user-defined link; only hard and soft links "
+                        "inside the file are followed")
+        current = shown
+    return current, f[current]
+
+
+def resolve(f, path, where, error=VolumeError, what="object", holds=None):
+    """Like :func:`lookup`, but a missing object is an error (``holds()`` lists what is there)."""
+    found = lookup(f, path, where, error)
+    if found is None:
+        listing = holds() if holds is not None else ""
+        raise error(f"{where}: no {what} {path}{listing}")
+    return found
+
+
+def check_plain_dataset(obj, where, error=VolumeError):
+    """Refuse what is not a plain dataset of this file: groups, virtual datasets
+    (whose data live in other files) and external raw storage."""
+    if not isinstance(obj, h5py.Dataset):
+        raise error(f"{where} is a group, not a dataset; it holds: "
+                    f"{', '.join(sorted(obj.keys())) or 'nothing'}")
+    if obj.is_virtual or obj.external:
+        raise error(f"{where} is a virtual or externally stored dataset; these are not followed")
+    if obj.shape is None:
+        raise error(f"{where} is an empty (null) dataset: it holds no array")
+    return obj
+
+
 class H5Array:
-    """A dataset opened lazily (per process) for region reads."""
+    """A dataset opened lazily (per process) for region reads.
+
+    ``dataset`` is the dataset's path through hard links (see :func:`lookup`),
+    so reopening it in a worker follows no link."""
 
     def __init__(self, path, dataset):
         self.path, self.dataset = path, dataset
@@ -47,7 +126,11 @@ class H5Array:
         return self._file[self.dataset]
 
     def __getitem__(self, idx):
-        return self._ds()[idx]
+        try:
+            return self._ds()[idx]
+        except (OSError, KeyError, RuntimeError) as exc:  # corrupt chunks, filters, I/O
+            raise VolumeError(f"{self.path}:{self.dataset}: cannot read the data "
+                              f"({_reason(exc)})") from None
 
     def close(self):
         if self._file is not None and self._pid == os.getpid():
@@ -60,37 +143,37 @@ class H5Array:
         return state
 
 
+def _reason(exc):
+    """An h5py/HDF5 error message without its Python class or 'synchronously'."""
+    text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+    return text.replace("Unable to synchronously ", "unable to ").replace(
+        "Can't synchronously ", "can't ")
+
+
 def open_hdf5(path, dataset=None) -> H5Array:
-    if not os.path.exists(path):
-        raise VolumeError(f"{path}: no such file")
+    check_input_path(path, path)
     try:
         f = h5py.File(path, "r")
-    except OSError as exc:
-        raise VolumeError(f"{path}: not a valid HDF5 file ({exc})") from None
-    with f:
-        if dataset is None:
-            names = _datasets(f)
-            if len(names) != 1:
-                raise VolumeError(
-                    f"{path}: name the dataset as {path}:/path; the file holds "
-                    f"{len(names)} datasets{': ' + ', '.join(names) if names else ''}")
-            dataset = names[0]
-        link = f.get(dataset, getlink=True)
-        if link is None:
-            names = _datasets(f)
-            raise VolumeError(f"{path}: no dataset {dataset}; the file holds: "
-                              f"{', '.join(names) or 'no datasets'}")
-        if isinstance(link, h5py.ExternalLink):
-            raise VolumeError(f"{path}:{dataset} is an external link; external links are not followed")
-        obj = f[dataset]
-        if not isinstance(obj, h5py.Dataset):
-            raise VolumeError(f"{path}:{dataset} is a group, not a dataset; it holds: "
-                              f"{', '.join(sorted(obj.keys()))}")
-        if obj.is_virtual or obj.external:
-            raise VolumeError(f"{path}:{dataset} is a virtual or externally stored dataset; "
-                              "these are not followed")
-        check_dtype(obj.dtype, f"{path}:{dataset}")
-    return H5Array(path, dataset)
+    except (OSError, ValueError) as exc:
+        raise VolumeError(f"{path}: not a valid HDF5 file ({_reason(exc)})") from None
+    try:
+        with f:
+            if dataset is None:
+                names = _datasets(f)
+                if len(names) != 1:
+                    raise VolumeError(
+                        f"{path}: name the dataset as {path}:/path; the file holds "
+                        f"{len(names)} datasets{': ' + ', '.join(names) if names else ''}")
+                dataset = names[0]
+
+            def holds():
+                return f"; the file holds: {', '.join(_datasets(f)) or 'no datasets'}"
+            hard, obj = resolve(f, dataset, path, what="dataset", holds=holds)
+            check_plain_dataset(obj, f"{path}:{dataset}")
+            check_dtype(obj.dtype, f"{path}:{dataset}")
+    except (OSError, KeyError, RuntimeError, ValueError) as exc:  # a corrupt file's structure
+        raise VolumeError(f"{path}: corrupt HDF5 file ({_reason(exc)})") from None
+    return H5Array(path, hard)
 
 
 class H5Writer:
