@@ -8,6 +8,7 @@ into an output file; ``describe`` is ``conv3d shape`` without printing.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 
@@ -22,18 +23,43 @@ from .layout import CanonicalView, Layout
 from .weights import load_weights
 
 
+# A layer config is a few kilobytes; a larger --config file is not one.
+MAX_CONFIG_BYTES = 16 << 20
+
+
 def load_config_file(path):
     """A Keras layer config from JSON: ``get_config()`` or ``{"class_name", "config"}``."""
+    from .io.paths import check_input_path
+    where = f"--config {path}"
+    check_input_path(path, where, ArgumentError)
     try:
-        with open(path) as fh:
-            data = json.load(fh)
-    except FileNotFoundError:
-        raise ArgumentError(f"--config {path}: no such file") from None
-    except (OSError, ValueError) as exc:
-        raise ArgumentError(f"--config {path}: not valid JSON ({exc})") from None
+        with open(path, "rb") as fh:
+            text = fh.read(MAX_CONFIG_BYTES + 1)
+        if len(text) > MAX_CONFIG_BYTES:
+            raise ArgumentError(f"{where}: larger than {MAX_CONFIG_BYTES >> 20} MiB; "
+                                "not a Keras layer config")
+        data = json.loads(text.decode("utf-8"))
+    except RecursionError:
+        raise ArgumentError(f"{where}: nested too deeply to be a Keras layer config") from None
+    except UnicodeDecodeError:
+        raise ArgumentError(f"{where}: not valid JSON (not UTF-8 text)") from None
+    except OSError as exc:
+        raise ArgumentError(f"{where}: cannot be read ({exc.strerror or exc})") from None
+    except ArgumentError:
+        raise
+    except ValueError as exc:
+        raise ArgumentError(f"{where}: not valid JSON ({exc})") from None
     if not isinstance(data, dict):
-        raise ArgumentError(f"--config {path}: expected a JSON object (a Keras layer config)")
+        raise ArgumentError(f"{where}: expected a JSON object (a Keras layer config), "
+                            f"got a JSON {_json_kind(data)}")
+    if "class_name" in data and "config" in data and not isinstance(data["config"], dict):
+        raise ArgumentError(f"{where}: its \"config\" is not a JSON object (a Keras layer config)")
     return convmod.split_serialized(data)
+
+
+def _json_kind(value):
+    return {list: "list", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number")
 
 
 def is_model_file(path) -> bool:
@@ -41,15 +67,41 @@ def is_model_file(path) -> bool:
     return low.endswith((".keras", ".h5", ".hdf5"))
 
 
-def _from_model_file(path, layer_name):
+def _from_model_file(path, layer_name, max_bytes):
     from .io.keras_files import ModelFile
     with ModelFile(path) as model:
         entry = model.find(layer_name)
-        return entry, entry.load_weights()
+        return entry, entry.load_weights(max_bytes)
+
+
+# Bytes per weight while a random initializer fills a kernel: NumPy draws float64
+# samples (8), makes a float64 temporary or two on the way (truncated normal:
+# |x| and the scaled copy, 16) and casts to the layer's dtype (4 or 8).
+INIT_BYTES_PER_WEIGHT = 32
+
+
+def check_kernel_fits(layer, input_channels, memory_limit=None):
+    """Refuse, before anything is allocated, a kernel whose initialization alone
+    would take more than ``memory_limit`` (``--filters 30000000`` is four bytes
+    of typing and gigabytes of weights)."""
+    if layer.built:
+        return
+    from .engine.plan import parse_memory
+    limit = parse_memory(memory_limit)
+    shape = layer.kernel_shape(input_channels)
+    n = math.prod(shape) + layer.filters
+    need = n * INIT_BYTES_PER_WEIGHT
+    if need > limit:
+        raise ArgumentError(
+            f"the kernel {shape} (filters={layer.filters}, kernel_size={layer.kernel_size}, "
+            f"{input_channels} input channels) has {n} weights and needs about "
+            f"{need / (1 << 20):.0f} MiB to initialize, more than the memory limit of "
+            f"{limit / (1 << 20):.0f} MiB (--memory-limit); give fewer --filters or a "
+            "smaller --kernel-size")
 
 
 def build_layer(layer=None, config=None, overrides=None, weights=None, seed=None,
-                apply_constraints=False, layer_name=None):
+                apply_constraints=False, layer_name=None, memory_limit=None):
     """One layer from a class name, a config dict, explicit arguments and weights.
 
     ``overrides`` win over ``config``; ``weights`` (a dict with ``kernel`` and
@@ -57,18 +109,24 @@ def build_layer(layer=None, config=None, overrides=None, weights=None, seed=None
     gives them, and are checked against them otherwise. A Keras model file
     (``.keras``, ``.weights.h5``, legacy ``.h5``) as ``weights`` gives the
     layer's config too (``layer_name`` picks one of several). ``seed`` seeds the
-    random initializers that have no seed of their own.
+    random initializers that have no seed of their own. A weights file whose
+    arrays declare more than ``memory_limit`` bytes is refused before it is read.
     """
+    from .engine.plan import parse_memory
     class_name, cfg = (None, {})
-    if isinstance(config, str):
-        class_name, cfg = load_config_file(config)
+    if isinstance(config, (str, os.PathLike)):
+        class_name, cfg = load_config_file(os.fspath(config))
     elif isinstance(config, dict):
         class_name, cfg = convmod.split_serialized(config)
     keras2 = convmod.looks_like_keras2(cfg) if cfg else False
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise ArgumentError(f"Invalid `seed`: {seed!r}. Expected an integer >= 0 (NumPy's "
+                            "random generator takes non-negative seeds).")
     w = weights
     if isinstance(weights, (str, os.PathLike)):
+        max_bytes = parse_memory(memory_limit)
         if is_model_file(weights):
-            entry, w = _from_model_file(weights, layer_name)
+            entry, w = _from_model_file(weights, layer_name, max_bytes)
             if entry.config is not None:
                 if class_name is not None or cfg:
                     raise ArgumentError(f"--config and a model file ({weights}) both give the "
@@ -80,7 +138,7 @@ def build_layer(layer=None, config=None, overrides=None, weights=None, seed=None
             if layer_name is not None:
                 raise ArgumentError("--layer-name needs a Keras model or weights file "
                                     "(.keras, .weights.h5, .h5) as --weights")
-            w = load_weights(weights)
+            w = load_weights(weights, max_bytes)
     if layer is not None and class_name is not None and \
             convmod.layer_class(layer) is not convmod.layer_class(class_name):
         raise ArgumentError(f"--layer {layer} contradicts the file's class {class_name}")
@@ -135,8 +193,14 @@ def _with_seed(identifier, seed, argument):
 
 
 def _file_layout(vol, layer):
-    # A NIfTI image is (X, Y, Z[, C]) whatever the layer's data_format.
-    return Layout(vol.shape, "channels_last" if vol.is_nifti else layer.data_format)
+    # A NIfTI image is (X, Y, Z[, C]) and an OME-Zarr image ([t,] c, z, y, x)
+    # whatever the layer's data_format.
+    data_format = ("channels_last" if vol.is_nifti else
+                   "channels_first" if vol.is_ome else layer.data_format)
+    try:
+        return Layout(vol.shape, data_format)
+    except ShapeError as exc:
+        raise ShapeError(f"INPUT {vol.spec}: {exc}") from None
 
 
 def _keras_shape(layout, layer):
@@ -159,6 +223,14 @@ def describe(layer, input_shape=None, volume=None, method="auto", workers=None,
     else:
         keras_in = tuple(input_shape)
         layout = None
+        if len(keras_in) < 5:
+            raise ShapeError(f"--input-shape {','.join(map(str, keras_in))}: expected "
+                             f"min_ndim=5 (batch, D, H, W, C under channels_last), found "
+                             f"ndim={len(keras_in)}")
+    if not layer.built:  # before the kernel is allocated
+        layer.compute_output_shape(keras_in)
+        channels = shapes.split_layout(keras_in, layer.data_format)[2]
+        check_kernel_fits(layer, channels, memory_limit)
     job = layer.job(keras_in)
     plan = engine.plan_job(job, method, memory_limit, workers, chunk_shape,
                            split_order=_split_order(volume))

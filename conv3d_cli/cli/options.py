@@ -32,13 +32,27 @@ def shape_tuple(ctx, param, value):
     return result
 
 
+def chunk_shape(ctx, param, value):
+    """``64`` -> (64, 64, 64), ``32,64,64`` -> (32, 64, 64): one size per spatial axis."""
+    result = shape_tuple(ctx, param, value)
+    if result is None:
+        return None
+    if len(result) == 1:
+        return result * 3
+    if len(result) != 3:
+        raise click.BadParameter(f"expected 3 sizes D,H,W (or one for all three), got {value!r}",
+                                 ctx=ctx, param=param)
+    return result
+
+
 def memory_size(ctx, param, value):
     if value is None:
         return None
     try:
         return parse_memory(value)
     except ArgumentError as exc:
-        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+        raise click.BadParameter(str(exc).replace("Invalid `memory_limit`: ", ""),
+                                 ctx=ctx, param=param) from None
 
 
 # Every Keras argument of the two layers, in kebab-case, mapped to its keyword.
@@ -70,8 +84,8 @@ LAYER_OPTIONS = [
     click.option("--bias-constraint", default=None),
     click.option("--name", default=None),
     click.option("--dtype", default=None, metavar="float32|float64"),
-    click.option("--seed", type=int, default=None,
-                 help="Seed for random initializers that have none."),
+    click.option("--seed", type=click.IntRange(min=0), default=None,
+                 help="Seed (>= 0) for random initializers that have none."),
     click.option("--config", "config", type=click.Path(dir_okay=False), default=None,
                  help="A Keras layer config (JSON); options given here override it."),
     click.option("--weights", type=click.Path(dir_okay=False), default=None,
@@ -90,7 +104,7 @@ ENGINE_OPTIONS = [
                  help="Worker processes. Default: the cores this process may use."),
     click.option("--memory-limit", callback=memory_size, default=None, metavar="SIZE",
                  help="Peak memory to stay under, e.g. 512M, 4G. Default: half the available RAM."),
-    click.option("--chunk-shape", callback=shape_tuple, default=None, metavar="D,H,W",
+    click.option("--chunk-shape", callback=chunk_shape, default=None, metavar="D,H,W",
                  help="Force the output tile shape."),
 ]
 
@@ -113,13 +127,14 @@ layer_options = apply_options(LAYER_OPTIONS)
 engine_options = apply_options(ENGINE_OPTIONS)
 
 
-def layer_from_kwargs(kwargs):
-    """Build the layer from the parsed options (pops them from ``kwargs``)."""
+def layer_from_kwargs(kwargs, memory_limit=None):
+    """Build the layer from the parsed options (pops them from ``kwargs``); weights
+    files declaring more than ``memory_limit`` bytes are refused unread."""
     from ..api import build_layer
     overrides = {k: kwargs.pop(k) for k in KERAS_KEYS}
     return build_layer(layer=kwargs.pop("layer"), config=kwargs.pop("config"),
                        overrides=overrides, weights=kwargs.pop("weights"),
                        seed=kwargs.pop("seed"),
                        apply_constraints=kwargs.pop("apply_constraints"),
-                       layer_name=kwargs.pop("layer_name"))
+                       layer_name=kwargs.pop("layer_name"), memory_limit=memory_limit)
 

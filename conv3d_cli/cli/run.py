@@ -46,7 +46,7 @@ def run(input, output, save_weights, report, overwrite, scheduler, resume, progr
     """
     method, workers = kwargs.pop("method"), kwargs.pop("workers")
     memory_limit, chunk_shape = kwargs.pop("memory_limit"), kwargs.pop("chunk_shape")
-    layer = layer_from_kwargs(kwargs)
+    layer = layer_from_kwargs(kwargs, memory_limit)
     result = apply_to_file(layer, input, output, overwrite=overwrite, method=method.lower(),
                            workers=workers, memory_limit=memory_limit,
                            chunk_shape=chunk_shape, progress=progress and not quiet,
