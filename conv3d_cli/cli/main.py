@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -60,6 +61,8 @@ def cli(debug):
       conv3d info scan.nii.gz
       conv3d layers model.keras
     """
+    if debug:  # libraries' own logs (Dask's) are kept only when debugging
+        logging.getLogger("conv3d").setLevel(logging.DEBUG)
 
 
 def _register():
