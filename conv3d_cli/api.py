@@ -114,8 +114,10 @@ def build_layer(layer=None, config=None, overrides=None, weights=None, seed=None
     """
     from .engine.plan import parse_memory
     class_name, cfg = (None, {})
+    source = None  # the file the layer config came from, named in errors
     if isinstance(config, (str, os.PathLike)):
         class_name, cfg = load_config_file(os.fspath(config))
+        source = f"--config {os.fspath(config)}"
     elif isinstance(config, dict):
         class_name, cfg = convmod.split_serialized(config)
     keras2 = convmod.looks_like_keras2(cfg) if cfg else False
@@ -123,15 +125,19 @@ def build_layer(layer=None, config=None, overrides=None, weights=None, seed=None
         raise ArgumentError(f"Invalid `seed`: {seed!r}. Expected an integer >= 0 (NumPy's "
                             "random generator takes non-negative seeds).")
     w = weights
+    wlabel = "--weights"
     if isinstance(weights, (str, os.PathLike)):
+        wlabel = f"--weights {os.fspath(weights)}"
         max_bytes = parse_memory(memory_limit)
         if is_model_file(weights):
             entry, w = _from_model_file(weights, layer_name, max_bytes)
+            wlabel = f"--weights {os.fspath(weights)} (layer {entry.name})"
             if entry.config is not None:
                 if class_name is not None or cfg:
                     raise ArgumentError(f"--config and a model file ({weights}) both give the "
                                         "layer's config; use one")
                 class_name, cfg, keras2 = entry.class_name, dict(entry.config), entry.keras2
+                source = wlabel
             elif class_name is None and layer is None:
                 class_name = entry.class_name
         else:
@@ -139,16 +145,56 @@ def build_layer(layer=None, config=None, overrides=None, weights=None, seed=None
                 raise ArgumentError("--layer-name needs a Keras model or weights file "
                                     "(.keras, .weights.h5, .h5) as --weights")
             w = load_weights(weights, max_bytes)
+    try:
+        lyr, kernel = _layer_from(layer, class_name, cfg, overrides, w, wlabel, seed, keras2)
+    except WeightsError:
+        raise
+    except ArgumentError as exc:
+        if source is None:
+            raise
+        raise ArgumentError(f"{exc} (in the layer config of {source})") from None
+    except (TypeError, AttributeError, ValueError) as exc:  # values of the wrong type in a file
+        if source is None:
+            raise
+        raise ArgumentError(f"{source}: invalid layer config ({exc})") from None
+    if w is not None:
+        f_axis = -1 if isinstance(lyr, convmod.Conv3D) else -2  # filters axis of the kernel
+        want = lyr.kernel_size
+        if tuple(kernel.shape[:3]) != want:
+            raise WeightsError(f"{wlabel}: kernel spatial shape {kernel.shape[:3]} does not "
+                               f"match kernel_size {want}")
+        if kernel.shape[f_axis] != lyr.filters:
+            raise WeightsError(f"{wlabel}: kernel shape {kernel.shape} does not have "
+                               f"filters={lyr.filters} on its output axis")
+        bias = w.get("bias")
+        if lyr.use_bias and bias is None:
+            raise WeightsError(f"{wlabel}: the layer uses a bias (use_bias=True) but the "
+                               "file has no 'bias' array; pass --no-use-bias or add it")
+        if not lyr.use_bias and bias is not None:
+            raise WeightsError(f"{wlabel}: the file has a 'bias' array but use_bias=False")
+        try:
+            lyr.set_weights([kernel, bias] if lyr.use_bias else [kernel])
+        except WeightsError as exc:
+            raise WeightsError(f"{wlabel}: {exc}") from None
+        if apply_constraints:
+            lyr.apply_constraints()
+    return lyr
+
+
+def _layer_from(layer, class_name, cfg, overrides, w, wlabel, seed, keras2):
+    """(layer, kernel or None): the class, arguments and weights' shape merged."""
     if layer is not None and class_name is not None and \
             convmod.layer_class(layer) is not convmod.layer_class(class_name):
         raise ArgumentError(f"--layer {layer} contradicts the file's class {class_name}")
     cls = convmod.layer_class(layer or class_name or "Conv3D")
     args = {**cfg, **{k: v for k, v in (overrides or {}).items() if v is not None}}
     f_axis = -1 if cls is convmod.Conv3D else -2  # filters axis of the kernel
+    kernel = None
     if w is not None:
         kernel = np.asarray(w["kernel"])
         if kernel.ndim != 5:
-            raise WeightsError(f"--weights: the kernel must be 5-D (kd, kh, kw, in, out); got shape {kernel.shape}")
+            raise WeightsError(f"{wlabel}: the kernel must be 5-D (kd, kh, kw, in, out); "
+                               f"got shape {kernel.shape}")
         args.setdefault("filters", int(kernel.shape[f_axis]))
         args.setdefault("kernel_size", tuple(int(n) for n in kernel.shape[:3]))
         if "use_bias" not in args:
@@ -161,25 +207,7 @@ def build_layer(layer=None, config=None, overrides=None, weights=None, seed=None
         for key in ("kernel_initializer", "bias_initializer"):
             args[key] = _with_seed(args.get(key, "glorot_uniform" if key[0] == "k" else "zeros"),
                                    seed, key)
-    lyr = cls(**args, keras2=keras2)
-    if w is not None:
-        want = lyr.kernel_size
-        if tuple(kernel.shape[:3]) != want:
-            raise WeightsError(f"--weights: kernel spatial shape {kernel.shape[:3]} does not "
-                               f"match kernel_size {want}")
-        if kernel.shape[f_axis] != lyr.filters:
-            raise WeightsError(f"--weights: kernel shape {kernel.shape} does not have "
-                               f"filters={lyr.filters} on its output axis")
-        bias = w.get("bias")
-        if lyr.use_bias and bias is None:
-            raise WeightsError("--weights: the layer uses a bias (use_bias=True) but the "
-                               "file has no 'bias' array; pass --no-use-bias or add it")
-        if not lyr.use_bias and bias is not None:
-            raise WeightsError("--weights: the file has a 'bias' array but use_bias=False")
-        lyr.set_weights([kernel, bias] if lyr.use_bias else [kernel])
-        if apply_constraints:
-            lyr.apply_constraints()
-    return lyr
+    return cls(**args, keras2=keras2), kernel
 
 
 def _with_seed(identifier, seed, argument):

@@ -99,7 +99,7 @@ def _header(fh, where, name):
         read = npformat.read_array_header_1_0 if version == (1, 0) else \
             npformat.read_array_header_2_0
         shape, fortran, dtype = read(fh, max_header_size=MAX_HEADER_BYTES)
-    except (ValueError, EOFError, OSError, SyntaxError, TypeError) as exc:
+    except Exception as exc:  # the header is parsed as a Python literal: any parse error
         raise WeightsError(f"{where}: '{name}' is not a valid .npy array ({exc})") from None
     if dtype.hasobject:
         raise WeightsError(f"{where}: '{name}' holds pickled objects, which are refused")

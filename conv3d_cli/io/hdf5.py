@@ -10,7 +10,11 @@ virtual datasets are not followed (:func:`lookup`).
 
 from __future__ import annotations
 
+import faulthandler
+import math
 import os
+import signal
+import time
 
 import h5py
 import numpy as np
@@ -24,6 +28,10 @@ DEFAULT_DATASET = "/data"
 
 # Soft links followed while resolving one path before it is taken for a loop.
 MAX_SOFT_LINKS = 40
+# A region read decompresses whole chunks: larger ones are refused.
+MAX_CHUNK_BYTES = 1 << 30
+# Seconds a file's structure may take to read before it is taken for a loop.
+DEFAULT_PROBE_SECONDS = 30.0
 
 
 def _datasets(f):
@@ -96,9 +104,11 @@ def resolve(f, path, where, error=VolumeError, what="object", holds=None):
 def check_plain_dataset(obj, where, error=VolumeError):
     """Refuse what is not a plain dataset of this file: groups, virtual datasets
     (whose data live in other files) and external raw storage."""
-    if not isinstance(obj, h5py.Dataset):
+    if isinstance(obj, h5py.Group):
         raise error(f"{where} is a group, not a dataset; it holds: "
                     f"{', '.join(sorted(obj.keys())) or 'nothing'}")
+    if not isinstance(obj, h5py.Dataset):
+        raise error(f"{where} is a named datatype, not a dataset")
     if obj.is_virtual or obj.external:
         raise error(f"{where} is a virtual or externally stored dataset; these are not followed")
     if obj.shape is None:
@@ -152,6 +162,13 @@ def _reason(exc):
 
 def open_hdf5(path, dataset=None) -> H5Array:
     check_input_path(path, path)
+    probe(lambda: _inspect(path, dataset, corner=True), path, VolumeError)
+    return H5Array(path, _inspect(path, dataset))
+
+
+def _inspect(path, dataset, corner=False):
+    """The hard path of the input dataset, after every check (``corner``: and read
+    one voxel, which walks the chunk index once)."""
     try:
         f = h5py.File(path, "r")
     except (OSError, ValueError) as exc:
@@ -171,9 +188,71 @@ def open_hdf5(path, dataset=None) -> H5Array:
             hard, obj = resolve(f, dataset, path, what="dataset", holds=holds)
             check_plain_dataset(obj, f"{path}:{dataset}")
             check_dtype(obj.dtype, f"{path}:{dataset}")
+            if obj.chunks is not None and \
+                    math.prod(obj.chunks) * obj.dtype.itemsize > MAX_CHUNK_BYTES:
+                raise VolumeError(
+                    f"{path}:{dataset}: chunks of {obj.chunks} take more than "
+                    f"{MAX_CHUNK_BYTES >> 20} MiB each; a region read decompresses whole "
+                    "chunks, so rechunk the dataset (h5repack -l CHUNK=...)")
+            if corner and obj.size:
+                obj[(0,) * obj.ndim]
     except (OSError, KeyError, RuntimeError, ValueError) as exc:  # a corrupt file's structure
         raise VolumeError(f"{path}: corrupt HDF5 file ({_reason(exc)})") from None
-    return H5Array(path, hard)
+    return hard
+
+
+def probe_timeout() -> float:
+    text = os.environ.get("CONV3D_HDF5_TIMEOUT")
+    try:
+        value = float(text) if text is not None else DEFAULT_PROBE_SECONDS
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 1e6:
+        raise VolumeError(f"CONV3D_HDF5_TIMEOUT={str(text)[:40]!r}: expected a number of "
+                          "seconds greater than 0")
+    return value
+
+
+_IN_PROBE = False
+
+
+def probe(work, where, error, timeout=None):
+    """Run ``work()`` once in a forked child first, and refuse the file if the
+    child does not finish within ``timeout`` seconds or crashes.
+
+    libhdf5 loops forever on some damaged files (reading an attribute or a
+    B-tree whose links form a cycle: HDFGroup/hdf5 issue 1707) and no signal
+    interrupts it; only a separate process can be stopped. The child's own
+    errors are ignored: the caller runs ``work`` again and reports them."""
+    global _IN_PROBE
+    if _IN_PROBE or not hasattr(os, "fork"):
+        return
+    timeout = probe_timeout() if timeout is None else timeout
+    pid = os.fork()
+    if pid == 0:  # the child: no cleanup handlers, no output
+        _IN_PROBE = True
+        faulthandler.disable()  # a crash is reported by the parent, in one line
+        try:
+            work()
+        except BaseException:
+            pass
+        os._exit(0)
+    deadline, pause = time.monotonic() + timeout, 0.001
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise error(f"{where}: reading its HDF5 structure did not finish within "
+                        f"{timeout:g} s; the file is corrupt (libhdf5 loops on some damaged "
+                        "files; CONV3D_HDF5_TIMEOUT sets the wait)")
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)
+    if os.WIFSIGNALED(status):
+        raise error(f"{where}: libhdf5 crashed reading the file "
+                    f"({signal.Signals(os.WTERMSIG(status)).name}); the file is corrupt")
 
 
 class H5Writer:

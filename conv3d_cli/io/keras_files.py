@@ -21,6 +21,7 @@ size a weights dataset declares is checked before it is read.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import lzma
 import math
@@ -36,7 +37,7 @@ import h5py
 import numpy as np
 
 from ..errors import WeightsError
-from .hdf5 import check_plain_dataset, lookup, resolve
+from .hdf5 import check_plain_dataset, lookup, probe, resolve
 from .paths import check_input_path
 
 CONV_CLASSES = {"Conv3D": "Conv3D", "Convolution3D": "Conv3D",
@@ -77,7 +78,7 @@ class LayerEntry:
         The datasets' declared sizes are checked against ``max_bytes`` first:
         a few compressed megabytes can declare gigabytes."""
         path, datasets, label = self._weights
-        with _open_h5(path, label) as f:
+        with _corrupt_is_an_error(label), _open_h5(path, label) as f:
             found = [_weights_dataset(f, p, label) for p in datasets]
             if not found:
                 raise WeightsError(f"{label}: layer {self.name} has no weights in the file")
@@ -94,7 +95,7 @@ class LayerEntry:
     def weight_shapes(self):
         """{"kernel": shape, "bias": shape or None}, read from the headers only."""
         path, datasets, label = self._weights
-        with _open_h5(path, label) as f:
+        with _corrupt_is_an_error(label), _open_h5(path, label) as f:
             shapes = [tuple(ds.shape) for _, ds in (_weights_dataset(f, p, label)
                                                     for p in datasets)]
         if not shapes:
@@ -111,6 +112,7 @@ class ModelFile:
         self.layers: list[LayerEntry] = []
         self.kind = ""
         check_input_path(self.path, self.path, WeightsError)
+        probe(lambda: _list_all(self.path), self.path, WeightsError)
         try:
             if zipfile.is_zipfile(self.path):
                 self._read_keras_zip()
@@ -198,13 +200,8 @@ class ModelFile:
 
     # ---------------------------------------------------------------- HDF5
     def _guarded(self, read, label):
-        """Run ``read``; errors HDF5 raises on a corrupt file become one WeightsError."""
-        try:
+        with _corrupt_is_an_error(label):
             return read()
-        except WeightsError:
-            raise
-        except (*CORRUPT, ValueError) as exc:
-            raise WeightsError(f"{label}: corrupt HDF5 file ({exc})") from None
 
     def _read_h5(self, path, label):
         self._guarded(lambda: self._read_h5_unguarded(path, label), label)
@@ -296,6 +293,26 @@ class ModelFile:
                 if shape is not None and len(shape) == 5:
                     self.layers.append(LayerEntry(layer, None, None, keras2,
                                                   (path, datasets, label)))
+
+
+@contextlib.contextmanager
+def _corrupt_is_an_error(label):
+    """Errors h5py raises on a corrupt file (KeyError, RuntimeError, OSError...)
+    become one WeightsError naming the user's file."""
+    try:
+        yield
+    except WeightsError:
+        raise
+    except (*CORRUPT, ValueError, AttributeError) as exc:
+        reason = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        raise WeightsError(f"{label}: corrupt HDF5 file ({reason})") from None
+
+
+def _list_all(path):
+    """Everything the readers do with a model file's structure (the probe's work)."""
+    with ModelFile(path) as model:
+        for entry in model.layers:
+            entry.weight_shapes()
 
 
 def _listed(f, path, label):

@@ -33,7 +33,7 @@ def open_npy(path) -> RawArrayFile:
             offset = fh.tell()
     except FileNotFoundError:
         raise VolumeError(f"{path}: no such file") from None
-    except (ValueError, EOFError, OSError, SyntaxError, TypeError) as exc:
+    except Exception as exc:  # the header is parsed as a Python literal: any parse error
         raise VolumeError(f"{path}: not a valid .npy file ({exc})") from None
     check_dtype(dtype, path)
     if any(n < 0 for n in shape):

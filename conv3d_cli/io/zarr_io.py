@@ -22,6 +22,7 @@ store is renamed to OUTPUT when every tile is done.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 
@@ -130,6 +131,19 @@ def _refuse_pickle(node, where):
         raise VolumeError(f"{where}: the array's codecs unpickle data; refused")
 
 
+def _check_chunks(node, where):
+    """A region read decodes whole chunks: refuse chunks larger than the HDF5 bound."""
+    from .hdf5 import MAX_CHUNK_BYTES
+    try:
+        nbytes = math.prod(int(n) for n in node.chunks) * np.dtype(node.dtype).itemsize
+    except (TypeError, ValueError, AttributeError):
+        return
+    if nbytes > MAX_CHUNK_BYTES:
+        raise VolumeError(f"{where}: chunks of {tuple(node.chunks)} take more than "
+                          f"{MAX_CHUNK_BYTES >> 20} MiB each; a region read decodes whole "
+                          "chunks, so rechunk the array")
+
+
 class ZarrVolume:
     """An input Zarr array (or OME-Zarr level 0) read by region.
 
@@ -178,6 +192,7 @@ class ZarrVolume:
         self.where = where
         check_dtype(node.dtype, where)
         _refuse_pickle(node, where)
+        _check_chunks(node, where)
         shape = tuple(int(n) for n in node.shape)
         self._insert = None  # position of an added channel axis of one
         if self.ome is not None:
