@@ -6,6 +6,7 @@ import importlib
 import json
 import os
 import re
+import signal
 import socket
 import threading
 import time
@@ -168,6 +169,31 @@ def test_messages_name_the_users_keras_not_a_temporary_file(tmp_path):
         build_layer(weights=str(tmp_path / "noweights.keras"))
     assert str(tmp_path / "noweights.keras") in str(info.value)
     assert "conv3d-keras-" not in str(info.value)
+
+
+def test_a_file_libhdf5_loops_on_is_refused_after_a_timeout(tmp_path, monkeypatch):
+    """One flipped byte in a root attribute's heap makes libhdf5 loop forever
+    (found by tests/test_fuzz_readers.py); the structure is read in a child first."""
+    data = bytearray(open(os.path.join(MODELS, "keras2_weights.h5"), "rb").read())
+    data[2145] = 10
+    (tmp_path / "loops.h5").write_bytes(bytes(data))
+    monkeypatch.setenv("CONV3D_HDF5_TIMEOUT", "2")
+    start = time.monotonic()
+    one_line_error(cli_run("layers", tmp_path / "loops.h5"), "loops.h5",
+                   "did not finish within 2 s", "CONV3D_HDF5_TIMEOUT")
+    assert time.monotonic() - start < 30
+    from conv3d_cli.io.hdf5 import probe
+    with pytest.raises(VolumeError, match="x.h5: libhdf5 crashed reading the file .SIGSEGV"):
+        probe(lambda: os.kill(os.getpid(), signal.SIGSEGV), "x.h5", VolumeError)
+    probe(lambda: 1 / 0, "x.h5", VolumeError)  # errors are the caller's to report
+
+
+def test_huge_hdf5_chunks_are_refused(tmp_path):
+    with h5py.File(tmp_path / "c.h5", "w") as f:
+        f.create_dataset("d", shape=(2048, 2048, 1024), dtype="f4", chunks=(1024, 1024, 512),
+                         compression="gzip")  # 2 GiB chunks, nothing stored
+    with pytest.raises(VolumeError, match="chunks of .1024, 1024, 512. take more than 1024 MiB"):
+        open_volume(str(tmp_path / "c.h5"))
 
 
 # ------------------------------------------------- sizes checked before allocating
@@ -415,6 +441,13 @@ def test_complex_and_corrupt_zarr(tmp_path):
     one_line_error(cli_run("run", tmp_path / "k.zarr", tmp_path / "k.npy", "--filters", "1",
                            "--kernel-size", "1", "--workers", "1"), "k.zarr", "cannot read")
     assert not (tmp_path / "k.npy").exists()
+
+
+def test_huge_zarr_chunks_are_refused(tmp_path):
+    zarr.create_array(store=str(tmp_path / "c.zarr"), shape=(4096, 4096, 64),
+                      chunks=(4096, 4096, 32), dtype="f4")  # 2 GiB chunks, nothing stored
+    with pytest.raises(VolumeError, match="c.zarr: chunks of .4096, 4096, 32. take more than"):
+        open_volume(str(tmp_path / "c.zarr"))
 
 
 def test_junk_resume_record(vol):
