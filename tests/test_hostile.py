@@ -8,6 +8,8 @@ import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import tracemalloc
@@ -501,6 +503,27 @@ def test_scheduler_that_never_answers_times_out(vol, silent_server, monkeypatch)
     one_line_error(cli_run("run", tmp / "v.npy", tmp / "o.npy", "--filters", "1",
                            "--kernel-size", "1", "--scheduler", "tcp://127.0.0.1:1"),
                    "CONV3D_SCHEDULER_TIMEOUT")
+
+
+@pytest.mark.slow
+def test_a_failing_task_on_a_local_cluster_is_one_line(tmp_path):
+    """The worker processes of a LocalCluster log a failed task's traceback on the
+    same stderr; only the tool's line must show."""
+    pytest.importorskip("distributed")
+    z = zarr.create_array(store=str(tmp_path / "k.zarr"), shape=(8, 8, 8), chunks=(4, 4, 4),
+                          dtype="f4")
+    z[...] = 1
+    chunk = tmp_path / "k.zarr" / "c" / "0" / "0" / "0"
+    chunk.write_bytes(b"\xff" * len(chunk.read_bytes()))
+    env = {**os.environ, "CONV3D_DEBUG": "0"}
+    proc = subprocess.run(
+        [sys.executable, "-c", "from conv3d_cli.cli.main import main; main()", "run",
+         str(tmp_path / "k.zarr"), str(tmp_path / "o.npy"), "--filters", "1", "--kernel-size",
+         "1", "--scheduler", "local", "--workers", "2", "-q"],
+        capture_output=True, text=True, timeout=300, env=env)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr[-3000:]
+    assert "k.zarr" in lines[0] and not EXCEPTION_NAME.search(lines[0][7:]), lines[0]
 
 
 @pytest.mark.parametrize("address", ["not a url", "tcp://host-without-port", ""])

@@ -97,13 +97,17 @@ def _reason(exc):
     return text[0][:300] if text else type(exc).__name__
 
 
+def _debugging():
+    return os.environ.get("CONV3D_DEBUG") == "1" or \
+        logging.getLogger("conv3d").isEnabledFor(logging.DEBUG)
+
+
 @contextlib.contextmanager
 def _quiet_logs():
     """Dask logs reconnection attempts, lost workers and whole tracebacks on
     stderr; the tool reports one line instead. CONV3D_DEBUG=1 (conv3d --debug)
     keeps them."""
-    if os.environ.get("CONV3D_DEBUG") == "1" or \
-            logging.getLogger("conv3d").isEnabledFor(logging.DEBUG):
+    if _debugging():
         yield
         return
     loggers = [logging.getLogger(n) for n in ("distributed", "tornado", "asyncio")]
@@ -148,8 +152,11 @@ def _run(distributed, scheduler, timeout, job, plan, source, sink, indices, want
     cluster = None
     try:
         if scheduler == "local":
+            # its worker processes log a failed task's traceback on this stderr
+            quiet = logging.WARNING if _debugging() else logging.CRITICAL + 1
             cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1,
-                                               processes=True, dashboard_address=None)
+                                               processes=True, dashboard_address=None,
+                                               silence_logs=quiet)
             client = distributed.Client(cluster)
         else:
             _probe(scheduler, timeout)
