@@ -220,6 +220,11 @@ def check(kind, path):
     return None
 
 
+@pytest.fixture(autouse=True)
+def short_hdf5_timeout(monkeypatch):
+    monkeypatch.setenv("CONV3D_HDF5_TIMEOUT", "5")  # well inside SECONDS
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fuzz")

@@ -237,22 +237,33 @@ def probe(work, where, error, timeout=None):
         except BaseException:
             pass
         os._exit(0)
-    deadline, pause = time.monotonic() + timeout, 0.001
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            break
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            raise error(f"{where}: reading its HDF5 structure did not finish within "
-                        f"{timeout:g} s; the file is corrupt (libhdf5 loops on some damaged "
-                        "files; CONV3D_HDF5_TIMEOUT sets the wait)")
-        time.sleep(pause)
-        pause = min(pause * 2, 0.05)
+    status = _wait(pid, timeout)
+    if status is None:
+        raise error(f"{where}: reading its HDF5 structure did not finish within "
+                    f"{timeout:g} s; the file is corrupt (libhdf5 loops on some damaged "
+                    "files; CONV3D_HDF5_TIMEOUT sets the wait)")
     if os.WIFSIGNALED(status):
         raise error(f"{where}: libhdf5 crashed reading the file "
                     f"({signal.Signals(os.WTERMSIG(status)).name}); the file is corrupt")
+
+
+def _wait(pid, timeout):
+    """The child's exit status, or None (and the child killed) after ``timeout``
+    seconds; the child is killed too if this wait is interrupted."""
+    deadline, pause, done = time.monotonic() + timeout, 0.001, 0
+    try:
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return status
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
+    finally:
+        if not done:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
 
 
 class H5Writer:
