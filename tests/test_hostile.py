@@ -6,6 +6,7 @@ import importlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -496,6 +497,23 @@ def test_complex_and_corrupt_zarr(tmp_path):
     one_line_error(cli_run("run", tmp_path / "k.zarr", tmp_path / "k.npy", "--filters", "1",
                            "--kernel-size", "1", "--workers", "1"), "k.zarr", "cannot read")
     assert not (tmp_path / "k.npy").exists()
+
+
+def test_zarr_chunk_linked_out_of_the_store_is_refused(tmp_path):
+    secret = np.arange(64, dtype=np.float32)
+    (tmp_path / "secret.bin").write_bytes(secret.tobytes())
+    z = zarr.create_array(store=str(tmp_path / "l.zarr"), shape=(4, 4, 4), chunks=(4, 4, 4),
+                          dtype="f4", compressors=None, zarr_format=2)
+    z[...] = 1  # not the fill value: the chunk is written
+    os.unlink(tmp_path / "l.zarr" / "0.0.0")
+    os.symlink(tmp_path / "secret.bin", tmp_path / "l.zarr" / "0.0.0")
+    assert zarr.open_array(str(tmp_path / "l.zarr"), mode="r")[...].sum() == secret.sum()
+    with pytest.raises(VolumeError, match="0.0.0 is a link to .*secret.bin, outside the store"):
+        open_volume(str(tmp_path / "l.zarr"))
+    os.unlink(tmp_path / "l.zarr" / "0.0.0")
+    shutil.copy(tmp_path / "secret.bin", tmp_path / "l.zarr" / "data.bin")
+    os.symlink("data.bin", tmp_path / "l.zarr" / "0.0.0")  # inside the store: fine
+    np.testing.assert_array_equal(read_volume(str(tmp_path / "l.zarr"))[0].ravel(), secret)
 
 
 def test_huge_zarr_chunks_are_refused(tmp_path):

@@ -131,6 +131,26 @@ def _refuse_pickle(node, where):
         raise VolumeError(f"{where}: the array's codecs unpickle data; refused")
 
 
+def _check_links(root, where):
+    """Refuse symbolic links inside the store that lead out of it: Zarr reads a
+    chunk or metadata file wherever its link points, so a store could carry any
+    file on the machine into the output (as an HDF5 external link would)."""
+    top = os.path.realpath(root)
+    todo = [root]
+    while todo:
+        with os.scandir(todo.pop()) as entries:
+            for entry in entries:
+                if entry.is_symlink():
+                    target = os.path.realpath(entry.path)
+                    if os.path.commonpath([top, target]) != top:
+                        raise VolumeError(
+                            f"{where}: {os.path.relpath(entry.path, root)} is a link to "
+                            f"{target}, outside the store; links out of a store are not "
+                            "followed")
+                elif entry.is_dir(follow_symlinks=False):
+                    todo.append(entry.path)
+
+
 def _check_chunks(node, where):
     """A region read decodes whole chunks: refuse chunks larger than the HDF5 bound."""
     from .hdf5 import MAX_CHUNK_BYTES
@@ -157,6 +177,7 @@ class ZarrVolume:
         zarr = require_zarr()
         where = f"{path}{':' + array_path if array_path else ''}"
         check_input_path(path, path, directory=True)
+        _check_links(path, path)
         self.path, self.ome = path, None
         try:
             node = zarr.open(store=path, mode="r", path=(array_path or "").lstrip("/") or None)
