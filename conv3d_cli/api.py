@@ -260,8 +260,13 @@ def describe(layer, input_shape=None, volume=None, method="auto", workers=None,
         channels = shapes.split_layout(keras_in, layer.data_format)[2]
         check_kernel_fits(layer, channels, memory_limit)
     job = layer.job(keras_in)
-    plan = engine.plan_job(job, method, memory_limit, workers, chunk_shape,
-                           split_order=_split_order(volume))
+    try:
+        plan = engine.plan_job(job, method, memory_limit, workers, chunk_shape,
+                               split_order=_split_order(volume))
+    except ArgumentError as exc:
+        if volume is None:
+            raise
+        raise ArgumentError(f"INPUT {volume.spec} {tuple(volume.shape)}: {exc}") from None
     axes = []
     for name, g in zip("DHW", job.geoms):
         if g.kind == shapes.CONV:

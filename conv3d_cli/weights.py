@@ -101,11 +101,15 @@ def _header(fh, where, name):
         shape, fortran, dtype = read(fh, max_header_size=MAX_HEADER_BYTES)
     except Exception as exc:  # the header is parsed as a Python literal: any parse error
         raise WeightsError(f"{where}: '{name}' is not a valid .npy array ({exc})") from None
+    shape = tuple(int(n) for n in shape)
+    if any(n < 0 for n in shape):
+        raise WeightsError(f"{where}: '{name}' is not a valid .npy array (negative dimension "
+                           f"in {shape})")
     if dtype.hasobject:
         raise WeightsError(f"{where}: '{name}' holds pickled objects, which are refused")
     if dtype.fields is not None or dtype.kind not in "biuf":
         raise WeightsError(f"{where}: '{name}' must hold real numbers, got dtype {dtype}")
-    return tuple(shape), fortran, dtype
+    return shape, fortran, dtype
 
 
 def _check_size(headers, where, max_bytes):

@@ -36,6 +36,7 @@ def open_npy(path) -> RawArrayFile:
     except Exception as exc:  # the header is parsed as a Python literal: any parse error
         raise VolumeError(f"{path}: not a valid .npy file ({exc})") from None
     check_dtype(dtype, path)
+    shape = tuple(int(n) for n in shape)
     if any(n < 0 for n in shape):
         raise VolumeError(f"{path}: not a valid .npy file (negative dimension in {shape})")
     arr = RawArrayFile(path, offset, shape, dtype, fortran_order=fortran)
