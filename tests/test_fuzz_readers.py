@@ -8,11 +8,13 @@ bytes overwritten, and, inside archives and stores, have one member or chunk
 damaged while the container stays valid. Each case goes through the readers
 (open_volume and a region read, the plan on its shape; load_weights;
 ModelFile, every layer's shapes and weights, build_layer), and some through the
-CLI. Every failure must be a Conv3DError naming the file, never another
+CLI. Metadata documents (Zarr, OME, Keras configs, --config files) also get valid
+JSON with a hostile value put somewhere inside. Every failure must be a Conv3DError naming the file, never another
 exception, never a hang.
 """
 
 import io
+import json
 import os
 import shutil
 import signal
@@ -95,6 +97,31 @@ def zip_member_mutants(path, rng, count):
         yield out.getvalue()
 
 
+# Values a damaged or malicious JSON document may hold where a number, list or name is due.
+HOSTILE_VALUES = [None, 0, -1, 2 ** 70, -2 ** 63, 1e308, "x", "", [], {}, [1], [0, 0, 0],
+                  [-1, -1, -1], [2 ** 40] * 3, True, {"a": 1}, "|O", "c8", [[1]], "relu"]
+
+
+def json_mutant(doc, rng):
+    """``doc`` with one value somewhere inside replaced by a hostile one (or removed)."""
+    doc = json.loads(json.dumps(doc))
+    node = doc
+    while True:
+        keys = list(node) if isinstance(node, dict) else list(range(len(node)))
+        if not keys:
+            return doc
+        key = keys[int(rng.integers(len(keys)))]
+        child = node[key]
+        if isinstance(child, (dict, list)) and child and rng.random() < 0.6:
+            node = child
+            continue
+        if isinstance(node, dict) and rng.random() < 0.15:
+            del node[key]
+        else:
+            node[key] = json.loads(json.dumps(HOSTILE_VALUES[int(rng.integers(len(HOSTILE_VALUES)))]))
+        return doc
+
+
 # --------------------------------------------------------------------- corpus
 def _sources(tmp):
     """{kind: [valid files]} of small files of every format."""
@@ -140,7 +167,7 @@ def _cases(tmp):
     out.mkdir()
     cases = []
     sources = _sources(tmp)
-    per_file = {"volume": 28, "weights": 28, "model": 28}
+    per_file = {"volume": 20, "weights": 24, "model": 20}
     for kind, paths in sources.items():
         for src in paths:
             src = str(src)
@@ -151,11 +178,44 @@ def _cases(tmp):
             data = open(src, "rb").read()
             blobs = list(mutants(data, rng, per_file[kind]))
             if zipfile.is_zipfile(src):
-                blobs += list(zip_member_mutants(src, rng, 16))
+                blobs += list(zip_member_mutants(src, rng, 12))
             for i, blob in enumerate(blobs):
                 path = out / f"m{len(cases)}_{i}_{name}"
                 path.write_bytes(blob)
                 cases.append((kind, str(path)))
+    cases += _json_cases(sources, out, rng)
+    return cases
+
+
+def _json_cases(sources, out, rng):
+    """Stores with a metadata document, and models and --config files with a layer
+    config, whose JSON is valid but holds a hostile value somewhere."""
+    cases = []
+    for src in sources["store"]:
+        src = str(src)
+        names = sorted(os.path.relpath(os.path.join(d, f), src) for d, _, fs in os.walk(src)
+                       for f in fs if f in ("zarr.json", ".zarray", ".zattrs", ".zgroup"))
+        for i in range(8):
+            store = out / f"j{i}_{os.path.basename(src)}"
+            shutil.copytree(src, store)
+            rel = names[i % len(names)]
+            doc = json.loads((store / rel).read_text())
+            (store / rel).write_text(json.dumps(json_mutant(doc, rng)))
+            cases.append(("store", str(store)))
+    with zipfile.ZipFile(os.path.join(MODELS, "keras3.keras")) as z:
+        members = {info.filename: z.read(info) for info in z.infolist()}
+    for i in range(16):
+        path = out / f"j{i}_model.keras"
+        config = json_mutant(json.loads(members["config.json"]), rng)
+        with zipfile.ZipFile(path, "w") as z:
+            for name, data in members.items():
+                z.writestr(name, json.dumps(config) if name == "config.json" else data)
+        cases.append(("model", str(path)))
+    layer = json.load(open(os.path.join(SAMPLE, "smooth.json")))
+    for i in range(16):
+        path = out / f"j{i}_layer.json"
+        path.write_text(json.dumps(json_mutant(layer, rng)))
+        cases.append(("config", str(path)))
     return cases
 
 
@@ -164,7 +224,7 @@ def _store_cases(src, out, rng):
     files = sorted(os.path.relpath(os.path.join(d, f), src)
                    for d, _, fs in os.walk(src) for f in fs)
     cases = []
-    for i in range(24):
+    for i in range(16):
         rel = files[i % len(files)]
         store = out / f"s{i}_{os.path.basename(src)}"
         shutil.copytree(src, store)
@@ -200,8 +260,14 @@ def read_model_case(path):
                     layer="Conv3DTranspose" if "up" in name else None)
 
 
+def read_config_case(path):
+    layer = build_layer(config=path, memory_limit=LIMIT)
+    describe(layer, input_shape=(1, 9, 9, 9, 1), workers=1, memory_limit="4G")
+
+
 READERS = {"volume": read_volume_case, "store": read_volume_case,
-           "weights": read_weights_case, "model": read_model_case}
+           "weights": read_weights_case, "model": read_model_case,
+           "config": read_config_case}
 
 
 def check(kind, path):
@@ -212,7 +278,9 @@ def check(kind, path):
             READERS[kind](path)
         except Conv3DError as exc:
             message = str(exc)
-            assert base in message, f"{path}: the message does not name the file: {message}"
+            # a layer config's sizes may be refused by the memory limit, which it names
+            named = base in message or (kind == "config" and "--memory-limit" in message)
+            assert named, f"{path}: the message does not name the file: {message}"
             assert "conv3d-keras-" not in message, message
             return message
         except BaseException as exc:
@@ -259,6 +327,8 @@ def test_the_cli_prints_one_line_for_damaged_files(corpus, tmp_path):
                     "--kernel-size", "1", "--workers", "1"]
         elif kind == "weights":
             args = ["shape", "--input-shape", "1,8,8,8,1", "--weights", path]
+        elif kind == "config":
+            continue  # may be refused by the memory limit, naming it instead
         else:
             args = ["layers", path]
         with deadline(SECONDS, path):

@@ -13,8 +13,8 @@ from __future__ import annotations
 import faulthandler
 import math
 import os
+import select
 import signal
-import time
 
 import h5py
 import numpy as np
@@ -228,16 +228,19 @@ def probe(work, where, error, timeout=None):
     if _IN_PROBE or not hasattr(os, "fork"):
         return
     timeout = probe_timeout() if timeout is None else timeout
+    done_r, done_w = os.pipe()  # closed by the child's exit, however it exits
     pid = os.fork()
     if pid == 0:  # the child: no cleanup handlers, no output
         _IN_PROBE = True
+        os.close(done_r)
         faulthandler.disable()  # a crash is reported by the parent, in one line
         try:
             work()
         except BaseException:
             pass
         os._exit(0)
-    status = _wait(pid, timeout)
+    os.close(done_w)
+    status = _wait(pid, done_r, timeout)
     if status is None:
         raise error(f"{where}: reading its HDF5 structure did not finish within "
                     f"{timeout:g} s; the file is corrupt (libhdf5 loops on some damaged "
@@ -247,21 +250,18 @@ def probe(work, where, error, timeout=None):
                     f"({signal.Signals(os.WTERMSIG(status)).name}); the file is corrupt")
 
 
-def _wait(pid, timeout):
+def _wait(pid, done, timeout):
     """The child's exit status, or None (and the child killed) after ``timeout``
-    seconds; the child is killed too if this wait is interrupted."""
-    deadline, pause, done = time.monotonic() + timeout, 0.001, 0
+    seconds; the child is killed too if this wait is interrupted. ``done`` reads
+    end-of-file when the child has exited."""
+    status = None
     try:
-        while True:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                return status
-            if time.monotonic() > deadline:
-                return None
-            time.sleep(pause)
-            pause = min(pause * 2, 0.05)
+        if select.select([done], [], [], timeout)[0]:
+            status = os.waitpid(pid, 0)[1]
+        return status
     finally:
-        if not done:
+        os.close(done)
+        if status is None:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
 
