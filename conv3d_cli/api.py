@@ -255,11 +255,16 @@ def describe(layer, input_shape=None, volume=None, method="auto", workers=None,
             raise ShapeError(f"--input-shape {','.join(map(str, keras_in))}: expected "
                              f"min_ndim=5 (batch, D, H, W, C under channels_last), found "
                              f"ndim={len(keras_in)}")
-    if not layer.built:  # before the kernel is allocated
-        layer.compute_output_shape(keras_in)
-        channels = shapes.split_layout(keras_in, layer.data_format)[2]
-        check_kernel_fits(layer, channels, memory_limit)
-    job = layer.job(keras_in)
+    try:
+        if not layer.built:  # before the kernel is allocated
+            layer.compute_output_shape(keras_in)
+            channels = shapes.split_layout(keras_in, layer.data_format)[2]
+            check_kernel_fits(layer, channels, memory_limit)
+        job = layer.job(keras_in)
+    except ShapeError as exc:  # the layer does not fit this file's volume
+        if volume is None:
+            raise
+        raise ShapeError(f"INPUT {volume.spec} {tuple(volume.shape)}: {exc}") from None
     try:
         plan = engine.plan_job(job, method, memory_limit, workers, chunk_shape,
                                split_order=_split_order(volume))
