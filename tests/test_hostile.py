@@ -25,7 +25,6 @@ from conftest import FIXTURES, assert_close
 from conv3d_cli import Conv3D
 from conv3d_cli.api import apply_to_file, build_layer
 from conv3d_cli.cli.main import cli
-from conv3d_cli.engine.job import Job  # noqa: F401  (the plan tests build real jobs)
 from conv3d_cli.engine.plan import make_plan, parse_memory
 from conv3d_cli.errors import ArgumentError, Conv3DError, EngineError, VolumeError, WeightsError
 from conv3d_cli.io import open_volume, read_volume
