@@ -7,7 +7,7 @@ Conv3DTranspose). Everything else (output lengths, the input region a tile of
 output needs, the polyphase split of a transposed convolution, the NIfTI
 affine) is derived from it. The formulas are those of
 ``keras/src/ops/operation_utils.py`` and
-``keras/src/backend/common/backend_utils.py``; see ``keras-semantics.md``.
+``keras/src/backend/common/backend_utils.py``; see ``docs/semantics.md``.
 """
 
 from __future__ import annotations

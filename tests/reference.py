@@ -1,6 +1,6 @@
 """A slow, obviously correct NumPy reference of Keras's Conv3D and Conv3DTranspose.
 
-Written straight from the definitions in keras-semantics.md, loop by loop,
+Written straight from the definitions in docs/semantics.md, loop by loop,
 sharing no code with the engine.
 """
 

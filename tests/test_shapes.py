@@ -1,4 +1,4 @@
-"""Pure shape math against the formulas of keras-semantics.md."""
+"""Pure shape math against the formulas of docs/semantics.md."""
 
 import itertools
 import math

@@ -96,7 +96,7 @@ def correlate_gemm(x, terms, taps_w, out):
 def scatter_transpose(x, x_start, geoms, tile, kernel, out):
     """Transposed convolution of one tile in scatter form, through one GEMM per slab.
 
-    ``full[i*s + j*d] += x[i] @ kernel[j].T`` (keras-semantics.md): the input
+    ``full[i*s + j*d] += x[i] @ kernel[j].T`` (docs/semantics.md): the input
     itself is the GEMM's left operand (no im2col), multiplied once by all
     taps' weights ``(C, k^3 * F)``; a compiled col2im then adds each tap's
     slab of the product into the tile at its strided positions. ``x_start`` is

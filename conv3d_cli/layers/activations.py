@@ -124,7 +124,7 @@ _AXISWISE = {
 }
 _ALIASES = {"swish": "silu", "hard_swish": "hard_silu", None: "linear"}
 
-# tf.keras 2 defines hard_sigmoid differently (see keras-semantics.md).
+# tf.keras 2 defines hard_sigmoid differently (docs/semantics.md).
 _KERAS2 = {"hard_sigmoid": lambda x: np.clip(0.2 * x + 0.5, 0, 1)}
 
 NAMES = sorted(set(_ELEMENTWISE) | set(_AXISWISE) | {"swish", "hard_swish"})
