@@ -33,6 +33,41 @@ def _auto_name(prefix: str) -> str:
     return prefix if n == 0 else f"{prefix}_{n}"
 
 
+def _check_kwargs(keras_name, kwargs):
+    for key in _UNSUPPORTED_IF_SET:
+        if kwargs.pop(key, None) is not None:
+            raise ArgumentError(f"`{key}` (LoRA/DoRA fine-tuning) is not supported.")
+    unknown = set(kwargs) - _IGNORED_CONFIG_KEYS
+    if unknown:
+        raise ArgumentError(
+            f"Unrecognized keyword arguments passed to {keras_name}: "
+            f"{ {k: kwargs[k] for k in sorted(unknown)} }")
+
+
+def _check_rules(layer):
+    """The rules between a layer's arguments, in Keras 3's order."""
+    groups = layer.groups
+    if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)) or groups <= 0:
+        raise ArgumentError(
+            f"The number of groups must be a positive integer. Received: groups={groups}.")
+    if layer.filters % groups:
+        raise ArgumentError(
+            "The number of filters must be evenly divisible by the number of "
+            f"groups. Received: groups={groups}, filters={layer.filters}.")
+    if layer.output_padding is not None:
+        for i, (op, s) in enumerate(zip(layer.output_padding, layer.strides)):
+            if op >= s:
+                raise ArgumentError(
+                    "`output_padding` must be strictly less than `strides` for "
+                    f"all dimensions. At dimension {i}, `output_padding` is {op} "
+                    f"but `strides` is {s}. Received: output_padding="
+                    f"{layer.output_padding}, strides={layer.strides}")
+    if max(layer.strides) > 1 and max(layer.dilation_rate) > 1:
+        raise ArgumentError(
+            "`strides > 1` not supported in conjunction with `dilation_rate > 1`. "
+            f"Received: strides={layer.strides} and dilation_rate={layer.dilation_rate}")
+
+
 class BaseConv3D:
     """Shared implementation of the two layers (private)."""
 
@@ -47,53 +82,32 @@ class BaseConv3D:
                  bias_regularizer=None, activity_regularizer=None,
                  kernel_constraint=None, bias_constraint=None, name=None,
                  dtype=None, trainable=True, keras2=False, **kwargs):
-        for key in _UNSUPPORTED_IF_SET:
-            if kwargs.pop(key, None) is not None:
-                raise ArgumentError(f"`{key}` (LoRA/DoRA fine-tuning) is not supported.")
-        unknown = set(kwargs) - _IGNORED_CONFIG_KEYS
-        if unknown:
-            raise ArgumentError(
-                f"Unrecognized keyword arguments passed to {self.keras_name}: "
-                f"{ {k: kwargs[k] for k in sorted(unknown)} }")
+        # Keras 3's order of checks, so that the first of several wrong
+        # arguments is the one Keras names: Layer.__init__ (keyword arguments,
+        # activity regularizer), then BaseConv / BaseConvTranspose normalise each
+        # argument in turn, then check the rules between them.
+        _check_kwargs(self.keras_name, kwargs)
         self.keras2 = bool(keras2)
-        self.filters = positive_int(filters, "filters")
-        self.groups = groups
-        if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)) or groups <= 0:
-            raise ArgumentError(
-                f"The number of groups must be a positive integer. Received: groups={groups}.")
-        if self.filters % groups:
-            raise ArgumentError(
-                "The number of filters must be evenly divisible by the number of "
-                f"groups. Received: groups={groups}, filters={self.filters}.")
+        self.activity_regularizer = regularizers.get(activity_regularizer, "activity_regularizer")
         self.kernel_size = standardize_tuple(kernel_size, 3, "kernel_size")
         self.strides = standardize_tuple(strides, 3, "strides")
         self.dilation_rate = standardize_tuple(dilation_rate, 3, "dilation_rate")
         self.padding = standardize_padding(padding)
-        self.data_format = standardize_data_format(data_format)
         self.output_padding = (None if output_padding is None else
                                standardize_tuple(output_padding, 3, "output_padding",
                                                  allow_zero=True))
-        if self.output_padding is not None:
-            for i, (op, s) in enumerate(zip(self.output_padding, self.strides)):
-                if op >= s:
-                    raise ArgumentError(
-                        "`output_padding` must be strictly less than `strides` for "
-                        f"all dimensions. At dimension {i}, `output_padding` is {op} "
-                        f"but `strides` is {s}. Received: output_padding="
-                        f"{self.output_padding}, strides={self.strides}")
-        if max(self.strides) > 1 and max(self.dilation_rate) > 1:
-            raise ArgumentError(
-                "`strides > 1` not supported in conjunction with `dilation_rate > 1`. "
-                f"Received: strides={self.strides} and dilation_rate={self.dilation_rate}")
+        self.data_format = standardize_data_format(data_format)
         self.activation = activations.get(activation, keras2=self.keras2)
         self.use_bias = bool(use_bias)
         self.kernel_initializer = initializers.get(kernel_initializer, "kernel_initializer")
         self.bias_initializer = initializers.get(bias_initializer, "bias_initializer")
         self.kernel_regularizer = regularizers.get(kernel_regularizer, "kernel_regularizer")
         self.bias_regularizer = regularizers.get(bias_regularizer, "bias_regularizer")
-        self.activity_regularizer = regularizers.get(activity_regularizer, "activity_regularizer")
         self.kernel_constraint = constraints.get(kernel_constraint, "kernel_constraint")
         self.bias_constraint = constraints.get(bias_constraint, "bias_constraint")
+        self.filters = positive_int(filters, "filters")
+        self.groups = groups
+        _check_rules(self)
         self.name = name or _auto_name(self.snake_name)
         self.dtype = standardize_dtype(dtype)
         self.trainable = bool(trainable)
@@ -135,15 +149,20 @@ class BaseConv3D:
 
     # ---------------------------------------------------------------- weights
     def build(self, input_shape):
-        channels = self._channels(input_shape)
-        if channels is None:
-            raise ShapeError("The channel dimension of the inputs should be defined.")
-        if channels % self.groups:
+        # Keras reads the channels and checks them against the groups before
+        # compute_output_shape checks the rank.
+        input_shape = tuple(input_shape)
+        channels = None
+        if len(input_shape) >= 2:
+            channels = input_shape[-1 if self.data_format == "channels_last" else 1]
+        if channels is not None and channels % self.groups:
             raise ShapeError(
                 "The number of input channels must be evenly divisible by the number "
                 f"of groups. Received groups={self.groups}, but the input has "
-                f"{channels} channels (full input shape is {tuple(input_shape)}).")
+                f"{channels} channels (full input shape is {input_shape}).")
         self.compute_output_shape(input_shape)
+        if channels is None:
+            raise ShapeError("The channel dimension of the inputs should be defined.")
         self.input_channels = channels
         self.kernel = np.asarray(self.kernel_initializer(self.kernel_shape(channels), self.dtype),
                                  dtype=self.dtype)
