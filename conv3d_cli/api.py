@@ -86,6 +86,8 @@ def build_layer(layer=None, config=None, overrides=None, weights=None, seed=None
         raise ArgumentError(f"--layer {layer} contradicts the file's class {class_name}")
     cls = convmod.layer_class(layer or class_name or "Conv3D")
     args = {**cfg, **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    if w is not None:
+        args.pop("weights", None)  # --weights wins over a config's initial weights
     f_axis = -1 if cls is convmod.Conv3D else -2  # filters axis of the kernel
     if w is not None:
         kernel = np.asarray(w["kernel"])

@@ -39,6 +39,91 @@ def ok(result):
     return isinstance(result, dict) and "shape" in result
 
 
+# ------------------------------------------------------ weights= and batch_size=
+@pytest.fixture
+def kb(rng):
+    return (rng.standard_normal((3, 3, 3, 3, 2)).astype(np.float32),
+            np.array([1.0, -2.0], np.float32))
+
+
+def test_initial_weights_are_set_at_build_like_tf_keras2(kb, rng):
+    k, b = kb
+    layer = Conv3D(2, 3, weights=[k, b])
+    assert layer.built is K2["weights"]["built_after_init"] is False
+    assert len(layer.get_weights()) == K2["weights"]["weights_before_build"] == 0
+    x = rng.standard_normal((1, 5, 5, 5, 3)).astype(np.float32)
+    y = layer(x)
+    assert list(y.shape) == K2["weights"]["init"]["shape"]
+    assert_close(y, ref_conv3d(x, k, b))
+    kernel, bias = layer.get_weights()
+    assert np.array_equal(kernel, k) and bias.tolist() == K2["weights"]["init"]["bias"]
+
+
+def test_weights_with_input_shape_batch_size_and_from_config(kb, rng):
+    k, b = kb
+    x = rng.standard_normal((4, 5, 5, 5, 3)).astype(np.float32)
+    layer = Conv3D(2, 3, weights=(k, b), batch_size=4, input_shape=(5, 5, 5, 3))
+    assert_close(layer(x), ref_conv3d(x, k, b))
+    assert Conv3D(2, 3, batch_size=4).built is K2["weights"]["batch_size"] is False
+    assert "weights" not in layer.get_config() and not K2["weights"]["in_get_config"]
+    # from_config, with the arrays as JSON lists (a config file can carry them).
+    config = json.loads(json.dumps({**Conv3D(2, 3).get_config(),
+                                    "weights": [k.tolist(), b.tolist()]}))
+    assert_close(Conv3D.from_config(config)(x), ref_conv3d(x, k, b))
+    t = Conv3DTranspose(2, 3, weights=[np.zeros((3, 3, 3, 2, 4), np.float32), b])
+    assert list(t(np.ones((1, 4, 4, 4, 4), np.float32)).shape) == K2["weights"]["transpose"]
+
+
+def _normalise(message):
+    """A weights message without the layer's name, which weight it is, and the
+    array repr tf.keras 2 appends."""
+    message = message.split(" Provided weights")[0]
+    message = re.sub(r"layer [\"']?\w+[\"']?", "layer L", message)
+    return re.sub(r"Layer [\"']?\w+[\"']?( kernel| bias)?", "Layer L", message)
+
+
+@pytest.mark.parametrize("case,weights,shape", [
+    ("wrong_count", lambda k, b: [k], (1, 5, 5, 5, 3)),
+    ("wrong_kernel", lambda k, b: [k[:, :, :, :2], b], (1, 5, 5, 5, 3)),
+    ("wrong_bias", lambda k, b: [k, np.ones(3, np.float32)], (1, 5, 5, 5, 3)),
+    ("channels_mismatch", lambda k, b: [k, b], (1, 5, 5, 5, 4)),
+])
+def test_initial_weights_errors_name_shapes_never_arrays(kb, case, weights, shape):
+    k, b = kb
+    layer = Conv3D(2, 3, weights=weights(k, b), name="L")
+    with pytest.raises(WeightsError) as info:
+        layer(np.zeros(shape, np.float32))
+    message = str(info.value)
+    assert _normalise(message) == _normalise(K2["weights"][case]["message"])
+    assert "array(" not in message and "[[" not in message
+
+
+def test_keras3_rejection_message_never_carries_an_array(kb):
+    # Keras 3 refuses unknown keyword arguments with the whole kernel in the message.
+    assert K3["weights"]["init"]["message"].startswith("Unrecognized keyword arguments")
+    k, _ = kb
+    with pytest.raises(ArgumentError) as info:
+        Conv3D(2, 3, kernel=k)
+    assert str(info.value) == ("Unrecognized keyword arguments passed to Conv3D: "
+                               "{'kernel': <array shape=(3, 3, 3, 3, 2) dtype=float32>}")
+    with pytest.raises(ArgumentError, match=r"`weights` must be a list of arrays.*weights=5"):
+        Conv3D(2, 3, weights=5)
+    with pytest.raises(ArgumentError) as info:
+        Conv3D(np.ones((4, 4)), 3)
+    assert "<array shape=(4, 4) dtype=float64>" in str(info.value)
+    with pytest.raises(ArgumentError) as info:
+        Conv3D(2, np.ones((3, 3, 3)))
+    assert "<array shape=(3, 3, 3) dtype=float64>" in str(info.value)
+
+
+def test_config_weights_give_way_to_explicit_weights(kb, rng):
+    k, b = kb
+    config = {**Conv3D(2, 3).get_config(), "weights": [np.zeros_like(k), np.zeros_like(b)]}
+    layer = build_layer(config=config, weights={"kernel": k, "bias": b})
+    x = rng.standard_normal((1, 5, 5, 5, 3)).astype(np.float32)
+    assert_close(layer(x), ref_conv3d(x, k, b))
+
+
 # ------------------------------------------------------------------ error order
 def _which(message):
     """The argument an error message is about (Keras's wording or the tool's)."""

@@ -13,15 +13,16 @@ import math
 import numpy as np
 
 from .. import shapes
-from ..errors import ArgumentError, ShapeError, WeightsError
+from ..errors import ArgumentError, ShapeError, WeightsError, brief
 from . import activations, constraints, initializers, regularizers
 from .args import (positive_int, standardize_data_format, standardize_dtype,
                    standardize_padding, standardize_tuple)
 
-# Keys of a Keras layer config that carry no meaning for inference here.
+# Keys of a Keras layer config that carry no meaning for inference here
+# (tf.keras 2's `batch_size` goes with `input_shape`, for a model's input).
 _IGNORED_CONFIG_KEYS = {"batch_input_shape", "batch_shape", "input_shape",
                         "input_dim", "autocast", "build_config", "module",
-                        "registered_name", "quantization_config"}
+                        "registered_name", "quantization_config", "batch_size"}
 _UNSUPPORTED_IF_SET = ("lora_rank", "lora_alpha", "dora_rank", "dora_alpha")
 
 _NAME_COUNTS: dict[str, int] = {}
@@ -41,7 +42,15 @@ def _check_kwargs(keras_name, kwargs):
     if unknown:
         raise ArgumentError(
             f"Unrecognized keyword arguments passed to {keras_name}: "
-            f"{ {k: kwargs[k] for k in sorted(unknown)} }")
+            f"{brief({k: kwargs[k] for k in sorted(unknown)})}")
+
+
+def _weight_list(weights):
+    try:
+        return list(weights)
+    except TypeError:
+        raise ArgumentError("`weights` must be a list of arrays, [kernel, bias] or [kernel]. "
+                            f"Received: weights={brief(weights)}") from None
 
 
 def _check_rules(layer):
@@ -49,7 +58,7 @@ def _check_rules(layer):
     groups = layer.groups
     if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)) or groups <= 0:
         raise ArgumentError(
-            f"The number of groups must be a positive integer. Received: groups={groups}.")
+            f"The number of groups must be a positive integer. Received: groups={brief(groups)}.")
     if layer.filters % groups:
         raise ArgumentError(
             "The number of filters must be evenly divisible by the number of "
@@ -86,6 +95,7 @@ class BaseConv3D:
         # arguments is the one Keras names: Layer.__init__ (keyword arguments,
         # activity regularizer), then BaseConv / BaseConvTranspose normalise each
         # argument in turn, then check the rules between them.
+        weights = kwargs.pop("weights", None)  # tf.keras 2's initial [kernel, bias]
         _check_kwargs(self.keras_name, kwargs)
         self.keras2 = bool(keras2)
         self.activity_regularizer = regularizers.get(activity_regularizer, "activity_regularizer")
@@ -116,6 +126,8 @@ class BaseConv3D:
         self.kernel = None
         self.bias = None
         self._activity_loss = None
+        # Set when the layer is built, as tf.keras 2 does.
+        self._initial_weights = None if weights is None else _weight_list(weights)
 
     # ----------------------------------------------------------------- shapes
     def kernel_shape(self, input_channels: int) -> tuple:
@@ -169,6 +181,9 @@ class BaseConv3D:
         self.bias = (np.asarray(self.bias_initializer((self.filters,), self.dtype), dtype=self.dtype)
                      if self.use_bias else None)
         self.built = True
+        if self._initial_weights is not None:
+            initial, self._initial_weights = self._initial_weights, None
+            self.set_weights(initial)
 
     def _ensure_built(self, what):
         if not self.built:
@@ -198,6 +213,7 @@ class BaseConv3D:
             raise WeightsError(
                 f"Layer '{self.name}' expects a 5-D kernel; received shape {kernel.shape}.")
         if not self.built:
+            self._initial_weights = None  # the weights given now win
             channels = kernel.shape[-2] * self.groups if self.kind == shapes.CONV else kernel.shape[-1]
             self.build(shapes.join_layout((None,), (None,) * 3, channels, self.data_format))
         for label, current, new in (("kernel", self.kernel, kernel),
