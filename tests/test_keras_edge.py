@@ -124,6 +124,55 @@ def test_config_weights_give_way_to_explicit_weights(kb, rng):
     assert_close(layer(x), ref_conv3d(x, k, b))
 
 
+# ------------------------------------------------------------ constraint callables
+def clip(w):
+    return np.clip(w, -0.1, 0.1)
+
+
+def test_callable_constraints_are_kept_and_serialized_as_keras_does(rng):
+    spec = K3["constraints"]
+    layer = Conv3D(2, 3, kernel_constraint=clip, bias_constraint=lambda w: w * 0)
+    assert layer.kernel_constraint is clip and spec["kept"]
+    config = layer.get_config()
+    assert config["kernel_constraint"] == spec["function"]
+    lam = config["bias_constraint"]
+    assert lam["class_name"] == spec["lambda"]["class_name"] == "__lambda__"
+    assert sorted(lam["config"]) == spec["lambda"]["config_keys"]
+    assert [type(v).__name__ for v in lam["config"]["value"]] == spec["lambda"]["value_types"]
+    json.dumps(config)
+    # A class is instantiated, as in Keras.
+    assert type(Conv3D(2, 3, kernel_constraint=constraints.NonNeg).kernel_constraint).__name__ \
+        == spec["class"]
+
+
+def test_callable_constraints_never_act_in_a_forward_pass_only_when_applied(rng):
+    layer = Conv3D(1, 1, kernel_constraint=lambda w: w * 0, kernel_initializer="ones",
+                   use_bias=False)
+    assert float(layer(np.ones((1, 2, 2, 2, 1), np.float32)).sum()) == \
+        K3["constraints"]["forward_unaffected"]
+    layer = Conv3D(2, 3, kernel_constraint=clip, bias_constraint=np.abs)
+    layer.build((1, 5, 5, 5, 2))
+    layer.set_weights([layer.kernel * 100, -np.ones(2, np.float32)])
+    layer.apply_constraints()
+    assert np.abs(layer.kernel).max() == pytest.approx(0.1) and layer.bias.tolist() == [1, 1]
+    bad = Conv3D(2, 3, kernel_constraint=lambda w: w[0])
+    bad.build((1, 5, 5, 5, 2))
+    with pytest.raises(WeightsError, match="must keep the weight's shape"):
+        bad.apply_constraints()
+
+
+def test_constraint_errors():
+    assert K3["constraints"]["not_callable"]["message"] == \
+        "Could not interpret constraint identifier: 5"
+    with pytest.raises(ArgumentError, match="Could not interpret constraint identifier"):
+        Conv3D(2, 3, kernel_constraint=5)
+    config = Conv3D(2, 3, kernel_constraint=clip).get_config()
+    with pytest.raises(ArgumentError, match=r"was a Python function .*\(clip\)"):
+        Conv3D.from_config(config)
+    with pytest.raises(TypeError, match="must implement the `get_config\\(\\)` method"):
+        Conv3D(2, 3, kernel_constraint=type("C", (), {"__call__": lambda s, w: w})()).get_config()
+
+
 # ------------------------------------------------------------------ error order
 def _which(message):
     """The argument an error message is about (Keras's wording or the tool's)."""

@@ -232,12 +232,24 @@ class BaseConv3D:
             self.bias = np.asarray(weights[1]).astype(self.dtype, copy=True)
 
     def apply_constraints(self):
-        """Project the weights with the kernel/bias constraints (as Keras's optimizer does)."""
+        """Project the weights with the kernel/bias constraints (as Keras's optimizer does).
+
+        A constraint may be any callable from array to array of the same shape
+        (Keras's own, or a Python function); it gets and returns NumPy arrays.
+        """
         self._ensure_built("apply_constraints")
         if self.kernel_constraint is not None:
-            self.kernel = np.asarray(self.kernel_constraint(self.kernel), self.dtype)
+            self.kernel = self._project("kernel_constraint", self.kernel_constraint, self.kernel)
         if self.bias_constraint is not None and self.use_bias:
-            self.bias = np.asarray(self.bias_constraint(self.bias), self.dtype)
+            self.bias = self._project("bias_constraint", self.bias_constraint, self.bias)
+
+    def _project(self, label, constraint, w):
+        out = np.asarray(constraint(w.copy()), self.dtype)
+        if out.shape != w.shape:
+            raise WeightsError(
+                f"Layer '{self.name}' `{label}` returned shape {out.shape}; a constraint "
+                f"must keep the weight's shape {w.shape}.")
+        return out
 
     def count_params(self):
         self._ensure_built("count_params")
