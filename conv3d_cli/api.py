@@ -138,7 +138,10 @@ def _with_seed(identifier, seed, argument):
 
 def _file_layout(vol, layer):
     # A NIfTI image is (X, Y, Z[, C]) whatever the layer's data_format.
-    return Layout(vol.shape, "channels_last" if vol.is_nifti else layer.data_format)
+    try:
+        return Layout(vol.shape, "channels_last" if vol.is_nifti else layer.data_format)
+    except ShapeError as exc:
+        raise ShapeError(f"INPUT {vol.spec}: {exc}") from None
 
 
 def _keras_shape(layout, layer):

@@ -39,6 +39,140 @@ def ok(result):
     return isinstance(result, dict) and "shape" in result
 
 
+# --------------------------------------------------------------- empty tensors
+def _empty_id(case):
+    kw = ",".join(f"{k}={v}" for k, v in sorted(case["kwargs"].items()))
+    return f"{case['layer']}[{kw}]{tuple(case['input_shape'])}"
+
+
+def _same_case(flavour, case):
+    """The case of another Keras flavour run with the same layer and input, if any."""
+    for other in KERAS[flavour]["empty"]:
+        if (other["layer"], other["kwargs"], other["input_shape"]) == \
+                (case["layer"], case["kwargs"], case["input_shape"]):
+            return other
+    return None
+
+
+def _keras_call(case):
+    """What Keras's call returns for an empty case.
+
+    TensorFlow's result when it has one: its transposed convolutions agree with
+    compute_output_shape in every case, while JAX's call differs from it for a
+    zero-length axis at stride 2 (e.g. 'same': 1 voxel where the formula and
+    TensorFlow give 0). TensorFlow's CPU Conv3D cannot add a bias to an empty
+    batch (a oneDNN BiasAdd error); there JAX's empty result is Keras's answer.
+    """
+    tf_case = _same_case("keras3_tensorflow", case)
+    if tf_case is not None and ok(tf_case["call"]):
+        return tf_case["call"]
+    call, shape = case["call"], case["compute_output_shape"]
+    if ok(call) and call["shape"] != shape:  # JAX only (channels_first): its stride-2 deviation
+        assert case["layer"] == "Conv3DTranspose" and case["kwargs"]["strides"] == 2
+        assert "activation" not in case["kwargs"]  # a bias of ones, linear: the sum is the size
+        return {"shape": shape, "dtype": call["dtype"], "sum": float(np.prod(shape))}
+    return call
+
+
+@pytest.mark.parametrize("index", range(len(K3["empty"])),
+                         ids=[_empty_id(c) for c in K3["empty"]])
+def test_empty_tensors_match_keras(index):
+    case = K3["empty"][index]
+    shape = tuple(case["input_shape"])
+    layer = make(case["layer"], case["kwargs"], bias_initializer="ones")
+    keras_shape = case["compute_output_shape"]
+    if isinstance(keras_shape, dict):  # Keras raises: the same error, from both calls
+        assert keras_shape["message"].startswith("Computed output size would be zero or negative")
+        for fn in (lambda: layer.compute_output_shape(shape),
+                   lambda: layer(np.zeros(shape, np.float32))):
+            with pytest.raises(ShapeError, match="Computed output size would be zero or negative"):
+                fn()
+        return
+    if any(n < 0 for n in keras_shape):
+        # Keras 3 returns a negative size and tf.keras 2 raises ("Dimension -1
+        # must be >= 0"); a negative size cannot be computed, so the tool raises.
+        assert isinstance(_same_case("tf_keras2", case)["compute_output_shape"], dict)
+        with pytest.raises(ShapeError, match="Computed output size would be negative"):
+            layer.compute_output_shape(shape)
+        return
+    assert list(layer.compute_output_shape(shape)) == keras_shape
+    k2_case = _same_case("tf_keras2", case)  # none for channels_first (no TF CPU kernel)
+    if k2_case is not None:
+        assert k2_case["compute_output_shape"] == keras_shape
+    expected = _keras_call(case)
+    if not ok(expected):  # every backend refuses: a Conv3D over zero channels
+        assert case["layer"] == "Conv3D" and shape[-1] == 0
+        with pytest.raises(ShapeError, match="has no channels"):
+            layer(np.zeros(shape, np.float32))
+        return
+    y = layer(np.zeros(shape, np.float32))
+    assert list(y.shape) == expected["shape"] == keras_shape
+    assert str(y.dtype) == expected["dtype"]
+    assert float(y.sum()) == pytest.approx(expected["sum"], rel=1e-5)
+
+
+def test_issue_example_conv3d_transpose_on_zero_length_axis():
+    layer = Conv3DTranspose(2, 3, padding="same")
+    y = layer(np.zeros((1, 32, 32, 0, 3), np.float32))
+    assert y.shape == (1, 32, 32, 0, 2) and y.dtype == np.float32
+    assert layer.compute_output_shape((1, 32, 32, 0, 3)) == (1, 32, 32, 0, 2)
+
+
+def test_empty_batch_keeps_dtype_and_batch_dims():
+    layer = Conv3D(4, 3, padding="same", dtype="float64", activation="softmax")
+    y = layer(np.zeros((0, 3, 5, 5, 5, 2)))
+    assert y.shape == (0, 3, 5, 5, 5, 4) and y.dtype == np.float64
+    assert layer.compute_output_shape((0, 3, 5, 5, 5, 2)) == (0, 3, 5, 5, 5, 4)
+
+
+def test_transpose_of_empty_axis_is_bias_through_activation():
+    # No input voxel reaches the output: each voxel is sigmoid(bias of its channel).
+    layer = Conv3DTranspose(3, 3, data_format="channels_first", activation="sigmoid")
+    layer.build((1, 2, 4, 0, 4))
+    bias = np.array([0.5, -1.0, 2.0], np.float32)
+    layer.set_weights([layer.kernel, bias])
+    y = layer(np.zeros((1, 2, 4, 0, 4), np.float32))
+    assert y.shape == (1, 3, 6, 2, 6)
+    expected = 1 / (1 + np.exp(-bias.astype(np.float64)))
+    assert_close(y, np.broadcast_to(expected[None, :, None, None, None], y.shape))
+
+
+def test_transpose_zero_length_output_from_nonempty_input():
+    # (n - 1) * s + ke % 2 + output_padding = 0 for n=1, k=2, s=2: Keras returns it empty.
+    layer = Conv3DTranspose(2, 2, strides=2, padding="same", output_padding=0)
+    x = np.ones((1, 1, 4, 4, 3), np.float32)
+    assert layer(x).shape == (1, 0, 6, 6, 2)
+
+
+@pytest.mark.parametrize("shape,expected", [((0, 8, 8, 8, 3), [0, 8, 8, 8, 2]),
+                                            ((1, 8, 8, 0, 3), [1, 8, 8, 0, 2])])
+def test_describe_an_empty_input_plans_no_tiles(shape, expected):
+    info, _, plan = describe(Conv3D(2, 3, padding="same"), input_shape=shape, workers=2)
+    assert info["output_shape"] == expected and plan.tiles == []
+
+
+def _write_h5(path, array):
+    with h5py.File(path, "w") as f:
+        f["data"] = array
+
+
+@pytest.mark.parametrize("suffix,make_file", [
+    (".npy", lambda p: np.save(p, np.zeros((4, 0, 4), np.float32))),
+    (".h5", lambda p: _write_h5(p, np.zeros((4, 4, 0), np.float32))),
+])
+def test_empty_files_refused_naming_the_file(tmp_path, suffix, make_file):
+    src = tmp_path / f"in{suffix}"
+    make_file(src)
+    spec = str(src) + (":/data" if suffix == ".h5" else "")
+    for args in (["run", spec, str(tmp_path / "out.npy")], ["shape", spec]):
+        r = CliRunner().invoke(cli, args + ["--filters", "1", "--kernel-size", "1"])
+        assert r.exit_code == 1
+        line = r.output.strip()
+        assert len(line.splitlines()) == 1 and "Traceback" not in line
+        assert f"INPUT {spec}" in line and "empty dimension" in line
+    assert not (tmp_path / "out.npy").exists()
+
+
 # ------------------------------------------------------ weights= and batch_size=
 @pytest.fixture
 def kb(rng):

@@ -219,5 +219,6 @@ def _count(batch, nb, out, tile):
 
 
 def _boxes(out, tile):
-    ranges = [[(a, min(a + t, n)) for a in range(0, n, t)] for n, t in zip(out, tile)]
+    # An empty output (a zero-length axis) has no boxes.
+    ranges = [[(a, min(a + t, n)) for a in range(0, n, max(t, 1))] for n, t in zip(out, tile)]
     return [(r0, r1, r2) for r0 in ranges[0] for r1 in ranges[1] for r2 in ranges[2]]

@@ -144,12 +144,6 @@ class BaseConv3D:
     def compute_output_shape(self, input_shape):
         input_shape = tuple(input_shape)
         self._channels(input_shape)  # validates the rank
-        batch, spatial, _ = shapes.split_layout(input_shape, self.data_format)
-        if any(n is None for n in spatial):  # unknown dims stay unknown
-            known = tuple(1 if n is None else n for n in spatial)
-            out = tuple(None if n is None else g.out
-                        for n, g in zip(spatial, self.geometries(known)))
-            return shapes.join_layout(batch, out, self.filters, self.data_format)
         return shapes.output_shape(self.kind, input_shape, self.filters, self.kernel_size,
                                    self.strides, self.padding, self.data_format,
                                    self.dilation_rate, self.output_padding)
@@ -298,6 +292,12 @@ class BaseConv3D:
             raise ShapeError("The number of input channels must be evenly divisible by "
                              f"the number of groups. Received groups={self.groups}, but "
                              f"the input has {channels} channels.")
+        if channels == 0 and self.kind == shapes.CONV:
+            # Keras builds such a layer, but none of its backends computes it
+            # (TensorFlow: "filter must not have zero elements"; JAX: division by zero).
+            raise ShapeError(
+                f"Input 0 of layer \"{self.name}\" has no channels (shape "
+                f"{tuple(input_shape)}): Keras cannot apply a Conv3D to zero input channels.")
         out_shape = self.compute_output_shape(input_shape)
         batch, spatial, _ = shapes.split_layout(tuple(input_shape), self.data_format)
         return Job(kind=self.kind, geoms=self.geometries(spatial), batch_shape=batch,
