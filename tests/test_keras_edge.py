@@ -363,3 +363,57 @@ def test_groups_mismatch_before_rank_complaint_message():
     with pytest.raises(ShapeError) as info:
         Conv3D(4, 3, groups=2).build((8, 8, 8, 3))
     assert str(info.value) == K3["order"][-3]["build"]["message"]
+
+
+# --------------------------------------------------- conv3d shape with glu
+@pytest.mark.parametrize("case", K3["glu"], ids=lambda c: f"{c['kwargs']}{c['input_shape']}")
+def test_glu_shapes_and_errors_match_keras(case):
+    layer = Conv3D(**case["kwargs"])
+    shape = tuple(case["input_shape"])
+    # compute_output_shape is the convolution's, before the activation, as in Keras.
+    assert list(layer.compute_output_shape(shape)) == case["compute_output_shape"]
+    if isinstance(case["call"], dict):
+        assert case["call"]["message"].startswith("axis size must be divisible by 2")
+        with pytest.raises(ShapeError, match="axis size must be divisible by 2") as info:
+            layer(np.zeros(shape, np.float32))
+        assert f"x.shape={tuple(case['compute_output_shape'])} with axis=-1" in str(info.value)
+        with pytest.raises(ShapeError, match="axis size must be divisible by 2"):
+            describe(layer, input_shape=shape, workers=1)
+    else:
+        assert list(layer(np.zeros(shape, np.float32)).shape) == case["call"]
+        info, _, _ = describe(layer, input_shape=shape, workers=1)
+        assert info["output_shape"] == case["call"]
+
+
+@pytest.mark.parametrize("filters,data_format,shape", [
+    (4, "channels_last", (7, 8, 9)),
+    (3, "channels_last", (7, 8, 9)),
+    (2, "channels_first", (2, 6, 6, 8)),
+    (2, "channels_first", (2, 6, 6, 7)),
+])
+def test_cli_shape_prints_what_run_produces_or_raises_the_same_error(tmp_path, rng, filters,
+                                                                      data_format, shape):
+    np.save(tmp_path / "in.npy", rng.standard_normal(shape).astype(np.float32))
+    args = ["--filters", str(filters), "--kernel-size", "3", "--padding", "same",
+            "--activation", "glu", "--data-format", data_format, "--seed", "0"]
+    s = CliRunner().invoke(cli, ["shape", str(tmp_path / "in.npy"), "--json", *args])
+    r = CliRunner().invoke(cli, ["run", str(tmp_path / "in.npy"), str(tmp_path / "out.npy"),
+                                 "--report", "-", "-q", *args])
+    assert s.exit_code == r.exit_code
+    if r.exit_code == 0:
+        info, report = json.loads(s.output), json.loads(r.output)
+        assert info["output_shape"] == report["output_shape"]
+        assert info["file_output_shape"] == report["file_output_shape"] == \
+            list(np.load(tmp_path / "out.npy").shape)
+    else:
+        assert s.output == r.output and "axis size must be divisible by 2" in s.output
+        assert not (tmp_path / "out.npy").exists()
+
+
+def test_apply_to_file_with_glu_odd_axis_leaves_no_output(tmp_path, rng):
+    np.save(tmp_path / "in.npy", rng.standard_normal((5, 5, 5)).astype(np.float32))
+    layer = Conv3D(3, 3, activation="glu")
+    with pytest.raises(ShapeError, match="axis size must be divisible by 2"):
+        apply_to_file(layer, str(tmp_path / "in.npy"), str(tmp_path / "out.npy"),
+                      progress=False, workers=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.npy"]
