@@ -365,6 +365,43 @@ def test_groups_mismatch_before_rank_complaint_message():
     assert str(info.value) == K3["order"][-3]["build"]["message"]
 
 
+# ------------------------------------- forced chunk shape + axis-wise activation
+@pytest.mark.parametrize("activation,filters", [("softmax", 3), ("glu", 4),
+                                                ("log_softmax", 2), ("sparsemax", 3)])
+def test_forced_chunk_shape_is_widened_along_w_for_axiswise_activations(rng, activation,
+                                                                        filters):
+    layer = Conv3D(filters, 3, padding="same", activation=activation,
+                   data_format="channels_first")
+    x = rng.standard_normal((2, 2, 6, 7, 8)).astype(np.float32)
+    whole = layer(x)
+    chunked = layer(x, chunk_shape=(2, 3, 3))
+    assert layer.last_stats.tiles == 2 * 3 * 3  # D and H split; W whole
+    assert_close(chunked, whole)
+    plan = plan_job(layer.job(x.shape), "direct", chunk_shape=(2, 3, 3), workers=1)
+    assert plan.tile_shape == (2, 3, 8)
+    assert plan.summary(layer.job(x.shape))["notes"] == [
+        f"chunk_shape W widened from 3 to the whole axis (8): the '{activation}' "
+        "activation acts along W under channels_first"]
+
+
+def test_forced_chunk_shape_note_in_report_and_on_stderr(tmp_path, rng):
+    a = rng.standard_normal((1, 2, 6, 6, 7)).astype(np.float32)
+    np.save(tmp_path / "in.npy", a)
+    base = ["run", str(tmp_path / "in.npy"), "--filters", "3", "--kernel-size", "3",
+            "--padding", "same", "--activation", "softmax", "--data-format", "channels_first",
+            "--seed", "1", "--no-progress", "--workers", "2"]
+    r = CliRunner().invoke(cli, [*base[:2], str(tmp_path / "whole.npy"), *base[2:]])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(cli, [*base[:2], str(tmp_path / "tiled.npy"), *base[2:],
+                                 "--chunk-shape", "2,2,2", "--report",
+                                 str(tmp_path / "r.json")])
+    assert r.exit_code == 0, r.output
+    assert "note: chunk_shape W widened from 2 to the whole axis (7)" in r.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["plan"]["tile_shape"] == [2, 2, 7] and report["plan"]["notes"]
+    assert_close(np.load(tmp_path / "tiled.npy"), np.load(tmp_path / "whole.npy"))
+
+
 # --------------------------------------------------- conv3d shape with glu
 @pytest.mark.parametrize("case", K3["glu"], ids=lambda c: f"{c['kwargs']}{c['input_shape']}")
 def test_glu_shapes_and_errors_match_keras(case):
