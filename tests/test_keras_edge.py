@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import FIXTURES, assert_close
-from conv3d_cli.api import apply_to_file, build_layer, describe
+from conv3d_cli.api import apply_to_file, build_layer, describe, infer_class
 from conv3d_cli.cli.main import cli
 from conv3d_cli.engine import plan_job
 from conv3d_cli.errors import ArgumentError, ShapeError, WeightsError
@@ -363,6 +363,62 @@ def test_groups_mismatch_before_rank_complaint_message():
     with pytest.raises(ShapeError) as info:
         Conv3D(4, 3, groups=2).build((8, 8, 8, 3))
     assert str(info.value) == K3["order"][-3]["build"]["message"]
+
+
+# ------------------------------------------------------- --config class inference
+@pytest.mark.parametrize("flavour", ["keras3_jax", "tf_keras2"])
+def test_the_keys_every_keras_writes_infer_the_right_class(flavour):
+    # tf.keras 2 writes `groups` into a Conv3DTranspose config too.
+    for name, keys in KERAS[flavour]["config_keys"].items():
+        assert infer_class(dict.fromkeys(keys))[0] == name
+
+
+def test_get_config_writes_keras3_keys():
+    keys = K3["config_keys"]
+    assert sorted(Conv3D(2, 3).get_config()) == keys["Conv3D"]
+    assert sorted(Conv3DTranspose(2, 3).get_config()) == keys["Conv3DTranspose"]
+
+
+def _bare(cls, **kw):
+    return json.loads(json.dumps(cls(2, 3, **kw).get_config()))
+
+
+def test_bare_config_class_is_inferred_from_its_keys(tmp_path):
+    cases = [
+        (_bare(Conv3DTranspose, strides=2, padding="same"), "Conv3DTranspose",
+         "inferred from output_padding in --config"),
+        # tf.keras 2 writes groups: 1 into a Conv3DTranspose config as well.
+        ({**_bare(Conv3DTranspose, strides=2), "groups": 1}, "Conv3DTranspose",
+         "inferred from output_padding in --config"),
+        (_bare(Conv3D), "Conv3D", "inferred from groups in --config"),
+        ({"filters": 2, "kernel_size": 3}, "Conv3D", "default (Conv3D)"),
+        ({"class_name": "Conv3DTranspose", "config": _bare(Conv3DTranspose)},
+         "Conv3DTranspose", "class_name in --config"),
+    ]
+    for config, name, source in cases:
+        path = tmp_path / "layer.json"
+        path.write_text(json.dumps(config))
+        layer = build_layer(config=str(path))
+        assert (layer.keras_name, layer.layer_class_source) == (name, source)
+    layer = build_layer(config=_bare(Conv3DTranspose))
+    assert layer.layer_class_source == "inferred from output_padding in the config"
+    # --layer wins over the keys.
+    layer = build_layer(layer="Conv3DTranspose", config=_bare(Conv3D))
+    assert (layer.keras_name, layer.layer_class_source) == ("Conv3DTranspose", "--layer")
+
+
+def test_report_says_which_class_was_chosen(tmp_path, rng):
+    np.save(tmp_path / "in.npy", rng.standard_normal((6, 6, 6)).astype(np.float32))
+    (tmp_path / "t.json").write_text(json.dumps(_bare(Conv3DTranspose, strides=2,
+                                                      padding="same")))
+    r = CliRunner().invoke(cli, ["run", str(tmp_path / "in.npy"), str(tmp_path / "out.npy"),
+                                 "--config", str(tmp_path / "t.json"), "--seed", "0",
+                                 "--report", "-", "-q"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.output)
+    assert report["layer"]["class_name"] == "Conv3DTranspose"
+    assert report["layer_class_source"] == "inferred from output_padding in --config"
+    assert report["file_output_shape"] == [12, 12, 12, 2]
 
 
 # ------------------------------------- forced chunk shape + axis-wise activation
