@@ -60,10 +60,12 @@ def build_layer(layer=None, config=None, overrides=None, weights=None, seed=None
     random initializers that have no seed of their own.
     """
     class_name, cfg = (None, {})
+    where = "--config" if isinstance(config, str) else "the config"
     if isinstance(config, str):
         class_name, cfg = load_config_file(config)
     elif isinstance(config, dict):
         class_name, cfg = convmod.split_serialized(config)
+    source = f"class_name in {where}" if class_name is not None else None
     keras2 = convmod.looks_like_keras2(cfg) if cfg else False
     w = weights
     if isinstance(weights, (str, os.PathLike)):
@@ -74,8 +76,10 @@ def build_layer(layer=None, config=None, overrides=None, weights=None, seed=None
                     raise ArgumentError(f"--config and a model file ({weights}) both give the "
                                         "layer's config; use one")
                 class_name, cfg, keras2 = entry.class_name, dict(entry.config), entry.keras2
+                source = f"the model file {weights}"
             elif class_name is None and layer is None:
                 class_name = entry.class_name
+                source = f"the model file {weights}"
         else:
             if layer_name is not None:
                 raise ArgumentError("--layer-name needs a Keras model or weights file "
@@ -84,8 +88,14 @@ def build_layer(layer=None, config=None, overrides=None, weights=None, seed=None
     if layer is not None and class_name is not None and \
             convmod.layer_class(layer) is not convmod.layer_class(class_name):
         raise ArgumentError(f"--layer {layer} contradicts the file's class {class_name}")
-    cls = convmod.layer_class(layer or class_name or "Conv3D")
+    if layer is not None:
+        source = "--layer"
+    elif class_name is None:
+        class_name, source = infer_class(cfg, where)
+    cls = convmod.layer_class(layer or class_name)
     args = {**cfg, **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    if w is not None:
+        args.pop("weights", None)  # --weights wins over a config's initial weights
     f_axis = -1 if cls is convmod.Conv3D else -2  # filters axis of the kernel
     if w is not None:
         kernel = np.asarray(w["kernel"])
@@ -121,7 +131,21 @@ def build_layer(layer=None, config=None, overrides=None, weights=None, seed=None
         lyr.set_weights([kernel, bias] if lyr.use_bias else [kernel])
         if apply_constraints:
             lyr.apply_constraints()
+    lyr.layer_class_source = source
     return lyr
+
+
+def infer_class(cfg, where="the config"):
+    """(class name, why) for a bare ``get_config()`` dict, which names no class.
+
+    Only Conv3DTranspose has ``output_padding`` (tf.keras 2 writes ``groups: 1``
+    into its config too); only Conv3D has ``groups`` otherwise. Neither: Conv3D.
+    """
+    if "output_padding" in cfg:
+        return "Conv3DTranspose", f"inferred from output_padding in {where}"
+    if "groups" in cfg:
+        return "Conv3D", f"inferred from groups in {where}"
+    return "Conv3D", "default (Conv3D)"
 
 
 def _with_seed(identifier, seed, argument):
@@ -136,7 +160,10 @@ def _with_seed(identifier, seed, argument):
 
 def _file_layout(vol, layer):
     # A NIfTI image is (X, Y, Z[, C]) whatever the layer's data_format.
-    return Layout(vol.shape, "channels_last" if vol.is_nifti else layer.data_format)
+    try:
+        return Layout(vol.shape, "channels_last" if vol.is_nifti else layer.data_format)
+    except ShapeError as exc:
+        raise ShapeError(f"INPUT {vol.spec}: {exc}") from None
 
 
 def _keras_shape(layout, layer):
@@ -255,6 +282,7 @@ def apply_to_file(layer, input_spec, output_spec, overwrite=False, method="auto"
         "file_output_shape": info["file_output_shape"],
         "params": info["params"], "layer": {"class_name": layer.keras_name,
                                             "config": layer.get_config()},
+        "layer_class_source": getattr(layer, "layer_class_source", None),
         "method": stats.method, "tiles": stats.tiles, "skipped_tiles": len(skip),
         "workers": stats.workers, "scheduler": scheduler,
         "seconds": round(time.perf_counter() - start, 4),

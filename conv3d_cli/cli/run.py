@@ -61,6 +61,8 @@ def run(input, output, save_weights, report, overwrite, scheduler, resume, progr
             with open(report, "w") as fh:
                 fh.write(text + "\n")
     if not quiet and report != "-":
+        for note in result["plan"].get("notes", []):
+            click.echo(f"note: {note}", err=True)
         click.echo(f"wrote {result['output']} {tuple(result['file_output_shape'])} "
                    f"({result['method']}, {result['tiles']} tiles, {result['workers']} "
                    f"workers, {result['seconds']:.2f} s)", err=True)

@@ -66,6 +66,7 @@ def shape(input, input_shape, as_json, **kwargs):
         f"(limit {_size(plan['memory_limit'])})",
         f"work           {plan['flops'] / 1e9:.3g} GFLOP",
     ]
+    lines += [f"note           {note}" for note in plan.get("notes", [])]
     click.echo("\n".join(lines))
 
 

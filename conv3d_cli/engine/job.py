@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..errors import ShapeError
 from ..shapes import CONV, flat_batch
 
 
@@ -45,9 +46,19 @@ class Job:
 
     @property
     def out_canonical_shape(self) -> tuple:
-        """Canonical output shape after the activation (glu halves Keras's last axis)."""
+        """Canonical output shape after the activation (glu halves Keras's last axis).
+
+        The one place that decides the output shape: ``conv3d shape``, a run
+        over a file and a call on an array all use it, so they print, produce
+        or refuse the same thing.
+        """
         shape = [self.batch, *self.out_spatial, self.filters]
         if self.activation.halves_last_axis:
+            if shape[self.act_axis] % 2:
+                raise ShapeError(
+                    f"The '{self.activation.name}' activation splits the last axis in two "
+                    "halves: axis size must be divisible by 2. Received: "
+                    f"x.shape={tuple(self.keras_output_shape)} with axis=-1")
             shape[self.act_axis] //= 2
         return tuple(shape)
 

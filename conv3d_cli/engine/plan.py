@@ -55,6 +55,7 @@ class Plan:
     memory_limit: int
     process_bytes: int = 0   # all processes' baseline (parent and forked workers)
     threads: int = 1         # BLAS/FFT threads per tile: workers x threads <= --workers
+    notes: tuple = ()        # what the planner changed from what was asked, for the user
 
     @property
     def peak_bytes(self):
@@ -65,7 +66,8 @@ class Plan:
                 "batch_per_tile": self.batch_per_tile, "tiles": len(self.tiles),
                 "workers": self.workers, "threads_per_worker": self.threads,
                 "memory_limit": self.memory_limit,
-                "estimated_peak_bytes": self.peak_bytes, "flops": job.flops()}
+                "estimated_peak_bytes": self.peak_bytes, "flops": job.flops(),
+                "notes": list(self.notes)}
 
 
 def parse_memory(text) -> int:
@@ -152,12 +154,16 @@ def make_plan(job, method, memory_limit=None, workers=1, chunk_shape=None,
     budget = (limit - base) // max(workers, 1)
     min_len = [max(4, 2 * (g.ke - 1)) for g in job.geoms]
     nb = 1
+    notes = []
     if chunk_shape is not None:
         tile = [min(c, n) for c, n in zip(chunk_shape, out)]
         if whole is not None and tile[whole] < out[whole]:
-            raise ArgumentError(
-                f"`chunk_shape` must span the whole W axis ({out[whole]}): the "
-                f"'{job.activation.name}' activation acts along it under channels_first.")
+            # The activation needs whole rows along W: widen the tile rather
+            # than refuse the run.
+            notes.append(
+                f"chunk_shape W widened from {tile[whole]} to the whole axis ({out[whole]}): "
+                f"the '{job.activation.name}' activation acts along W under channels_first")
+            tile[whole] = out[whole]
     else:
         tile = list(out)
         while tile_bytes(job, 1, tile, method) > budget:
@@ -194,7 +200,7 @@ def make_plan(job, method, memory_limit=None, workers=1, chunk_shape=None,
                 tile_bytes=tile_bytes(job, nb, tile, method),
                 workers=max(1, min(workers, len(tiles))),
                 threads=max(1, workers // max(1, min(workers, len(tiles)))),
-                memory_limit=limit, process_bytes=base)
+                memory_limit=limit, process_bytes=base, notes=tuple(notes))
 
 
 def _axis_to_split(tile, whole, order, min_len):
@@ -219,5 +225,6 @@ def _count(batch, nb, out, tile):
 
 
 def _boxes(out, tile):
-    ranges = [[(a, min(a + t, n)) for a in range(0, n, t)] for n, t in zip(out, tile)]
+    # An empty output (a zero-length axis) has no boxes.
+    ranges = [[(a, min(a + t, n)) for a in range(0, n, max(t, 1))] for n, t in zip(out, tile)]
     return [(r0, r1, r2) for r0 in ranges[0] for r1 in ranges[1] for r2 in ranges[2]]

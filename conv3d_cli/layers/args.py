@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ArgumentError
+from ..errors import ArgumentError, brief
 
 SUPPORTED_DTYPES = ("float32", "float64")
 
@@ -16,7 +16,7 @@ SUPPORTED_DTYPES = ("float32", "float64")
 def standardize_tuple(value, n, name, allow_zero=False):
     """An int or n ints -> a tuple of n ints (``keras.utils.standardize_tuple``)."""
     error_msg = (f"The `{name}` argument must be a tuple of {n} integers. "
-                 f"Received {name}={value}")
+                 f"Received {name}={brief(value)}")
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         value_tuple = (int(value),) * n
     else:
@@ -31,7 +31,7 @@ def standardize_tuple(value, n, name, allow_zero=False):
         for v in value_tuple:
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
                 raise ArgumentError(
-                    error_msg + f" including element {v} of type {type(v)}")
+                    error_msg + f" including element {brief(v)} of type {type(v)}")
         value_tuple = tuple(int(v) for v in value_tuple)
     if allow_zero:
         bad, req = {v for v in value_tuple if v < 0}, ">= 0"
@@ -93,5 +93,5 @@ def positive_int(value, name):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
         raise ArgumentError(
             f"Invalid value for argument `{name}`. Expected a strictly positive value. "
-            f"Received {name}={value}.")
+            f"Received {name}={brief(value)}.")
     return int(value)
