@@ -66,9 +66,10 @@ def _register():
     from .export import export
     from .info import info
     from .layers import layers
+    from .preview import preview
     from .run import run
     from .shape import shape
-    for command in (run, shape, info, layers, export):
+    for command in (run, shape, info, preview, layers, export):
         cli.add_command(command)
 
 
