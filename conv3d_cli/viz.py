@@ -175,7 +175,7 @@ def _fixed_indices(name, shape, channel_axis, frame_axes, channel, frame):
                                 f"{channel_axis} (shape {shape}); expected 0 to {n - 1}")
         fixed[channel_axis] = c
         if n > 1:
-            label.append(f"channel {c}/{n}")
+            label.append(f"channel {c} (0-{n - 1})")
     if frame_axes:
         f = 0 if frame is None else frame
         counts = tuple(shape[a] for a in frame_axes)
@@ -185,7 +185,7 @@ def _fixed_indices(name, shape, channel_axis, frame_axes, channel, frame):
                                 f"expected 0 to {total - 1}")
         fixed.update(zip(frame_axes, (int(i) for i in np.unravel_index(f, counts))))
         if total > 1:
-            label.append(f"frame {f}/{total}")
+            label.append(f"frame {f} (0-{total - 1})")
     return fixed, ", ".join(label)
 
 
