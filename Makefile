@@ -41,6 +41,8 @@ demo: $(STAMP)
 	$(CONV3D) run $(S)/brain.nii.gz $(DEMO)/brain_edges.zarr --weights $(DEMO)/sobel3.keras \
 		--scheduler local --workers 2 --overwrite
 	$(CONV3D) info $(DEMO)/brain_down.nii.gz
+	$(CONV3D) preview $(S)/brain.nii.gz $(DEMO)/brain_down.nii.gz $(DEMO)/brain_edges.nii.gz \
+		--channel 1 -o $(DEMO)/brain_preview.png --overwrite
 	@echo
 	@echo "Wrote:"; ls -l $(DEMO)
 
