@@ -14,6 +14,7 @@ from ..io import open_volume
 from ..layers.args import standardize_data_format
 
 ROW_INCHES = 2.6  # height of a row's tallest panel
+MAX_PANELS_INCHES = 14  # width of a row's three panels, at most (elongated volumes)
 DPI = 100
 BACKGROUND = (0.12, 0.12, 0.28)  # samples outside a volume
 # Per plane: the world axis it holds fixed, and those drawn across and up.
@@ -116,7 +117,8 @@ def preview(volumes, output, at, at_voxel, channel, frame, data_format, window, 
         grid = viz.world_grid(sources, max_size)
         if not any(s.contains(point) for s in sources):
             raise ArgumentError(f"the point {_fmt(point)} lies outside every volume "
-                                f"(together they span {_span(grid)})")
+                                f"(together they span {_span(grid)}; --at is in world "
+                                "units, --at-voxel takes voxel indices)")
         shown = [_sample_row(vol, s, grid, point, window, vmin, vmax) for vol, s in rows]
     finally:
         for vol, _ in rows:
@@ -185,7 +187,7 @@ def _notes(source, point):
         yield (f"{source.name} has no geometry (not NIfTI or OME-Zarr): shown with voxel "
                "(i, j, k) = world (x, y, z)")
     if not source.contains(point):
-        yield f"the point {_fmt(point)} lies outside {source.name}: its row is empty"
+        yield f"the point {_fmt(point)} lies outside {source.name}"
 
 
 def _fmt(values):
@@ -198,13 +200,14 @@ def _span(grid):
 
 
 def _row_title(source, point):
-    unit = source.unit or ("voxels" if source.geometry == "none" else "")
     size = "×".join(f"{v:.3g}" for v in source.voxel_size)
-    parts = [source.name, "×".join(map(str, source.shape)), f"voxel {size} {unit}".rstrip()]
-    if source.label:
-        parts.append(source.label)
+    parts = [source.name, "×".join(map(str, source.shape))]
     if source.geometry == "none":
         parts.append("no geometry: voxel = world")
+    else:
+        parts.append(f"voxel {size} {source.unit}".rstrip())
+    if source.label:
+        parts.append(source.label)
     return "   ".join(parts) + f"\npoint at voxel {_fmt(source.voxel(point))}"
 
 
@@ -215,8 +218,8 @@ def _render(rows, grid, point, output, cmap):
 
     widths = [grid.extent(PANEL_H[p])[1] - grid.extent(PANEL_H[p])[0] for p in viz.PLANES]
     heights = [grid.extent(PANEL_V[p])[1] - grid.extent(PANEL_V[p])[0] for p in viz.PLANES]
-    scale = ROW_INCHES / max(heights)  # inches per world unit
-    size = (sum(widths) * scale + 2.2, len(rows) * (ROW_INCHES + 1.2) + 0.4)
+    scale = min(ROW_INCHES / max(heights), MAX_PANELS_INCHES / sum(widths))  # inches per unit
+    size = (sum(widths) * scale + 2.2, len(rows) * (max(heights) * scale + 1.2) + 0.4)
     fig = Figure(figsize=[round(v * DPI) / DPI for v in size], dpi=DPI,  # whole pixels
                  layout="constrained")
     FigureCanvasAgg(fig)
