@@ -70,10 +70,10 @@ ifneq ($(filter batch,$(MAKECMDGOALS)),)
 ifeq ($(and $(IN),$(OUT)),)
 $(error usage: make batch IN=dir OUT=dir [ARGS='conv3d run options'] [SUFFIX=_x] [EXT=.nii.gz])
 endif
-# Words of ARGS that may name files: option values (also after '=') that hold a '/' or
-# end in a file extension.
+# Option values in ARGS (also after '='); those that may name files: with a file extension,
+# or naming one in the caller's directory (not e.g. --layer-name encoder/conv3d_2).
 BATCH_VALUES := $(filter-out -%,$(foreach w,$(ARGS),$(if $(findstring =,$(w)),$(lastword $(subst =, ,$(w))),$(w))))
-BATCH_PATHS  := $(foreach w,$(BATCH_VALUES),$(if $(or $(findstring /,$(w)),$(filter %.npz %.npy %.json %.keras %.h5 %.hdf5 %.nii %.gz %.zarr,$(w))),$(w)))
+BATCH_PATHS  := $(foreach w,$(BATCH_VALUES),$(if $(or $(filter %.npz %.npy %.json %.keras %.h5 %.hdf5,$(w)),$(wildcard $(PWD)/$(w))),$(w)))
 BATCH_ELSEWHERE := $(and $(realpath $(PWD)),$(filter-out $(realpath $(CURDIR)),$(realpath $(PWD))))
 BATCH_RELATIVE  := $(filter-out /% ~%,$(IN) $(OUT) $(BATCH_PATHS))
 ifneq ($(and $(BATCH_ELSEWHERE),$(BATCH_RELATIVE)),)
@@ -100,7 +100,7 @@ BATCH_OUT := $(foreach f,$(BATCH_IN),$(call batch_out,$(f)))
 ifneq ($(words $(BATCH_OUT)),$(words $(sort $(BATCH_OUT))))
 $(error batch: two inputs in $(IN) give the same output name; set SUFFIX or EXT differently)
 endif
-BATCH_FILES := $(foreach f,$(wildcard $(BATCH_PATHS)),$(if $(wildcard $(f)/.),,$(f)))
+BATCH_FILES := $(foreach f,$(wildcard $(BATCH_VALUES)),$(if $(wildcard $(f)/.),,$(f)))
 BATCH_SIG   := conv3d run ARGS: $(ARGS)$(if $(BATCH_FILES), files: $(shell cksum $(BATCH_FILES)))
 ifndef NPROC
 NPROC := $(shell nproc 2>/dev/null || getconf _NPROCESSORS_ONLN 2>/dev/null || echo 1)
@@ -128,7 +128,7 @@ ifneq ($(BATCH_SIG),$(file <$(BATCH_STAMP)))
 $(BATCH_STAMP): FORCE
 endif
 $(BATCH_STAMP): | $(OUT)
-	$(file >$@,$(BATCH_SIG))
+	@printf '%s\n' '$(subst ','\'',$(BATCH_SIG))' > $@
 
 $(OUT):
 	mkdir -p $@

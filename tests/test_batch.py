@@ -119,6 +119,11 @@ def test_relative_paths_under_make_C_are_refused(scans):
         code, out, err = make(tmp, *args)
         assert code != 0, args
         assert f"make runs in {REPO} (make -C), not in {tmp}: give absolute paths" in err
+    # A value with a '/' that names no file is no path; a dry run writes nothing.
+    code, out, err = make(tmp, "-n", f"IN={tmp}/in", f"OUT={tmp}/out",
+                          f"ARGS=--weights {tmp}/m.keras --layer-name encoder/conv3d_2")
+    assert code == 0, err
+    assert f"--weights {tmp}/m.keras --layer-name encoder/conv3d_2" in out
     assert not (tmp / "out").exists()
 
 
