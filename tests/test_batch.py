@@ -139,8 +139,11 @@ def test_zarr_inputs_suffix_and_ext(tmp_path):
     code, out, err = make(tmp_path, *io)  # the output keeps its input's name and format
     assert code == 0, err
     assert computed(out) == [f"{tmp_path}/out/s.zarr"]
+    assert out.count("--workers") == 1  # ARGS's own --workers, none added
     first = zarr.open_array(store=str(tmp_path / "out" / "s.zarr"), path="data", mode="r")[...]
     assert first.shape == (4, 4, 3)
+    code, out, err = make(tmp_path, *io)  # a store older than its output is up to date
+    assert code == 0 and computed(out) == [], out
 
     # Rewriting a chunk leaves the store's directory mtime alone; it is still seen.
     zarr.open_array(store=str(tmp_path / "in" / "s.zarr"), mode="r+")[:3, :3] = 0
