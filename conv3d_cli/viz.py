@@ -89,7 +89,9 @@ def slice_source(vol, channel=None, frame=None, data_format="channels_last"):
     no frame axis takes ``frame`` as its channel index (a 4-D NIfTI
     ``(X, Y, Z, T)`` shows frame T through either option).
     """
-    shape, name = tuple(vol.shape), os.path.basename(str(vol.spec).rstrip("/"))
+    shape = tuple(vol.shape)
+    name = os.path.basename(vol.spec.path.rstrip("/")) + (
+        f":{vol.spec.dataset}" if vol.spec.dataset else "")
     rank = len(shape)
     unit, geometry = "", "none"
     if vol.spec.format == "nifti":

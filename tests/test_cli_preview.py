@@ -152,6 +152,22 @@ def test_npy_has_no_geometry_and_says_so(tmp_path):
     check_bright_spot(tmp_path, json.loads((tmp_path / "p.json").read_text()), [1, 5, 2], [0])
 
 
+def test_hdf5_dataset_channels_first(tmp_path):
+    import h5py
+    a = np.zeros((3, 6, 7, 8), np.float32)  # C, D, H, W
+    a[2, 4, 1, 6] = 1
+    with h5py.File(tmp_path / "f.h5", "w") as f:
+        f["grp/vol"] = a
+    r = invoke("preview", f"{tmp_path}/f.h5:/grp/vol", "--data-format", "channels_first",
+               "--channel", 2, "--at", "4,1,6", "-o", tmp_path / "p.png",
+               "--json", tmp_path / "p.json", "-q")
+    assert r.exit_code == 0, r.output
+    layout = json.loads((tmp_path / "p.json").read_text())
+    assert layout["rows"][0]["name"] == "f.h5:/grp/vol"
+    assert layout["rows"][0]["fixed_indices"] == {"0": 2}
+    check_bright_spot(tmp_path, layout, [4, 1, 6], [0])
+
+
 def test_ome_zarr_uses_scale_and_translation(tmp_path):
     zarr = pytest.importorskip("zarr")
     a = np.zeros((2, 6, 8, 10), np.float32)  # c, z, y, x
