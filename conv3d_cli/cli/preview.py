@@ -97,21 +97,9 @@ def preview(volumes, output, at, at_voxel, channel, frame, data_format, window, 
     if vmin is not None and vmax is not None and vmax <= vmin:
         raise ArgumentError(f"--vmax must be above --vmin. Received: vmin={vmin}, vmax={vmax}")
     _check_output(output, overwrite)
-    plt = _require_matplotlib()
-    colormap = _colormap(plt, cmap)
-    data_format = standardize_data_format(data_format)
-    rows, sources = [], []
-    for spec in volumes:
-        vol = open_volume(spec)
-        try:
-            source = viz.slice_source(vol, channel, frame, data_format)
-            sources.append(source)
-            rows.append((vol, source))
-        except BaseException:
-            vol.close()
-            for v, _ in rows:
-                v.close()
-            raise
+    colormap = _colormap(_require_matplotlib(), cmap)
+    opened = _open_all(volumes, channel, frame, standardize_data_format(data_format))
+    sources = [source for _, source in opened]
     try:
         point = _point(sources[0], at, at_voxel)
         grid = viz.world_grid(sources, max_size)
@@ -119,9 +107,9 @@ def preview(volumes, output, at, at_voxel, channel, frame, data_format, window, 
             raise ArgumentError(f"the point {_fmt(point)} lies outside every volume "
                                 f"(together they span {_span(grid)}; --at is in world "
                                 "units, --at-voxel takes voxel indices)")
-        shown = [_sample_row(vol, s, grid, point, window, vmin, vmax) for vol, s in rows]
+        shown = [_sample_row(vol, s, grid, point, window, vmin, vmax) for vol, s in opened]
     finally:
-        for vol, _ in rows:
+        for vol, _ in opened:
             vol.close()
     if not quiet:
         for s in sources:
@@ -129,15 +117,34 @@ def preview(volumes, output, at, at_voxel, channel, frame, data_format, window, 
                 click.echo(f"note: {note}", err=True)
     layout = _render(shown, grid, point, output, colormap)
     if json_path:
-        text = json.dumps(layout, indent=2)
-        if json_path == "-":
-            click.echo(text)
-        else:
-            with open(json_path, "w") as fh:
-                fh.write(text + "\n")
+        _write_json(json_path, layout)
     if not quiet:
         click.echo(f"wrote {output} ({layout['width']}x{layout['height']} px, "
                    f"{len(shown)} volume(s) at {_fmt(point)})", err=True)
+
+
+def _open_all(volumes, channel, frame, data_format):
+    """[(open volume, its SliceSource)]; nothing left open if one fails."""
+    opened = []
+    try:
+        for spec in volumes:
+            vol = open_volume(spec)
+            opened.append((vol, None))
+            opened[-1] = (vol, viz.slice_source(vol, channel, frame, data_format))
+    except BaseException:
+        for vol, _ in opened:
+            vol.close()
+        raise
+    return opened
+
+
+def _write_json(path, layout):
+    text = json.dumps(layout, indent=2)
+    if path == "-":
+        click.echo(text)
+        return
+    with open(path, "w") as fh:
+        fh.write(text + "\n")
 
 
 def _check_output(output, overwrite):
