@@ -51,13 +51,16 @@ def _fail(message, code=1):
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
 def cli(debug):
     """Run one Keras Conv3D or Conv3DTranspose layer over a volume, exactly as Keras
-    would, without Keras: NIfTI, HDF5 and .npy, larger than memory, in parallel.
+    would, without Keras: NIfTI, HDF5, .npy and Zarr (OME-Zarr), larger than
+    memory, in parallel.
 
     \b
     Examples:
       conv3d run scan.nii.gz out.nii.gz --filters 1 --kernel-size 3 --padding same
+      conv3d run em.zarr em_edges.zarr --weights edges.keras --workers 8
       conv3d shape scan.nii.gz --filters 8 --kernel-size 3 --strides 2
       conv3d info scan.nii.gz
+      conv3d preview scan.nii.gz out.nii.gz -o slices.png
       conv3d layers model.keras
     """
 
@@ -66,9 +69,10 @@ def _register():
     from .export import export
     from .info import info
     from .layers import layers
+    from .preview import preview
     from .run import run
     from .shape import shape
-    for command in (run, shape, info, layers, export):
+    for command in (run, shape, info, preview, layers, export):
         cli.add_command(command)
 
 

@@ -23,7 +23,7 @@ from .options import engine_options, layer_from_kwargs, layer_options
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--scheduler", default=None, metavar="ADDRESS|local",
               help="Run the tiles on a Dask cluster (tcp://host:8786), or 'local' for a "
-                   "LocalCluster here. Needs conv3d-cli[distributed].")
+                   "LocalCluster here. Needs dask.distributed (the distributed extra).")
 @click.option("--resume", is_flag=True,
               help="Continue an interrupted run into a Zarr OUTPUT, skipping written tiles.")
 @click.option("--progress/--no-progress", default=True, show_default=True,

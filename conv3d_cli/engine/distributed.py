@@ -18,7 +18,8 @@ def require_distributed():
         import distributed
     except ImportError:
         raise ArgumentError(
-            "--scheduler needs dask.distributed: pip install \"conv3d-cli[distributed]\"") from None
+            "--scheduler needs dask.distributed: pip install \"dask[distributed]\" zarr (or "
+            "pip install \".[distributed]\" in the conv3d clone)") from None
     return distributed
 
 

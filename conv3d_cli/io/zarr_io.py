@@ -34,7 +34,8 @@ def require_zarr():
         import zarr
     except ImportError:
         raise ArgumentError(
-            "Zarr volumes need the zarr package: pip install \"conv3d-cli[distributed]\"") from None
+            "Zarr volumes need the zarr package: pip install zarr (or pip install "
+            "\".[distributed]\" in the conv3d clone)") from None
     return zarr
 
 
