@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from . import engine, shapes
+from . import engine, shapes, signals
 from .errors import ArgumentError, ShapeError, WeightsError
 from .geometry import output_affine
 from .io import OutputTarget, open_volume, parse_spec
@@ -241,11 +241,13 @@ def apply_to_file(layer, input_spec, output_spec, overwrite=False, method="auto"
             bar.close()
         target.commit()
     except BaseException:
-        if target is not None:
-            target.abort()
+        with signals.shielded():
+            if target is not None:
+                target.abort()
         raise
     finally:
-        vol.close()
+        with signals.shielded():
+            vol.close()
     losses = layer.regularization_losses(stats.activity_sums,
                                          batch_size=info["input_shape"][0])
     return {

@@ -54,6 +54,9 @@ def _decompress(path):
     except (OSError, EOFError) as exc:
         os.unlink(tmp)
         raise VolumeError(f"{path}: corrupt or truncated gzip data ({exc})") from None
+    except BaseException:
+        os.unlink(tmp)
+        raise
     return tmp
 
 
