@@ -11,12 +11,14 @@ byte-identical, and that no worker survives.
 
 import glob
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
 
+import h5py
 import nibabel as nib
 import numpy as np
 import pytest
@@ -84,7 +86,9 @@ def _ready(proc, out):
     if proc.poll() is not None:
         pytest.fail(f"the run ended before it could be signalled: {proc.stderr.read()}")
     workers = _children(proc.pid)
-    temp = glob.glob(os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.conv3d-*"))
+    path = str(out).split(".h5:")[0] + (".h5" if ".h5:" in str(out) else "")
+    temp = glob.glob(os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.conv3d-*"))
+    temp += glob.glob(os.path.join(path + ".partial", ".conv3d", "plan.json"))
     return workers if len(workers) == 2 and temp else None
 
 
@@ -124,23 +128,72 @@ def _finish(proc, workers):
     return err
 
 
-@pytest.mark.parametrize("signum,group", [
-    (signal.SIGTERM, False), (signal.SIGINT, False), (signal.SIGHUP, False),
-    (signal.SIGINT, True)], ids=["TERM", "INT", "HUP", "INT-group"])
-def test_signal_stops_run_cleans_up_and_keeps_existing_output(scan, tmp_path, signum, group):
-    out, tmpdir = tmp_path / "out" / "result.nii", tmp_path / "tmpdir"
+def _existing(out):
+    """An earlier OUTPUT (an HDF5 file with another dataset, or a file/store); its bytes."""
+    if out.suffix == ".zarr":
+        out.mkdir()
+        (out / "zarr.json").write_text("an earlier store")
+        return lambda: (out / "zarr.json").read_text()
+    if out.suffix == ".h5":
+        with h5py.File(out, "w") as f:
+            f["keep"] = np.arange(10.0)
+    else:
+        out.write_bytes(b"an earlier result")
+    return out.read_bytes
+
+
+@pytest.mark.parametrize("signum,group,name", [
+    (signal.SIGTERM, False, "result.nii"), (signal.SIGINT, False, "result.h5"),
+    (signal.SIGHUP, False, "result.zarr"), (signal.SIGINT, True, "result.h5")],
+    ids=["TERM", "INT-hdf5", "HUP-zarr", "INT-group-hdf5"])
+def test_signal_stops_run_cleans_up_and_keeps_existing_output(scan, tmp_path, signum, group,
+                                                               name):
+    out, tmpdir = tmp_path / "out" / name, tmp_path / "tmpdir"
     out.parent.mkdir()
     tmpdir.mkdir()
-    out.write_bytes(b"an earlier result")
-    proc = _launch(scan, out, tmpdir, new_session=group)
-    [workers] = _wait_ready([(proc, out)])
+    contents = _existing(out)
+    before = contents()
+    spec = f"{out}:/new" if out.suffix == ".h5" else out
+    proc = _launch(scan, spec, tmpdir, new_session=group)
+    [workers] = _wait_ready([(proc, spec)])
     (os.killpg if group else os.kill)(proc.pid, signum)
     err = _finish(proc, workers)
-    name = signal.Signals(signum).name
+    kept = "no output was written"
+    if out.suffix == ".zarr":
+        kept = (f"its partial output {out}.partial is kept: run again with --resume to "
+                "continue, or delete it")
+        shutil.rmtree(f"{out}.partial")
     assert proc.returncode == 128 + signum, err
-    assert err.strip() == f"Error: interrupted by {name}; no output was written"
-    assert out.read_bytes() == b"an earlier result"
+    assert err.strip() == f"Error: interrupted by {signal.Signals(signum).name}; {kept}"
+    assert contents() == before
     assert _ours(out.parent, tmpdir, scan.parent) == []
+
+
+def test_sigkill_leaves_temp_files_a_later_run_removes(scan, tmp_path, rng):
+    out = tmp_path / "result.nii"
+    tmpdir = tmp_path / "tmpdir"
+    tmpdir.mkdir()
+    proc = _launch(scan, out, tmpdir)
+    [workers] = _wait_ready([(proc, out)])
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=STOP_WITHIN)
+    deadline = time.monotonic() + 5  # the workers die with their parent
+    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [w for w in workers if _alive(w)]
+    stale = _ours(tmp_path, tmpdir)
+    assert stale, "a killed run leaves its temporary files"
+    # A file of another tool, and one that only looks like ours, are never removed.
+    (tmp_path / ".result.nii.conv3d-notapid.tmp").write_bytes(b"x")
+    (tmp_path / "notes.conv3d.txt").write_bytes(b"x")
+    np.save(tmp_path / "small.npy", rng.standard_normal((6, 6, 6)).astype(np.float32))
+    r = subprocess.run([sys.executable, "-m", "conv3d_cli.cli.main", "run",
+                        str(tmp_path / "small.npy"), str(tmp_path / "small_out.npy"),
+                        "--filters", "1", "--kernel-size", "3", "-q"],
+                       capture_output=True, text=True, env=_env(tmpdir), timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert _ours(tmp_path, tmpdir) == [str(tmp_path / ".result.nii.conv3d-notapid.tmp"),
+                                       str(tmp_path / "notes.conv3d.txt")]
 
 
 # In-process checks of the two ways Python can lose a signal's exception.

@@ -59,6 +59,19 @@ def _debug(ctx):
     return bool(root.params.get("debug")) or os.environ.get("CONV3D_DEBUG") == "1"
 
 
+def verbose_logging():
+    """``-v``: the library's log messages (``conv3d_cli`` logger) on stderr for this command."""
+    import logging
+    logger = logging.getLogger("conv3d_cli")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("conv3d: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        ctx.call_on_close(lambda: logger.removeHandler(handler))
+
+
 def _with_notes(message, exc):
     """The message and what the failed run kept (``__notes__``, e.g. a Zarr partial store)."""
     notes = getattr(exc, "__notes__", ())
