@@ -138,7 +138,7 @@ def test_stale_names_are_recognised_and_nothing_else(tmp_path):
              f".o.npy.conv3d-{dead}.tmp": True,                # an earlier version's name
              f".o.npy.conv3d-{dead}-123-abcdef.tmp": host == "abcdef",  # another host's run
              f".o.npy.conv3d-{os.getpid()}-1-{host}.tmp": False,  # this run
-             f".o.npy.conv3d-1-1-{host}.tmp": True,  # PID 1 exists but started at another time
+             f".o.npy.conv3d-1-999999999999-{host}.tmp": True,  # PID 1 started at another time
              f"o.npy.conv3d-{dead}.tmp": False,                # no leading dot
              f".o.npy.conv3d-{dead}.tmp.bak": False, "o.npy": False}
     for name, stale in names.items():

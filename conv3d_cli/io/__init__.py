@@ -22,7 +22,7 @@ from .hdf5 import (DEFAULT_DATASET, H5Writer, copy_dataset_into, existing_datase
 from .nifti import create_nifti, gzip_file, open_nifti
 from .npy import create_npy, open_npy
 from .paths import VolumeSpec, parse_spec
-from .tempfiles import check_writable_dir, folder_lock, place, remove_stale, temp_path
+from .tempfiles import FolderLock, check_writable_dir, place, remove_stale, temp_path
 
 log = logging.getLogger("conv3d_cli")
 
@@ -178,7 +178,7 @@ class OutputTarget:
 
     def _commit_hdf5(self, what):
         path = self.spec.path
-        with folder_lock(self.folder):
+        with FolderLock(self.folder):
             if has_hdf5_signature(path):
                 copy_dataset_into(self._tmp, self.dataset, path, self.overwrite,
                                   f"OUTPUT {path}:{self.dataset}")

@@ -165,7 +165,7 @@ def _rename_noreplace(src, dst):
     raise OSError(err, os.strerror(err), dst)
 
 
-class folder_lock:
+class FolderLock:
     """An exclusive ``flock`` on a folder: commits into one container file take turns.
 
     Waits (logging that it does) while another run holds it. File systems
