@@ -4,7 +4,6 @@ Every test checks what is left on disk afterwards: the output (or the
 untouched earlier one) and nothing named like the tool's temporary files.
 """
 
-import glob
 import gzip
 import json
 import os
@@ -13,6 +12,7 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 import zipfile
 
 import h5py
@@ -255,19 +255,41 @@ def test_hdf5_file_held_open_by_another_writer_is_never_replaced(npy, tmp_path, 
         np.testing.assert_array_equal(f["keep"][...], keep)
 
 
-def test_parallel_runs_into_one_hdf5_file_all_keep_their_dataset(npy, tmp_path, rng):
+# One writer of a run, made to commit at the same moment as three others.
+_WRITER = """
+import os, sys, time
+import numpy as np
+from conv3d_cli.io import OutputTarget
+target = OutputTarget(sys.argv[1])
+try:
+    target.create((8, 8, 8), np.float32)[:, :, :] = float(sys.argv[3])
+    while not os.path.exists(sys.argv[2]):
+        time.sleep(0.01)
+    target.commit()
+except BaseException:
+    target.abort()
+    raise
+"""
+
+
+def test_parallel_runs_into_one_hdf5_file_all_keep_their_dataset(tmp_path, rng):
     keep = _h5_with_keep(tmp_path / "o.h5", rng)
     for existing in (True, False):
         if not existing:
             os.unlink(tmp_path / "o.h5")
-        procs = [subprocess.Popen([sys.executable, "-m", "conv3d_cli.cli.main", "run", str(npy),
-                                   f"{tmp_path}/o.h5:/d{i}", "--filters", "1", "--kernel-size",
-                                   "3", "--seed", str(i), "-q", "--workers", "1"],
-                                  stderr=subprocess.PIPE, text=True) for i in range(4)]
+        go = tmp_path / f"go{existing}"
+        procs = [subprocess.Popen([sys.executable, "-c", _WRITER, f"{tmp_path}/o.h5:/d{i}",
+                                   str(go), str(i)], stderr=subprocess.PIPE, text=True)
+                 for i in range(4)]
+        deadline = time.monotonic() + 60
+        while len(_temps(tmp_path)) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        go.write_bytes(b"")
         for p in procs:
-            assert p.wait(timeout=120) == 0, p.stderr.read()
+            assert p.wait(timeout=60) == 0, p.stderr.read()
         with h5py.File(tmp_path / "o.h5", "r") as f:
             assert sorted(f) == ["d0", "d1", "d2", "d3"] + (["keep", "new"] if existing else [])
+            assert [f[f"d{i}"][0, 0, 0] for i in range(4)] == [0, 1, 2, 3]
             if existing:
                 np.testing.assert_array_equal(f["keep"][...], keep)
     assert _temps(tmp_path) == []
