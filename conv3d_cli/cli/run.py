@@ -24,7 +24,9 @@ from .options import engine_options, layer_from_kwargs, layer_options
               help="Write the kernel and bias used to this .npz.")
 @click.option("--report", type=click.Path(dir_okay=False, allow_dash=True), default=None,
               help="Write a JSON report (shapes, params, config, method, seconds, losses); - for stdout.")
-@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace OUTPUT, --save-weights and --report if they exist (in an HDF5 "
+                   "file or Zarr store: only the named dataset or array).")
 @click.option("--scheduler", default=None, metavar="ADDRESS|local",
               help="Run the tiles on a Dask cluster (tcp://host:8786), or 'local' for a "
                    "LocalCluster here. Needs conv3d-cli[distributed].")
