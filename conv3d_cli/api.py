@@ -13,10 +13,10 @@ import time
 
 import numpy as np
 
-from . import engine, shapes
+from . import engine, shapes, signals
 from .errors import ArgumentError, ShapeError, WeightsError
 from .geometry import output_affine
-from .io import OutputTarget, open_volume, parse_spec
+from .io import OutputTarget, VolumeSpec, open_volume, parse_spec
 from .layers import conv as convmod
 from .layout import CanonicalView, Layout
 from .weights import load_weights
@@ -212,28 +212,40 @@ def describe(layer, input_shape=None, volume=None, method="auto", workers=None,
 
 def apply_to_file(layer, input_spec, output_spec, overwrite=False, method="auto",
                   workers=None, memory_limit=None, chunk_shape=None, progress=True,
-                  on_plan=None, scheduler=None, resume=False):
+                  on_plan=None, scheduler=None, resume=False, tmp_dir=None,
+                  before_commit=None):
     """Run ``layer`` over the volume ``input_spec`` into ``output_spec``; returns a report.
 
     ``scheduler`` (an address such as ``tcp://10.0.0.5:8786``, or ``"local"``)
     runs the tiles on a Dask cluster; ``resume`` continues an interrupted run
-    into a Zarr output, skipping the tiles it already wrote.
+    into a Zarr output, skipping the tiles it already wrote. A ``.nii.gz``
+    input is decompressed into ``tmp_dir`` (default: CONV3D_TMPDIR, else
+    OUTPUT's directory: the disk the result goes to). ``before_commit(report)``
+    runs once the output is complete, before it is put in place.
+
+    OUTPUT is checked (directory, ``overwrite``) before any work; a failure or
+    a signal leaves it untouched and removes every temporary file; a failed
+    Zarr run keeps its partial store for ``resume``, and the exception's notes
+    (``__notes__``) say so.
     """
     from .progress import progress_bar
     start = time.perf_counter()
-    vol = open_volume(input_spec)
-    target = None
+    in_spec = input_spec if isinstance(input_spec, VolumeSpec) else parse_spec(input_spec, "INPUT")
+    out_spec = parse_spec(output_spec, "OUTPUT")
+    zarr_out = out_spec.format == "zarr"
+    if resume and not zarr_out:
+        raise ArgumentError("--resume needs a Zarr OUTPUT (store.zarr): only Zarr stores "
+                            "record which tiles are written")
+    if zarr_out:
+        from .io.zarr_io import ZarrOutput
+        target = ZarrOutput(out_spec, overwrite=overwrite, resume=resume)
+    else:
+        target = OutputTarget(out_spec, overwrite=overwrite, inputs=[in_spec])
+    vol = None
     try:
-        out_spec = parse_spec(output_spec, "OUTPUT")
-        zarr_out = out_spec.format == "zarr"
-        if resume and not zarr_out:
-            raise ArgumentError("--resume needs a Zarr OUTPUT (store.zarr): only Zarr stores "
-                                "record which tiles are written")
+        vol = open_volume(in_spec, tmp_dir=_temp_folder(tmp_dir, out_spec))
         if zarr_out:
-            from .io.zarr_io import ZarrOutput
-            target = ZarrOutput(out_spec, overwrite=overwrite, resume=resume)
-        else:
-            target = OutputTarget(out_spec, overwrite=overwrite, inputs=[vol.spec])
+            target.check_input(vol)
         info, job, plan = describe(layer, volume=vol, method=method, workers=workers,
                                    memory_limit=memory_limit, chunk_shape=chunk_shape)
         if on_plan is not None:
@@ -266,13 +278,34 @@ def apply_to_file(layer, input_spec, output_spec, overwrite=False, method="auto"
                                scheduler=scheduler)
         finally:
             bar.close()
+        report = _report(layer, vol, target, info, stats, skip, scheduler, start)
+        if before_commit is not None:
+            before_commit(report)
         target.commit()
-    except BaseException:
-        if target is not None:
-            target.abort()
+    except BaseException as exc:
+        with signals.shielded():
+            kept = target.abort()
+        if kept:
+            _add_note(exc, kept)
         raise
     finally:
-        vol.close()
+        if vol is not None:
+            with signals.shielded():
+                vol.close()
+    return report
+
+
+def _temp_folder(tmp_dir, out_spec):
+    """--tmp-dir, else CONV3D_TMPDIR, else OUTPUT's directory."""
+    folder = tmp_dir or os.environ.get("CONV3D_TMPDIR")
+    if folder:
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+            raise ArgumentError(f"--tmp-dir {folder}: not a writable directory")
+        return folder
+    return os.path.dirname(os.path.abspath(out_spec.path))
+
+
+def _report(layer, vol, target, info, stats, skip, scheduler, start):
     losses = layer.regularization_losses(stats.activity_sums,
                                          batch_size=info["input_shape"][0])
     return {
@@ -289,6 +322,14 @@ def apply_to_file(layer, input_spec, output_spec, overwrite=False, method="auto"
         "compute_seconds": round(stats.seconds, 4),
         "losses": losses, "plan": info["plan"],
     }
+
+
+def _add_note(exc, text):
+    """``exc.add_note(text)`` (Python >= 3.11), by hand before."""
+    if hasattr(exc, "add_note"):
+        exc.add_note(text)
+    else:
+        exc.__notes__ = [*getattr(exc, "__notes__", []), text]
 
 
 def _description(layer):
@@ -333,7 +374,6 @@ def _prepare_zarr(target, vol, layer, job, plan, out_layout):
     ome = None
     if vol.is_ome:  # OME-Zarr in, OME-Zarr out (one level, at "data")
         ome = ome_output_attrs(vol.array, job.geoms, out_layout.shape, vol.array.ome["version"])
-        target.array_path = "data"
     zarr_format = vol.array.zarr_format if vol.spec.format == "zarr" else 3
     done, recorded = target.prepare(out_layout.shape, job.dtype, chunks, record, zarr_format, ome)
     if recorded is not None:  # resuming: the tiles the store was chunked for

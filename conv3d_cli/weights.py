@@ -55,18 +55,34 @@ def _real(a, path, name):
     return a
 
 
-def save_weights(path, kernel, bias=None):
+def save_weights(path, kernel, bias=None, overwrite=True):
     """Write ``kernel`` and ``bias`` to ``path`` (.npz) atomically."""
+    staged = stage_weights(path, kernel, bias, overwrite)
+    try:
+        staged.commit()
+    except BaseException:
+        staged.abort()
+        raise
+
+
+def check_weights_path(path, overwrite=True):
+    """A :class:`~conv3d_cli.io.tempfiles.StagedFile` for ``--save-weights path`` (checked now)."""
+    from .io.tempfiles import StagedFile
     path = os.fspath(path)
     if not path.lower().endswith(".npz"):
         raise WeightsError(f"--save-weights {path}: expected a .npz file name")
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
-                       f".{os.path.basename(path)}.conv3d-{os.getpid()}.tmp")
+    return StagedFile(path, overwrite, f"--save-weights {path}")
+
+
+def stage_weights(path_or_staged, kernel, bias=None, overwrite=True):
+    """Write the .npz under its temporary name; ``commit()`` the result to put it in place."""
+    staged = path_or_staged if hasattr(path_or_staged, "commit") else \
+        check_weights_path(path_or_staged, overwrite)
     arrays = {"kernel": kernel} if bias is None else {"kernel": kernel, "bias": bias}
     try:
-        with open(tmp, "wb") as fh:
+        with staged.open("wb") as fh:
             np.savez(fh, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    except BaseException:
+        staged.abort()
+        raise
+    return staged

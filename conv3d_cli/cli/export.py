@@ -38,6 +38,6 @@ def export(output, input_channels, overwrite, **kwargs):
     elif input_channels is not None and input_channels != layer.input_channels:
         raise ArgumentError(f"--input-channels {input_channels} does not match the weights "
                             f"({layer.input_channels} input channels)")
-    export_keras(layer, output, layer.input_channels)
+    export_keras(layer, output, layer.input_channels, overwrite=overwrite)
     click.echo(f"wrote {output} ({layer.keras_name} {layer.name}, {layer.count_params()} params)",
                err=True)

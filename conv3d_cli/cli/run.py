@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 
 import click
 
 from ..api import apply_to_file
-from ..weights import save_weights as write_weights
+from ..errors import Conv3DError
+from ..io.paths import parse_spec
+from ..io.tempfiles import StagedFile
+from ..weights import check_weights_path, stage_weights
 from .options import engine_options, layer_from_kwargs, layer_options
 
 
@@ -20,7 +24,9 @@ from .options import engine_options, layer_from_kwargs, layer_options
               help="Write the kernel and bias used to this .npz.")
 @click.option("--report", type=click.Path(dir_okay=False, allow_dash=True), default=None,
               help="Write a JSON report (shapes, params, config, method, seconds, losses); - for stdout.")
-@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace OUTPUT, --save-weights and --report if they exist (in an HDF5 "
+                   "file or Zarr store: only the named dataset or array).")
 @click.option("--scheduler", default=None, metavar="ADDRESS|local",
               help="Run the tiles on a Dask cluster (tcp://host:8786), or 'local' for a "
                    "LocalCluster here. Needs dask.distributed (the distributed extra).")
@@ -28,9 +34,14 @@ from .options import engine_options, layer_from_kwargs, layer_options
               help="Continue an interrupted run into a Zarr OUTPUT, skipping written tiles.")
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="Progress bar on stderr for work over about a second.")
+@click.option("--tmp-dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="Where a .nii.gz INPUT is decompressed. Default: $CONV3D_TMPDIR, else "
+                   "OUTPUT's directory.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary line.")
+@click.option("-v", "--verbose", is_flag=True,
+              help="Log to stderr where temporary files go and what is cleaned up.")
 def run(input, output, save_weights, report, overwrite, scheduler, resume, progress, quiet,
-        **kwargs):
+        tmp_dir, verbose, **kwargs):
     """Apply one Conv3D / Conv3DTranspose layer to INPUT and write OUTPUT.
 
     INPUT and OUTPUT are .npy, .nii, .nii.gz, HDF5 (file.h5:/group/dataset;
@@ -44,25 +55,75 @@ def run(input, output, save_weights, report, overwrite, scheduler, resume, progr
       conv3d run brain.nii.gz edges.nii.gz --filters 1 --kernel-size 3 \\
           --padding same --weights sobel.npz
     """
+    if verbose:
+        from .main import verbose_logging
+        verbose_logging()
     method, workers = kwargs.pop("method"), kwargs.pop("workers")
     memory_limit, chunk_shape = kwargs.pop("memory_limit"), kwargs.pop("chunk_shape")
+    # Every output path is checked before any work; the small files are written
+    # under temporary names and put in place only once OUTPUT is (_SideFiles).
+    side = _SideFiles(output, save_weights, report, overwrite)
     layer = layer_from_kwargs(kwargs)
-    result = apply_to_file(layer, input, output, overwrite=overwrite, method=method.lower(),
-                           workers=workers, memory_limit=memory_limit,
-                           chunk_shape=chunk_shape, progress=progress and not quiet,
-                           scheduler=scheduler, resume=resume)
-    if save_weights:
-        write_weights(save_weights, layer.kernel, layer.bias if layer.use_bias else None)
-    if report:
-        text = json.dumps(result, indent=2)
-        if report == "-":
-            click.echo(text)
-        else:
-            with open(report, "w") as fh:
-                fh.write(text + "\n")
+    try:
+        result = apply_to_file(layer, input, output, overwrite=overwrite, method=method.lower(),
+                               workers=workers, memory_limit=memory_limit,
+                               chunk_shape=chunk_shape, progress=progress and not quiet,
+                               scheduler=scheduler, resume=resume, tmp_dir=tmp_dir,
+                               before_commit=lambda result: side.stage(layer, result))
+        side.commit(result["output"])
+    except BaseException:
+        side.abort()
+        raise
+    if report == "-":
+        click.echo(json.dumps(result, indent=2))
     if not quiet and report != "-":
         for note in result["plan"].get("notes", []):
             click.echo(f"note: {note}", err=True)
         click.echo(f"wrote {result['output']} {tuple(result['file_output_shape'])} "
                    f"({result['method']}, {result['tiles']} tiles, {result['workers']} "
                    f"workers, {result['seconds']:.2f} s)", err=True)
+
+
+class _SideFiles:
+    """``--save-weights`` and ``--report``: checked first, committed right after OUTPUT."""
+
+    def __init__(self, output, save_weights, report, overwrite):
+        self.staged = []
+        self.weights = check_weights_path(save_weights, overwrite) if save_weights else None
+        self.report = None
+        if report and report != "-":
+            self.report = StagedFile(report, overwrite, f"--report {report}")
+        names = [("OUTPUT", parse_spec(output, "OUTPUT").path)]
+        names += [("--save-weights", save_weights)] if save_weights else []
+        names += [("--report", report)] if self.report else []
+        seen = {}
+        for option, path in names:
+            key = os.path.abspath(path)
+            if key in seen:
+                raise click.BadParameter(f"{option} {path} is also {seen[key]}'s path; "
+                                         "give each output its own file")
+            seen[key] = option
+
+    def stage(self, layer, result):
+        """Write both files under their temporary names (OUTPUT is complete, not yet in place)."""
+        if self.weights is not None:
+            stage_weights(self.weights, layer.kernel, layer.bias if layer.use_bias else None)
+            self.staged.append(self.weights)
+        if self.report is not None:
+            with self.report.open("w") as fh:
+                fh.write(json.dumps(result, indent=2) + "\n")
+            self.staged.append(self.report)
+
+    def commit(self, output):
+        for staged in self.staged:
+            try:
+                staged.commit()
+            except (OSError, Conv3DError) as exc:
+                raise click.ClickException(f"OUTPUT {output} was written, but {staged.what} "
+                                           f"could not be: {exc}") from None
+        self.staged = []
+
+    def abort(self):
+        for staged in (self.weights, self.report):
+            if staged is not None:
+                staged.abort()

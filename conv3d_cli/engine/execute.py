@@ -12,6 +12,7 @@ opens its own file handles (the sources reopen lazily after a fork).
 from __future__ import annotations
 
 import multiprocessing
+import os
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from .. import signals
 from ..errors import EngineError
 from .direct import correlate_gemm, scatter_transpose
 from .fft import SpectrumCache, correlate_fft
@@ -108,7 +110,8 @@ def out_ranges(job, tile):
 _CTX: dict = {}
 
 
-def _init_worker(threads):
+def _init_worker(threads, parent_pid):
+    signals.worker_defaults(parent_pid)
     _CTX["limits"] = threadpool_limits(limits=threads)
     _CTX["cache"] = SpectrumCache()
     _CTX["threads"] = threads
@@ -202,29 +205,63 @@ def execute(job, plan, source, sink, want_sums=False, progress=None, executor="p
         _CTX.update(job=job, plan=plan, source=source, sink=sink, want_sums=want_sums)
         ctx = multiprocessing.get_context("fork")
         try:
-            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                                     initargs=(threads,)) as pool:
+            with signals.blocked():  # the first submit forks the workers
+                pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                                           initargs=(threads, os.getpid()))
                 futures = [pool.submit(_run_in_worker, i) for i in indices]
-                try:
-                    for fut in as_completed(futures):
-                        index, y, sums = fut.result()
-                        tile = plan.tiles[index]
-                        if y is not None:
-                            sink.write(tile.b0, tile.b1, out_ranges(job, tile), y)
-                        done(index, sums)
-                except BaseException:
-                    for f in futures:
-                        f.cancel()
-                    raise
+            try:
+                for fut in as_completed(futures):
+                    index, y, sums = fut.result()
+                    tile = plan.tiles[index]
+                    if y is not None:
+                        sink.write(tile.b0, tile.b1, out_ranges(job, tile), y)
+                    done(index, sums)
+            except BaseException:
+                with signals.shielded():
+                    stop_pool(pool)
+                raise
+            pool.shutdown(wait=True)
         except BrokenProcessPool:
             raise EngineError(
-                "a worker process died (killed, or out of memory); no output was written. "
+                "a worker process died (killed, or out of memory). "
                 "Try fewer --workers or a lower --memory-limit.") from None
         finally:
             _CTX.clear()
     return Stats(method=plan.method, tiles=len(plan.tiles),
                  seconds=time.perf_counter() - start,
                  activity_sums=tuple(total) if want_sums else None, workers=workers)
+
+
+def stop_pool(pool, grace=2.0):
+    """Stop ``pool`` now: drop the queued tiles, terminate the workers, reap them.
+
+    ``shutdown(wait=True)`` would wait for the running tiles (minutes for
+    large ones) and so would the interpreter at exit; an interrupted or failed
+    run must not. Workers get SIGTERM, then SIGKILL after ``grace`` seconds.
+    """
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in processes:
+        p.terminate()
+    _wait_exited(processes, grace)
+    for p in processes:
+        if p.exitcode is None:
+            p.kill()
+    _wait_exited(processes, grace)
+    for p in processes:  # reap (the pool's manager thread may have done it)
+        p.join(0)
+
+
+def _wait_exited(processes, timeout):
+    from multiprocessing.connection import wait
+    deadline = time.monotonic() + timeout
+    pending = {p.sentinel: p for p in processes}
+    while pending:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        for sentinel in wait(list(pending), left):
+            pending.pop(sentinel).join(0)
 
 
 def _voxels(tile):

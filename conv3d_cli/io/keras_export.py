@@ -11,19 +11,22 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import tempfile
 import zipfile
 
 import h5py
 
 from ..errors import ArgumentError
 from .keras_files import to_snake_case
+from .tempfiles import StagedFile, temp_path
 
 KERAS_VERSION = "3.15.1"  # the format written; checked against Keras 3.15
 
 
-def export_keras(layer, path, input_channels):
-    """Write ``layer`` (built) as ``path`` (.keras), atomically."""
+def export_keras(layer, path, input_channels, overwrite=True):
+    """Write ``layer`` (built) as ``path`` (.keras), atomically.
+
+    Without ``overwrite``, an existing ``path`` (also one another process
+    made while this wrote) is never replaced."""
     path = os.fspath(path)
     if not path.lower().endswith(".keras"):
         raise ArgumentError(f"OUTPUT {path}: expected a .keras file name")
@@ -54,10 +57,8 @@ def export_keras(layer, path, input_channels):
         "build_config": {"input_shape": batch_shape}, "compile_config": None}
     meta = {"keras_version": KERAS_VERSION,
             "date_saved": datetime.datetime.now().strftime("%Y-%m-%d@%H:%M:%S")}
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".conv3d-export-", suffix=".tmp", dir=folder)
-    os.close(fd)
-    weights = tmp + ".h5"
+    staged = StagedFile(path, overwrite, f"OUTPUT {path}")
+    weights = temp_path(os.path.dirname(os.path.abspath(path)), "model.weights.h5")
     try:
         with h5py.File(weights, "w") as f:
             group = f.create_group(f"layers/{to_snake_case(layer.keras_name)}/vars")
@@ -65,15 +66,17 @@ def export_keras(layer, path, input_channels):
             for i, w in enumerate(layer.get_weights()):
                 group[str(i)] = w
             f.create_group("vars").attrs["name"] = "sequential"
-        with zipfile.ZipFile(tmp, "w") as z:
+        with staged.open("wb") as fh, zipfile.ZipFile(fh, "w") as z:
             z.writestr("metadata.json", json.dumps(meta))
             z.writestr("config.json", json.dumps(config))
             z.write(weights, "model.weights.h5")
-        os.replace(tmp, path)
+        staged.commit()
+    except BaseException:
+        staged.abort()
+        raise
     finally:
-        for p in (tmp, weights):
-            if os.path.exists(p):
-                os.unlink(p)
+        if os.path.exists(weights):
+            os.unlink(weights)
 
 
 def _jsonable(value):

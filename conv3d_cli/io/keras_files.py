@@ -31,6 +31,7 @@ import h5py
 import numpy as np
 
 from ..errors import WeightsError
+from .tempfiles import remove_stale, temp_path
 
 CONV_CLASSES = {"Conv3D": "Conv3D", "Convolution3D": "Conv3D",
                 "Conv3DTranspose": "Conv3DTranspose",
@@ -78,12 +79,16 @@ class ModelFile:
         self.kind = ""
         if not os.path.exists(self.path):
             raise WeightsError(f"{self.path}: no such file")
-        if zipfile.is_zipfile(self.path):
-            self._read_keras_zip()
-        elif h5py.is_hdf5(self.path):
-            self._read_h5(self.path)
-        else:
-            raise WeightsError(f"{self.path}: neither a Keras .keras archive nor an HDF5 file")
+        try:
+            if zipfile.is_zipfile(self.path):
+                self._read_keras_zip()
+            elif h5py.is_hdf5(self.path):
+                self._read_h5(self.path)
+            else:
+                raise WeightsError(f"{self.path}: neither a Keras .keras archive nor an HDF5 file")
+        except BaseException:  # no `with` block will close it: remove the unpacked weights now
+            self.close()
+            raise
 
     def close(self):
         if self._temp:
@@ -135,7 +140,10 @@ class ModelFile:
                         raise WeightsError(f"{self.path}: not a Keras archive (no {need})")
                 config = _json(z, members["config.json"], self.path)
                 meta = _json(z, members["metadata.json"], self.path) if "metadata.json" in members else {}
-                self._temp = tempfile.mkdtemp(prefix="conv3d-keras-")
+                folder = tempfile.gettempdir()
+                remove_stale(folder)
+                self._temp = temp_path(folder, "keras-" + os.path.basename(self.path))
+                os.mkdir(self._temp, 0o700)
                 weights = os.path.join(self._temp, "model.weights.h5")
                 with z.open(members["model.weights.h5"]) as src, open(weights, "wb") as dst:
                     _copy_bounded(src, dst, MAX_WEIGHTS_BYTES, self.path)

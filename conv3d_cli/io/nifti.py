@@ -12,6 +12,8 @@ stream at the end.
 from __future__ import annotations
 
 import gzip
+import logging
+import math
 import os
 import shutil
 import tempfile
@@ -23,6 +25,9 @@ from nibabel.volumeutils import native_code
 from ..errors import VolumeError
 from .npy import check_dtype
 from .rawfile import RawArrayFile
+from .tempfiles import remove_stale, temp_path
+
+log = logging.getLogger("conv3d_cli")
 
 
 class Scaled:
@@ -47,19 +52,65 @@ class HeaderOnly:
         raise RuntimeError("volume opened with header_only=True")
 
 
-def _decompress(path):
-    fd, tmp = tempfile.mkstemp(suffix=".nii", prefix="conv3d-")
+def _decompress(path, folder, limit):
+    """Stream ``path`` (.nii.gz) into a temporary .nii in ``folder``; its path.
+
+    Only the first ``limit`` bytes (header, extensions and voxels, as the
+    header says) are written: whatever the stream holds beyond them is never
+    read, so a small .nii.gz cannot fill the disk.
+    """
+    folder = folder or default_tmp_dir()
+    remove_stale(folder)
+    free = _free_bytes(folder)
+    if free is not None and free < limit:
+        raise VolumeError(f"{path}: decompressing it needs {limit} bytes in {folder}, which has "
+                          f"{free} free; choose another folder with --tmp-dir or CONV3D_TMPDIR")
+    name = os.path.basename(path)
+    tmp = temp_path(folder, name[:-3] if name.lower().endswith(".gz") else name)
+    log.info("decompressing %s to %s (%d bytes)", path, tmp, limit)
     try:
-        with gzip.open(path, "rb") as src, os.fdopen(fd, "wb") as dst:
-            shutil.copyfileobj(src, dst, 16 << 20)
+        with gzip.open(path, "rb") as src, open(tmp, "wb") as dst:
+            left = limit
+            while left > 0:
+                chunk = src.read(min(16 << 20, left))
+                if not chunk:
+                    break
+                dst.write(chunk)
+                left -= len(chunk)
     except (OSError, EOFError) as exc:
-        os.unlink(tmp)
-        raise VolumeError(f"{path}: corrupt or truncated gzip data ({exc})") from None
+        _unlink(tmp)
+        raise VolumeError(f"{path}: corrupt or truncated gzip data, or {folder} is not "
+                          f"writable ({exc})") from None
+    except BaseException:
+        _unlink(tmp)
+        raise
     return tmp
 
 
-def open_nifti(path, header_only=False):
-    """(array, image header object, affine, temporary file or None)."""
+def default_tmp_dir():
+    """CONV3D_TMPDIR, else the system's temporary folder."""
+    return os.environ.get("CONV3D_TMPDIR") or tempfile.gettempdir()
+
+
+def _free_bytes(folder):
+    try:
+        st = os.statvfs(folder)
+    except (OSError, AttributeError):
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def _unlink(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def open_nifti(path, header_only=False, tmp_dir=None):
+    """(array, image header object, affine, temporary file or None).
+
+    A .nii.gz is decompressed into ``tmp_dir`` (default: :func:`default_tmp_dir`)."""
     if not os.path.exists(path):
         raise VolumeError(f"{path}: no such file")
     try:
@@ -81,7 +132,8 @@ def open_nifti(path, header_only=False):
     affine = best_affine(header, path)
     if header_only and path.lower().endswith(".gz"):
         return HeaderOnly(shape, dtype), img, affine, None
-    tmp = _decompress(path) if path.lower().endswith(".gz") else None
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+    tmp = _decompress(path, tmp_dir, offset + nbytes) if path.lower().endswith(".gz") else None
     data_path = tmp or path
     arr = RawArrayFile(data_path, offset, shape, dtype, fortran_order=True, name=path)
     if os.path.getsize(data_path) < offset + arr.nbytes:
