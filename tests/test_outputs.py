@@ -21,6 +21,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from conftest import assert_close
+from reference import conv3d as ref_conv3d
+
 from conv3d_cli import Conv3D
 from conv3d_cli.api import apply_to_file
 from conv3d_cli.cli.main import cli
@@ -95,17 +98,17 @@ def test_nii_gz_is_decompressed_beside_output_or_tmp_dir_and_verbose_says_where(
     r = run(tmp_path / "in.nii.gz", tmp_path / "out" / "o.nii", "--filters", 1,
             "--kernel-size", 3, "-v", "-q")
     assert r.exit_code == 0, r.output
-    decompressed = [p for p in seen if ".in.nii.conv3d-" in p]
+    decompressed = [p for p in seen if ".in.nii.gz.decompressed.conv3d-" in p]
     assert len(decompressed) == 1 and os.path.dirname(decompressed[0]) == str(tmp_path / "out")
     assert f"decompressing {tmp_path / 'in.nii.gz'} to {decompressed[0]}" in r.output
     (tmp_path / "mine").mkdir()
     r = run(tmp_path / "in.nii.gz", tmp_path / "out" / "o2.nii", "--filters", 1,
             "--kernel-size", 3, "-v", "-q", "--tmp-dir", tmp_path / "mine")
-    assert r.exit_code == 0 and f"to {tmp_path / 'mine'}{os.sep}.in.nii.conv3d-" in r.output
+    assert r.exit_code == 0 and f"to {tmp_path / 'mine'}{os.sep}.in.nii.gz.decompressed.conv3d-" in r.output
     monkeypatch.setenv("CONV3D_TMPDIR", str(tmp_path / "mine"))
     r = run(tmp_path / "in.nii.gz", tmp_path / "out" / "o3.nii", "--filters", 1,
             "--kernel-size", 3, "-v", "-q")
-    assert r.exit_code == 0 and f"to {tmp_path / 'mine'}{os.sep}.in.nii.conv3d-" in r.output
+    assert r.exit_code == 0 and f"to {tmp_path / 'mine'}{os.sep}.in.nii.gz.decompressed.conv3d-" in r.output
     assert os.listdir(system_tmp) == [] and _temps(tmp_path) == []
     r = run(tmp_path / "in.nii.gz", tmp_path / "out" / "o4.nii", "--filters", 1,
             "--kernel-size", 3, "--tmp-dir", tmp_path / "missing")
@@ -402,3 +405,21 @@ def test_two_runs_to_one_zarr_output_do_not_mix(npy, tmp_path):
         second.prepare((2, 2, 2), np.float32, (2, 2, 2), {})
     first.commit()
     assert sorted(os.listdir(tmp_path)) == ["in.npy", "o.zarr"]
+
+
+def test_nii_gz_output_named_like_its_input_in_the_same_folder(tmp_path, rng):
+    # make batch writes OUT/scan.nii.gz from IN/scan.nii.gz, decompressing beside the output:
+    # the decompressed input and the output's temporary file must not be one file.
+    a = rng.standard_normal((5, 6, 7)).astype(np.float32)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "out").mkdir()
+    nib.save(nib.Nifti1Image(a, np.eye(4)), tmp_path / "in" / "scan.nii.gz")
+    r = run(tmp_path / "in" / "scan.nii.gz", tmp_path / "out" / "scan.nii.gz", "--filters", 1,
+            "--kernel-size", 3, "--padding", "same", "--seed", 0,
+            "--save-weights", tmp_path / "w.npz", "-q")
+    assert r.exit_code == 0, r.output
+    with np.load(tmp_path / "w.npz") as w:
+        kernel, bias = w["kernel"], w["bias"]
+    expected = ref_conv3d(a[None, ..., None], kernel, bias, padding="same")[0, ..., 0]
+    assert_close(nib.load(tmp_path / "out" / "scan.nii.gz").get_fdata(), expected)
+    assert _temps(tmp_path) == []

@@ -65,11 +65,12 @@ def _decompress(path, folder, limit):
     if free is not None and free < limit:
         raise VolumeError(f"{path}: decompressing it needs {limit} bytes in {folder}, which has "
                           f"{free} free; choose another folder with --tmp-dir or CONV3D_TMPDIR")
-    name = os.path.basename(path)
-    tmp = temp_path(folder, name[:-3] if name.lower().endswith(".gz") else name)
+    # Named apart from an output of the same name in the same folder (make batch
+    # writes OUT/scan.nii.gz from IN/scan.nii.gz and decompresses beside it).
+    tmp = temp_path(folder, os.path.basename(path) + ".decompressed")
     log.info("decompressing %s to %s (%d bytes)", path, tmp, limit)
     try:
-        with gzip.open(path, "rb") as src, open(tmp, "wb") as dst:
+        with gzip.open(path, "rb") as src, open(tmp, "xb") as dst:
             left = limit
             while left > 0:
                 chunk = src.read(min(16 << 20, left))
