@@ -8,6 +8,7 @@ import zipfile
 import numpy as np
 
 from .errors import WeightsError
+from .layers.args import BFLOAT16
 
 
 def load_weights(path):
@@ -63,6 +64,9 @@ def save_weights(path, kernel, bias=None):
     tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
                        f".{os.path.basename(path)}.conv3d-{os.getpid()}.tmp")
     arrays = {"kernel": kernel} if bias is None else {"kernel": kernel, "bias": bias}
+    # .npz has no bfloat16 type (it would store raw 2-byte voids): bfloat16
+    # weights are written as float32, which holds each of them exactly.
+    arrays = {k: v.astype(np.float32) if v.dtype == BFLOAT16 else v for k, v in arrays.items()}
     try:
         with open(tmp, "wb") as fh:
             np.savez(fh, **arrays)
