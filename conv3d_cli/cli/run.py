@@ -7,6 +7,7 @@ import json
 import click
 
 from ..api import apply_to_file
+from ..io.dtypes import OUTPUT_DTYPES
 from ..weights import save_weights as write_weights
 from .options import engine_options, layer_from_kwargs, layer_options
 
@@ -18,6 +19,10 @@ from .options import engine_options, layer_from_kwargs, layer_options
 @engine_options
 @click.option("--save-weights", type=click.Path(dir_okay=False), default=None,
               help="Write the kernel and bias used to this .npz.")
+@click.option("--output-dtype", type=click.Choice(OUTPUT_DTYPES, case_sensitive=False),
+              default="compute", show_default=True,
+              help="OUTPUT's dtype: the layer's compute dtype (float32 where the format has "
+                   "no float16/bfloat16), the input's (float inputs), or a float dtype.")
 @click.option("--report", type=click.Path(dir_okay=False, allow_dash=True), default=None,
               help="Write a JSON report (shapes, params, config, method, seconds, losses); - for stdout.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
@@ -29,8 +34,8 @@ from .options import engine_options, layer_from_kwargs, layer_options
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="Progress bar on stderr for work over about a second.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary line.")
-def run(input, output, save_weights, report, overwrite, scheduler, resume, progress, quiet,
-        **kwargs):
+def run(input, output, save_weights, output_dtype, report, overwrite, scheduler, resume,
+        progress, quiet, **kwargs):
     """Apply one Conv3D / Conv3DTranspose layer to INPUT and write OUTPUT.
 
     INPUT and OUTPUT are .npy, .nii, .nii.gz, HDF5 (file.h5:/group/dataset;
@@ -50,7 +55,7 @@ def run(input, output, save_weights, report, overwrite, scheduler, resume, progr
     result = apply_to_file(layer, input, output, overwrite=overwrite, method=method.lower(),
                            workers=workers, memory_limit=memory_limit,
                            chunk_shape=chunk_shape, progress=progress and not quiet,
-                           scheduler=scheduler, resume=resume)
+                           scheduler=scheduler, resume=resume, output_dtype=output_dtype)
     if save_weights:
         write_weights(save_weights, layer.kernel, layer.bias if layer.use_bias else None)
     if report:
@@ -61,6 +66,8 @@ def run(input, output, save_weights, report, overwrite, scheduler, resume, progr
             with open(report, "w") as fh:
                 fh.write(text + "\n")
     if not quiet and report != "-":
+        if result["output_dtype_note"]:
+            click.echo(f"note: {result['output_dtype_note']}", err=True)
         click.echo(f"wrote {result['output']} {tuple(result['file_output_shape'])} "
                    f"({result['method']}, {result['tiles']} tiles, {result['workers']} "
                    f"workers, {result['seconds']:.2f} s)", err=True)
