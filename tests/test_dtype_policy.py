@@ -454,3 +454,20 @@ def test_keras_loads_the_export_and_computes_the_same(tmp_path, policy):
     theirs = np.asarray(model(x))
     assert str(theirs.dtype) == ours.compute_dtype
     assert_matches_keras(ours(x), theirs.astype(np.float64), ours.compute_dtype)
+
+
+@pytest.mark.parametrize("name,stored", [("v.npy", "float16"), ("v.nii", "float32"),
+                                         ("v.h5", "float16"), ("b.npy", "float32")])
+def test_write_volume_keeps_16_bit_results_exactly(tmp_path, rng, name, stored):
+    from conv3d_cli import read_volume, write_volume
+    dtype = BFLOAT16 if name.startswith("b") else np.float16
+    a = rng.standard_normal((4, 5, 3)).astype(dtype)
+    write_volume(tmp_path / name, a)
+    back, _ = read_volume(tmp_path / name)
+    assert back.dtype == np.dtype(stored)
+    np.testing.assert_array_equal(back, a.astype(stored))
+
+
+def test_layers_lists_the_policy():
+    r = CliRunner().invoke(cli, ["layers", os.path.join(MODELS, "tf2_mixed_float16.h5"), "--json"])
+    assert [row["dtype"] for row in json.loads(r.output)] == ["mixed_float16", "mixed_float16"]
