@@ -150,17 +150,33 @@ def test_output_matches_keras(case):
                                       ARRAYS[f"{case['name']}/{case['policy']}/w{i}"])
 
 
-WIDE = [c for c in KERAS_CASES if c["name"] in ("conv_wide_linear", "conv_wide_softmax",
-                                                "transpose_wide_stride2", "conv_valid_k3")
-        and c["policy"] in ("mixed_float16", "bfloat16", "float64")]
+def test_fixture_covers_the_policies_and_arguments():
+    assert {c["policy"] for c in KERAS_CASES} == {"float16", "bfloat16", "mixed_float16",
+                                                  "mixed_bfloat16", "float64"}
+    assert {(c["policy"], c["compute_dtype"]) for c in TF_CASES} == {("float16", "float16"),
+                                                                     ("bfloat16", "bfloat16")}
+    configs = [(c["layer"]["class_name"], c["layer"]["config"]) for c in KERAS_CASES]
+    assert {cls for cls, _ in configs} == {"Conv3D", "Conv3DTranspose"}
+    assert {cfg["padding"] for _, cfg in configs} == {"same", "valid"}
+    assert {"relu", "sigmoid", "softmax", "gelu", "silu", "tanh", "linear"} <= \
+        {cfg["activation"] for _, cfg in configs}
+    assert any(cfg.get("groups", 1) > 1 for _, cfg in configs)
+    assert any(max(cfg["strides"]) > 1 for cls, cfg in configs if cls == "Conv3DTranspose")
+    assert {cfg["use_bias"] for _, cfg in configs} == {True, False}
 
 
-@pytest.mark.parametrize("method", ["fft", "winograd", "chunked"])
-@pytest.mark.parametrize("case", WIDE, ids=[f"{c['name']}-{c['policy']}" for c in WIDE])
+# Winograd takes the 3x3x3 stride-1 layers with 8+ channels ("conv_wide_*").
+PATHS = [(c, m) for c in KERAS_CASES for m in ("fft", "winograd", "chunked")
+         if c["name"] in ("conv_wide_linear", "conv_wide_softmax", "transpose_wide_stride2",
+                          "conv_valid_k3")
+         and c["policy"] in ("mixed_float16", "bfloat16", "float64")
+         and (m != "winograd" or c["name"].startswith("conv_wide"))]
+
+
+@pytest.mark.parametrize("case,method", PATHS,
+                         ids=[f"{c['name']}-{c['policy']}-{m}" for c, m in PATHS])
 def test_every_path_matches_keras(case, method):
     layer, x, expected = case_layer(case)
-    if method == "winograd" and not case["name"].startswith("conv_wide"):
-        pytest.skip("Winograd takes 3x3x3 stride-1 layers with 8+ channels")
     y = layer(x, chunk_shape=(2, 3, 2)) if method == "chunked" else layer(x, method=method)
     assert_matches_keras(y, expected, case["compute_dtype"])
 

@@ -2,12 +2,12 @@
 
 Two environments (the tests need neither):
 
-    # 1. tf.keras 2 (pip install tensorflow-cpu==2.21.0 tf_keras==2.21.0): a legacy .h5
-    #    saved under tf.keras 2's mixed_float16 policy, with what tf.keras 2 computed.
-    /work/tfenv/bin/python tools/make_dtype_fixtures.py tf2
-    # 2. Keras 3 (JAX backend, CPU): everything else, and what Keras 3 computes for
-    #    the tf.keras 2 file's layers.
-    KERAS_BACKEND=jax /work/kerasenv/bin/python tools/make_dtype_fixtures.py keras3
+    # 1. tf.keras 2 (pip install tensorflow-cpu==2.21.0 tf_keras==2.21.0 h5py): a legacy
+    #    .h5 saved under tf.keras 2's mixed_float16 policy, with what tf.keras 2 computed.
+    /tmp/tfvenv/bin/python tools/make_dtype_fixtures.py tf2
+    # 2. Keras 3 (pip install keras==3.15.1 jax[cpu] h5py; JAX backend, CPU): everything
+    #    else, and what Keras 3 computes for the tf.keras 2 file's layers.
+    KERAS_BACKEND=jax /tmp/kvenv/bin/python tools/make_dtype_fixtures.py keras3
 
 Writes to tests/fixtures/:
 
