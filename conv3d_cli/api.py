@@ -17,6 +17,7 @@ from . import engine, shapes, signals
 from .errors import ArgumentError, ShapeError, WeightsError
 from .geometry import output_affine
 from .io import OutputTarget, VolumeSpec, open_volume, parse_spec
+from .io.dtypes import output_dtype as resolve_output_dtype
 from .layers import conv as convmod
 from .layout import CanonicalView, Layout
 from .weights import load_weights
@@ -213,7 +214,7 @@ def describe(layer, input_shape=None, volume=None, method="auto", workers=None,
 def apply_to_file(layer, input_spec, output_spec, overwrite=False, method="auto",
                   workers=None, memory_limit=None, chunk_shape=None, progress=True,
                   on_plan=None, scheduler=None, resume=False, tmp_dir=None,
-                  before_commit=None):
+                  before_commit=None, output_dtype=None):
     """Run ``layer`` over the volume ``input_spec`` into ``output_spec``; returns a report.
 
     ``scheduler`` (an address such as ``tcp://10.0.0.5:8786``, or ``"local"``)
@@ -226,7 +227,9 @@ def apply_to_file(layer, input_spec, output_spec, overwrite=False, method="auto"
     OUTPUT is checked (directory, ``overwrite``) before any work; a failure or
     a signal leaves it untouched and removes every temporary file; a failed
     Zarr run keeps its partial store for ``resume``, and the exception's notes
-    (``__notes__``) say so.
+    (``__notes__``) say so. The output holds the layer's compute dtype unless
+    its format cannot (then float32) or ``output_dtype`` (see
+    :mod:`conv3d_cli.io.dtypes`) says otherwise.
     """
     from .progress import progress_bar
     start = time.perf_counter()
@@ -257,12 +260,14 @@ def apply_to_file(layer, input_spec, output_spec, overwrite=False, method="auto"
         if out_spec.format == "nifti" and len(out_shape) > 4:
             raise ShapeError(f"OUTPUT {out_spec}: a NIfTI output holds one volume "
                              f"(X, Y, Z[, C]); this output has shape {out_shape}")
+        out_dtype, dtype_note = resolve_output_dtype(output_dtype, layer.compute_dtype,
+                                                     vol.dtype, out_spec.format)
         skip = set()
         if zarr_out:
             writer = target
-            skip = _prepare_zarr(target, vol, layer, job, plan, out_layout)
+            skip = _prepare_zarr(target, vol, layer, job, plan, out_layout, out_dtype)
         else:
-            writer = target.create(out_shape, job.dtype, affine=_nifti_affine(out_spec, vol, job),
+            writer = target.create(out_shape, out_dtype, affine=_nifti_affine(out_spec, vol, job),
                                    like=vol.image if vol.is_nifti else None,
                                    description=_description(layer))
         sink = CanonicalView(writer, out_layout)
@@ -279,6 +284,7 @@ def apply_to_file(layer, input_spec, output_spec, overwrite=False, method="auto"
         finally:
             bar.close()
         report = _report(layer, vol, target, info, stats, skip, scheduler, start)
+        report.update(_dtype_report(layer, job, out_dtype, dtype_note))
         if before_commit is not None:
             before_commit(report)
         target.commit()
@@ -332,6 +338,14 @@ def _add_note(exc, text):
         exc.__notes__ = [*getattr(exc, "__notes__", []), text]
 
 
+def _dtype_report(layer, job, out_dtype, note):
+    """What was computed in what: the policy, the weights', the computation's
+    (inputs, weights and result), the sums' and the file's dtypes."""
+    return {"dtype_policy": layer.dtype_policy.name, "variable_dtype": layer.variable_dtype,
+            "compute_dtype": layer.compute_dtype, "accumulation_dtype": job.work_dtype.name,
+            "output_dtype": np.dtype(out_dtype).name, "output_dtype_note": note}
+
+
 def _description(layer):
     return (f"conv3d {layer.keras_name} k{'x'.join(map(str, layer.kernel_size))} "
             f"s{'x'.join(map(str, layer.strides))} "
@@ -344,7 +358,7 @@ def _nifti_affine(out_spec, vol, job):
     return output_affine(vol.affine if vol.affine is not None else np.eye(4), job.geoms)
 
 
-def _prepare_zarr(target, vol, layer, job, plan, out_layout):
+def _prepare_zarr(target, vol, layer, job, plan, out_layout, out_dtype):
     """Create or reopen the Zarr output (chunked like the tiles); the done tile indices.
 
     Resuming reuses the recorded tiling (whatever --workers now asks) after
@@ -357,7 +371,8 @@ def _prepare_zarr(target, vol, layer, job, plan, out_layout):
         digest.update(np.ascontiguousarray(w).tobytes())
     record = {"input": str(vol.spec), "input_shape": list(vol.shape),
               "layer": json.loads(json.dumps(layer.get_config())), "weights": digest.hexdigest(),
-              "output_shape": list(out_layout.shape), "method": plan.method,
+              "output_shape": list(out_layout.shape), "output_dtype": np.dtype(out_dtype).name,
+              "method": plan.method,
               "tiles": [[t.b0, t.b1, [list(r) for r in t.out]] for t in plan.tiles]}
     tile = plan.tile_shape
     f = job.out_canonical_shape[4]
@@ -375,7 +390,7 @@ def _prepare_zarr(target, vol, layer, job, plan, out_layout):
     if vol.is_ome:  # OME-Zarr in, OME-Zarr out (one level, at "data")
         ome = ome_output_attrs(vol.array, job.geoms, out_layout.shape, vol.array.ome["version"])
     zarr_format = vol.array.zarr_format if vol.spec.format == "zarr" else 3
-    done, recorded = target.prepare(out_layout.shape, job.dtype, chunks, record, zarr_format, ome)
+    done, recorded = target.prepare(out_layout.shape, out_dtype, chunks, record, zarr_format, ome)
     if recorded is not None:  # resuming: the tiles the store was chunked for
         plan.tiles = [Tile(b0, b1, tuple(tuple(r) for r in box)) for b0, b1, box in recorded]
     return done

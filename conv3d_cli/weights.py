@@ -8,6 +8,7 @@ import zipfile
 import numpy as np
 
 from .errors import WeightsError
+from .layers.args import BFLOAT16
 
 
 def load_weights(path):
@@ -79,6 +80,9 @@ def stage_weights(path_or_staged, kernel, bias=None, overwrite=True):
     staged = path_or_staged if hasattr(path_or_staged, "commit") else \
         check_weights_path(path_or_staged, overwrite)
     arrays = {"kernel": kernel} if bias is None else {"kernel": kernel, "bias": bias}
+    # .npz has no bfloat16 type (it would store raw 2-byte voids): bfloat16
+    # weights are written as float32, which holds each of them exactly.
+    arrays = {k: v.astype(np.float32) if v.dtype == BFLOAT16 else v for k, v in arrays.items()}
     try:
         with staged.open("wb") as fh:
             np.savez(fh, **arrays)

@@ -69,7 +69,10 @@ LAYER_OPTIONS = [
     click.option("--kernel-constraint", default=None),
     click.option("--bias-constraint", default=None),
     click.option("--name", default=None),
-    click.option("--dtype", default=None, metavar="float32|float64"),
+    click.option("--dtype", default=None, metavar="POLICY",
+                 help="Keras dtype policy: float32 (default: keras.json floatx), float64, "
+                      "float16, bfloat16, mixed_float16 or mixed_bfloat16 (float32 weights, "
+                      "float16/bfloat16 computation and result)."),
     click.option("--seed", type=int, default=None,
                  help="Seed for random initializers that have none."),
     click.option("--config", "config", type=click.Path(dir_okay=False), default=None,

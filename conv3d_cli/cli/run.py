@@ -9,6 +9,7 @@ import click
 
 from ..api import apply_to_file
 from ..errors import Conv3DError
+from ..io.dtypes import OUTPUT_DTYPES
 from ..io.paths import parse_spec
 from ..io.tempfiles import StagedFile
 from ..weights import check_weights_path, stage_weights
@@ -22,6 +23,10 @@ from .options import engine_options, layer_from_kwargs, layer_options
 @engine_options
 @click.option("--save-weights", type=click.Path(dir_okay=False), default=None,
               help="Write the kernel and bias used to this .npz.")
+@click.option("--output-dtype", type=click.Choice(OUTPUT_DTYPES, case_sensitive=False),
+              default="compute", show_default=True,
+              help="OUTPUT's dtype: the layer's compute dtype (float32 where the format has "
+                   "no float16/bfloat16), the input's (float inputs), or a float dtype.")
 @click.option("--report", type=click.Path(dir_okay=False, allow_dash=True), default=None,
               help="Write a JSON report (shapes, params, config, method, seconds, losses); - for stdout.")
 @click.option("--overwrite", is_flag=True,
@@ -40,7 +45,7 @@ from .options import engine_options, layer_from_kwargs, layer_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary line.")
 @click.option("-v", "--verbose", is_flag=True,
               help="Log to stderr where temporary files go and what is cleaned up.")
-def run(input, output, save_weights, report, overwrite, scheduler, resume, progress, quiet,
+def run(input, output, save_weights, output_dtype, report, overwrite, scheduler, resume, progress, quiet,
         tmp_dir, verbose, **kwargs):
     """Apply one Conv3D / Conv3DTranspose layer to INPUT and write OUTPUT.
 
@@ -69,6 +74,7 @@ def run(input, output, save_weights, report, overwrite, scheduler, resume, progr
                                workers=workers, memory_limit=memory_limit,
                                chunk_shape=chunk_shape, progress=progress and not quiet,
                                scheduler=scheduler, resume=resume, tmp_dir=tmp_dir,
+                               output_dtype=output_dtype,
                                before_commit=lambda result: side.stage(layer, result))
         side.commit(result["output"])
     except BaseException:
@@ -79,6 +85,8 @@ def run(input, output, save_weights, report, overwrite, scheduler, resume, progr
     if not quiet and report != "-":
         for note in result["plan"].get("notes", []):
             click.echo(f"note: {note}", err=True)
+        if result["output_dtype_note"]:
+            click.echo(f"note: {result['output_dtype_note']}", err=True)
         click.echo(f"wrote {result['output']} {tuple(result['file_output_shape'])} "
                    f"({result['method']}, {result['tiles']} tiles, {result['workers']} "
                    f"workers, {result['seconds']:.2f} s)", err=True)

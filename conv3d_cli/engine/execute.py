@@ -39,31 +39,62 @@ class Stats:
     extra: dict = field(default_factory=dict)
 
 
+def _as_input(block, job):
+    """Input values as Keras sees them, in the dtype the sums run in: cast to the
+    compute dtype first (a float32 volume under float16 is rounded to float16)."""
+    block = np.asarray(block)
+    if job.rounds_result:
+        block = block.astype(job.dtype)
+    return block.astype(job.work_dtype, copy=False)
+
+
 def read_padded(source, job, b0, b1, ranges):
     """Canonical input block over ``ranges`` (may extend past the volume; zeros there)."""
     shape = job.in_spatial
     clipped = [(max(a, 0), min(z, n)) for (a, z), n in zip(ranges, shape)]
     full = tuple(z - a for a, z in ranges)
     if any(z <= a for a, z in clipped):
-        return np.zeros((b1 - b0,) + full + (job.in_channels,), job.dtype)
+        return np.zeros((b1 - b0,) + full + (job.in_channels,), job.work_dtype)
     inner = source.read(b0, b1, clipped)
     if tuple(clipped) == tuple(ranges):
-        return np.asarray(inner, dtype=job.dtype)
-    x = np.zeros((b1 - b0,) + full + (job.in_channels,), job.dtype)
-    x[(slice(None),) + tuple(slice(ca - a, cz - a) for (a, _), (ca, cz) in zip(ranges, clipped))] = inner
+        return _as_input(inner, job)
+    x = np.zeros((b1 - b0,) + full + (job.in_channels,), job.work_dtype)
+    x[(slice(None),) + tuple(slice(ca - a, cz - a) for (a, _), (ca, cz) in zip(ranges, clipped))] = \
+        _as_input(inner, job)
     return x
+
+
+def round_to_compute(job, sums):
+    """Keras's roundings under a float16 / bfloat16 compute dtype.
+
+    The convolution's float32 sums are rounded once to the compute dtype, the
+    bias (in the compute dtype) is added in that dtype (one more rounding), and
+    the activation then runs on compute-dtype arrays: NumPy, like XLA on CPU,
+    rounds after each operation of the activation's formula. This is the
+    sequence of ``BaseConv.call`` (conv, add, activation) with its operands
+    autocast, as far as Keras 3 on CPU lets it be observed.
+    """
+    y = sums.astype(job.dtype)
+    if job.bias is not None:
+        np.add(y, job.bias, out=y)
+    return y
 
 
 def compute_tile(job, tile, source, method, cache, fft_workers=1, want_sums=False, out=None):
     """Output block of ``tile`` after bias and activation, and its activity sums.
 
     ``out``, when given, is where the block goes (a view into an in-memory
-    output): the tile is accumulated there directly, with no extra copy.
+    output): a tile summed in the output's dtype is accumulated there directly,
+    with no extra copy.
     """
     axes = [g.terms(o0, o1) for g, (o0, o1) in zip(job.geoms, tile.out)]
     nb = tile.b1 - tile.b0
-    acc = out if out is not None else np.empty((nb,) + tile.shape + (job.filters,), job.dtype)
-    bias = np.zeros(job.filters, job.dtype) if job.bias is None else job.bias.astype(job.dtype)
+    work = job.work_dtype
+    in_place = out is not None and out.dtype == work
+    acc = out if in_place else np.empty((nb,) + tile.shape + (job.filters,), work)
+    # A rounded result gets its bias after the rounding (round_to_compute).
+    summed_bias = job.bias if not job.rounds_result else None
+    bias = np.zeros(job.filters, work) if summed_bias is None else summed_bias.astype(work)
     terms = [t for _, _, t in axes]
     # One term per axis covering the tile writes every output once: the stencil
     # and FFT paths then set bias + sum themselves, saving two passes over the
@@ -85,9 +116,11 @@ def compute_tile(job, tile, source, method, cache, fft_workers=1, want_sums=Fals
             correlate_stencil(x, terms, job.taps, acc, bias=given)
         elif job.kind != "conv" and any(g.s > 1 for g in job.geoms):
             scatter_transpose(x, [i0 for i0, _, _ in axes], job.geoms, tile,
-                              np.asarray(job.kernel, job.dtype), acc)
+                              job.kernel.astype(work), acc)
         else:
             correlate_gemm(x, terms, job.taps, acc)
+    if job.rounds_result:
+        acc = round_to_compute(job, acc)
     y = acc if job.activation.is_linear else job.activation(acc, axis=job.act_axis)
     if out is not None and y is not out:
         out[...] = y

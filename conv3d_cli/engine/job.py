@@ -19,13 +19,31 @@ class Job:
     in_channels: int
     filters: int
     groups: int
-    kernel: np.ndarray      # Keras layout
-    bias: np.ndarray | None
+    kernel: np.ndarray      # Keras layout, in the compute dtype
+    bias: np.ndarray | None  # in the compute dtype
     activation: object      # layers.activations.Activation
     data_format: str
-    dtype: np.dtype
+    dtype: np.dtype         # the compute dtype: the inputs' and the result's
     keras_output_shape: tuple
     _taps: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def work_dtype(self) -> np.dtype:
+        """The dtype the convolution sums in.
+
+        float16 and bfloat16 layers sum in float32 and round once: that is
+        what Keras's JAX backend gives on CPU (XLA computes a float16/bfloat16
+        convolution in float32 and rounds its result; measured against Keras
+        3.15, the sums agree with float32 accumulation and not with float16
+        accumulation). float32 and float64 layers sum in their own dtype.
+        """
+        return np.dtype(np.float32) if self.dtype.itemsize < 4 else self.dtype
+
+    @property
+    def rounds_result(self) -> bool:
+        """Whether the sums are rounded to a narrower compute dtype
+        (``execute.round_to_compute``)."""
+        return self.work_dtype != self.dtype
 
     @property
     def batch(self) -> int:
@@ -73,7 +91,7 @@ class Job:
     def taps(self) -> np.ndarray:
         """Weights per kernel tap as ``(kd, kh, kw, G, C_in/G, F/G)`` matrices."""
         if self._taps is None:
-            k = np.asarray(self.kernel, dtype=self.dtype)
+            k = np.asarray(self.kernel).astype(self.work_dtype)
             g = self.groups
             if self.kind == CONV:
                 kd, kh, kw, cg, f = k.shape

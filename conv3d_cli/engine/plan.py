@@ -121,7 +121,7 @@ def default_workers() -> int:
 
 def tile_bytes(job, nb, shape, method) -> int:
     """Estimated peak bytes of computing one tile of ``shape`` with ``nb`` batch elements."""
-    isz = job.dtype.itemsize
+    isz = job.work_dtype.itemsize  # the sums' dtype (float32 for float16 layers)
     spans = [g.ke if g.kind == "conv" else -(-g.ke // g.s) + 1 for g in job.geoms]
     steps = [g.s if g.kind == "conv" else 1 for g in job.geoms]
     in_ext = [(n - 1) * st + sp if g.kind == "conv" else -(-n // g.s) + sp

@@ -17,6 +17,8 @@ import numpy as np
 
 from .. import signals
 from ..errors import OutputExistsError, VolumeError
+from ..layers.args import is_float_dtype
+from .dtypes import output_dtype
 from .hdf5 import (DEFAULT_DATASET, H5Writer, copy_dataset_into, existing_dataset,
                    has_hdf5_signature, open_hdf5)
 from .nifti import create_nifti, gzip_file, open_nifti
@@ -220,9 +222,15 @@ def read_volume(path):
 
 
 def write_volume(path, array, affine=None, overwrite=False):
-    """Write ``array`` to ``path`` (format from the extension), atomically."""
+    """Write ``array`` to ``path`` (format from the extension), atomically.
+
+    A float dtype the format cannot store (float16 in NIfTI, bfloat16
+    anywhere) is written as float32, which holds it exactly."""
     array = np.asarray(array)
     spec = parse_spec(path, "OUTPUT")
+    if is_float_dtype(array.dtype):
+        array = array.astype(output_dtype(None, array.dtype.name, array.dtype, spec.format)[0],
+                             copy=False)
     if spec.format == "zarr":
         from .zarr_io import ZarrOutput
         target = ZarrOutput(spec, overwrite=overwrite)

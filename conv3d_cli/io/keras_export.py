@@ -16,6 +16,7 @@ import zipfile
 import h5py
 
 from ..errors import ArgumentError
+from ..layers.args import BFLOAT16
 from .keras_files import to_snake_case
 from .tempfiles import StagedFile, temp_path
 
@@ -43,15 +44,18 @@ def export_keras(layer, path, input_channels, overwrite=True):
     spatial = [None, None, None]
     batch_shape = [None] + (spatial + [input_channels] if layer.data_format == "channels_last"
                             else [input_channels] + spatial)
-    dtype = {"module": "keras", "class_name": "DTypePolicy", "config": {"name": layer.dtype},
-             "registered_name": None}
+    # As Keras writes a model built under the layer's policy: the model and the
+    # layer carry the policy; the InputLayer's dtype is the one the layer casts
+    # its inputs to.
+    dtype = layer.dtype_policy.serialize()
     layer_cfg = {"module": "keras.layers", "class_name": layer.keras_name,
                  "config": _jsonable(layer.get_config()), "registered_name": None,
                  "build_config": {"input_shape": batch_shape}}
     config = {"module": "keras", "class_name": "Sequential", "config": {
         "name": "sequential", "trainable": True, "dtype": dtype,
         "layers": [{"module": "keras.layers", "class_name": "InputLayer", "config": {
-            "batch_shape": batch_shape, "dtype": layer.dtype, "sparse": False, "ragged": False,
+            "batch_shape": batch_shape, "dtype": layer.compute_dtype, "sparse": False,
+            "ragged": False,
             "name": "input_layer", "optional": False}, "registered_name": None}, layer_cfg],
         "build_input_shape": batch_shape}, "registered_name": None,
         "build_config": {"input_shape": batch_shape}, "compile_config": None}
@@ -64,7 +68,9 @@ def export_keras(layer, path, input_channels, overwrite=True):
             group = f.create_group(f"layers/{to_snake_case(layer.keras_name)}/vars")
             group.attrs["name"] = layer.name
             for i, w in enumerate(layer.get_weights()):
-                group[str(i)] = w
+                group.create_dataset(str(i), data=w)
+                if w.dtype == BFLOAT16:  # as Keras 3 saves bfloat16 variables
+                    group[str(i)].attrs["dtype"] = "bfloat16"
             f.create_group("vars").attrs["name"] = "sequential"
         with staged.open("wb") as fh, zipfile.ZipFile(fh, "w") as z:
             z.writestr("metadata.json", json.dumps(meta))

@@ -31,6 +31,7 @@ import h5py
 import numpy as np
 
 from ..errors import WeightsError
+from ..layers.args import BFLOAT16
 from .tempfiles import remove_stale, temp_path
 
 CONV_CLASSES = {"Conv3D": "Conv3D", "Convolution3D": "Conv3D",
@@ -317,6 +318,10 @@ def _read_dataset(f, dataset, path):
     obj = f[dataset]
     if not isinstance(obj, h5py.Dataset) or obj.is_virtual or obj.external:
         raise WeightsError(f"{path}: {dataset} is not a plain dataset")
+    if obj.dtype.kind == "V" and obj.dtype.itemsize == 2 \
+            and _text(obj.attrs.get("dtype", "")) == "bfloat16":
+        # Keras 3 saves bfloat16 variables as opaque 2-byte values marked so.
+        return np.asarray(obj[...]).view(BFLOAT16)
     if obj.dtype.kind not in "biuf":
         raise WeightsError(f"{path}: {dataset} does not hold real numbers ({obj.dtype})")
     return np.asarray(obj[...])

@@ -15,8 +15,8 @@ import numpy as np
 from .. import shapes
 from ..errors import ArgumentError, ShapeError, WeightsError, brief
 from . import activations, constraints, initializers, regularizers
-from .args import (positive_int, standardize_data_format, standardize_dtype,
-                   standardize_padding, standardize_tuple)
+from .args import (is_float_dtype, numpy_dtype, positive_int, standardize_data_format,
+                   standardize_dtype_policy, standardize_padding, standardize_tuple)
 
 # Keys of a Keras layer config that carry no meaning for inference here
 # (tf.keras 2's `batch_size` goes with `input_shape`, for a model's input).
@@ -119,7 +119,7 @@ class BaseConv3D:
         self.groups = groups
         _check_rules(self)
         self.name = name or _auto_name(self.snake_name)
-        self.dtype = standardize_dtype(dtype)
+        self.dtype_policy = standardize_dtype_policy(dtype)
         self.trainable = bool(trainable)
         self.built = False
         self.input_channels = None
@@ -128,6 +128,22 @@ class BaseConv3D:
         self._activity_loss = None
         # Set when the layer is built, as tf.keras 2 does.
         self._initial_weights = None if weights is None else _weight_list(weights)
+
+    # ----------------------------------------------------------------- dtypes
+    @property
+    def compute_dtype(self) -> str:
+        """The dtype inputs and weights are cast to, and the output's."""
+        return self.dtype_policy.compute_dtype
+
+    @property
+    def variable_dtype(self) -> str:
+        """The dtype the weights are kept in (float32 under the mixed policies)."""
+        return self.dtype_policy.variable_dtype
+
+    @property
+    def dtype(self) -> str:
+        """Keras's alias of ``variable_dtype``."""
+        return self.variable_dtype
 
     # ----------------------------------------------------------------- shapes
     def kernel_shape(self, input_channels: int) -> tuple:
@@ -170,9 +186,10 @@ class BaseConv3D:
         if channels is None:
             raise ShapeError("The channel dimension of the inputs should be defined.")
         self.input_channels = channels
-        self.kernel = np.asarray(self.kernel_initializer(self.kernel_shape(channels), self.dtype),
-                                 dtype=self.dtype)
-        self.bias = (np.asarray(self.bias_initializer((self.filters,), self.dtype), dtype=self.dtype)
+        vdtype = numpy_dtype(self.variable_dtype)  # Keras creates variables in this dtype
+        self.kernel = np.asarray(self.kernel_initializer(self.kernel_shape(channels), vdtype),
+                                 dtype=vdtype)
+        self.bias = (np.asarray(self.bias_initializer((self.filters,), vdtype), dtype=vdtype)
                      if self.use_bias else None)
         self.built = True
         if self._initial_weights is not None:
@@ -219,11 +236,13 @@ class BaseConv3D:
                 raise WeightsError(
                     f"Layer '{self.name}' {label} weight shape {current.shape} is not "
                     f"compatible with provided weight shape {new.shape}.")
-            if not np.issubdtype(new.dtype, np.number) or np.iscomplexobj(new):
+            if not (np.issubdtype(new.dtype, np.number) or is_float_dtype(new.dtype)) \
+                    or np.iscomplexobj(new):
                 raise WeightsError(f"Layer '{self.name}' {label} must be real numbers, got {new.dtype}.")
-        self.kernel = kernel.astype(self.dtype, copy=True)
+        vdtype = numpy_dtype(self.variable_dtype)  # assigning casts to the variable's dtype
+        self.kernel = kernel.astype(vdtype, copy=True)
         if self.use_bias:
-            self.bias = np.asarray(weights[1]).astype(self.dtype, copy=True)
+            self.bias = np.asarray(weights[1]).astype(vdtype, copy=True)
 
     def apply_constraints(self):
         """Project the weights with the kernel/bias constraints (as Keras's optimizer does).
@@ -238,7 +257,7 @@ class BaseConv3D:
             self.bias = self._project("bias_constraint", self.bias_constraint, self.bias)
 
     def _project(self, label, constraint, w):
-        out = np.asarray(constraint(w.copy()), self.dtype)
+        out = np.asarray(constraint(w.copy()), w.dtype)
         if out.shape != w.shape:
             raise WeightsError(
                 f"Layer '{self.name}' `{label}` returned shape {out.shape}; a constraint "
@@ -300,18 +319,25 @@ class BaseConv3D:
                 f"{tuple(input_shape)}): Keras cannot apply a Conv3D to zero input channels.")
         out_shape = self.compute_output_shape(input_shape)
         batch, spatial, _ = shapes.split_layout(tuple(input_shape), self.data_format)
+        # Keras autocasts the variables to the compute dtype inside call().
+        cdtype = numpy_dtype(self.compute_dtype)
         return Job(kind=self.kind, geoms=self.geometries(spatial), batch_shape=batch,
                    in_channels=channels, filters=self.filters, groups=self.groups,
-                   kernel=self.kernel, bias=self.bias if self.use_bias else None,
+                   kernel=self.kernel.astype(cdtype, copy=False),
+                   bias=self.bias.astype(cdtype, copy=False) if self.use_bias else None,
                    activation=self.activation, data_format=self.data_format,
-                   dtype=np.dtype(self.dtype), keras_output_shape=out_shape)
+                   dtype=cdtype, keras_output_shape=out_shape)
 
     def __call__(self, inputs, method="auto", workers=1, memory_limit=None,
                  chunk_shape=None, progress=False):
-        """Apply the layer to a NumPy array in Keras layout (rank >= 5)."""
+        """Apply the layer to a NumPy array in Keras layout (rank >= 5).
+
+        The result is in the compute dtype of the layer's policy, as Keras
+        returns it (float16 under ``mixed_float16``)."""
         from ..engine import run_array
         x = np.asarray(inputs)
-        if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool) or np.iscomplexobj(x):
+        if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool
+                or is_float_dtype(x.dtype)) or np.iscomplexobj(x):
             raise ShapeError(f"Inputs must be real numbers; received dtype {x.dtype}.")
         job = self.job(x.shape)
         y, stats = run_array(job, x, method=method, workers=workers,
@@ -328,8 +354,7 @@ class BaseConv3D:
         config = {
             "name": self.name,
             "trainable": self.trainable,
-            "dtype": {"module": "keras", "class_name": "DTypePolicy",
-                      "config": {"name": self.dtype}, "registered_name": None},
+            "dtype": self.dtype_policy.serialize(),
             "filters": self.filters,
             "kernel_size": self.kernel_size,
             "strides": self.strides,
@@ -375,8 +400,9 @@ class BaseConv3D:
 
 
 def looks_like_keras2(config) -> bool:
-    if isinstance(config.get("dtype"), dict):
-        return False
+    dtype = config.get("dtype")
+    if isinstance(dtype, dict):  # tf.keras 2's mixed precision policy class is Policy
+        return dtype.get("class_name") == "Policy"
 
     def has_module(value):
         if isinstance(value, dict):
