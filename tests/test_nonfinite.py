@@ -242,42 +242,65 @@ def test_dask_tasks_match_reference(name, method):
 
 
 @pytest.fixture
-def recomputed(monkeypatch):
-    """The output boxes that FFT/Winograd tiles recompute by the direct path."""
-    boxes = []
-    real = execute_mod._direct_box
+def route(monkeypatch):
+    """How FFT/Winograd tiles went: ``transforms`` run, output ``boxes``
+    recomputed by the direct path."""
+    seen = {"transforms": 0, "boxes": []}
+    transform, direct_box = execute_mod._by_transform, execute_mod._direct_box
 
-    def spy(job, tile, origin, x, box, acc, bias):
-        boxes.append(box)
-        return real(job, tile, origin, x, box, acc, bias)
+    def spy_transform(*args):
+        seen["transforms"] += 1
+        return transform(*args)
 
-    monkeypatch.setattr(execute_mod, "_direct_box", spy)
-    return boxes
+    def spy_box(job, tile, origin, x, box, acc, bias):
+        seen["boxes"].append(box)
+        return direct_box(job, tile, origin, x, box, acc, bias)
+
+    monkeypatch.setattr(execute_mod, "_by_transform", spy_transform)
+    monkeypatch.setattr(execute_mod, "_direct_box", spy_box)
+    return seen
 
 
-def test_one_nan_spreads_only_over_its_window(recomputed):
-    """The issue's example at a small size: one NaN and a 7x7x7 kernel give 343 NaN
-    outputs by FFT as by the direct path; FFT recomputes only the block of
-    outputs around them."""
+@pytest.mark.parametrize("value", [NAN, INF])
+def test_one_nonfinite_voxel_reaches_only_its_window(route, value):
+    """The issue's example at a small size: one NaN (or Inf) and a 7x7x7 kernel
+    change 343 outputs by FFT as by the direct path. FFT sets the NaN without
+    computing them; around the Inf it recomputes one block of outputs."""
     x = np.random.default_rng(3).standard_normal((1, 40, 40, 40, 1)).astype(np.float32)
-    x[0, 20, 21, 22, 0] = NAN
+    x[0, 20, 21, 22, 0] = value
     layer = Conv3D(1, 7, padding="same")
     direct = layer(x, method="direct")
-    assert np.isnan(direct).sum() == 343 and np.isnan(direct[0, 17:24, 18:25, 19:26]).all()
+    assert (~np.isfinite(direct)).sum() == 343
+    assert not np.isfinite(direct[0, 17:24, 18:25, 19:26]).any()
     assert_same_result(layer(x, method="fft"), direct)
-    assert recomputed == [((16, 32), (16, 32), (16, 32))]
-    # The NaN's window meets all 8 tiles: each is recomputed in part or whole.
+    assert route["transforms"] == 1
+    assert route["boxes"] == ([] if np.isnan(value) else [((16, 32), (16, 32), (16, 32))])
+    # The window meets all 8 tiles.
     assert_same_result(layer(x, method="fft", chunk_shape=(20, 20, 20)), direct)
 
 
-def test_many_nans_take_the_direct_path_whole(recomputed):
-    """A masked map (part of the volume NaN) gives the reference's pattern by FFT
-    too; the affected region is most of the tile, so it is computed directly."""
+@pytest.mark.parametrize("method,layer,shape", [
+    ("fft", Conv3D(2, 7, padding="same"), (1, 16, 15, 17, 2)),
+    ("winograd", Conv3D(8, 3, padding="same"), (1, 12, 11, 10, 8))])
+def test_masked_map_by_transform(route, method, layer, shape):
+    """A statistical map that is NaN outside a mask: FFT and Winograd compute it
+    with zeros there and set the NaN the mask reaches, nothing more."""
+    x = _volume(shape, [], seed=4)
+    x[:, :, :, :4] = NAN
+    x[:, 6:, 8:, :, 1] = NAN
+    _weights(layer, x)
+    assert_same_result(layer(x, method=method), layer(x, method="direct"))
+    assert route["transforms"] == 1 and route["boxes"] == []
+
+
+def test_many_infs_take_the_direct_path_whole(route):
+    """Inf over much of a tile (the log of a masked map): the outputs it reaches
+    need the direct path, and the whole tile is cheaper that way."""
     layer, x, _ = reference_case("conv_k5_same")
     x = x.copy()
-    x[:, :, :, :4] = NAN
+    x[:, :, :, :4] = -INF
     assert_same_result(layer(x, method="fft"), _reference(layer, x))
-    assert recomputed == []
+    assert route["transforms"] == 0
 
 
 def test_kernels_do_not_assume_finite_values():

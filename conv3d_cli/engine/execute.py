@@ -25,7 +25,8 @@ from ..shapes import CONV
 from .choose import exact_fixup_pays
 from .direct import correlate_gemm, scatter_transpose
 from .fft import SpectrumCache, correlate_fft
-from .nonfinite import affected_boxes, all_finite, nonfinite_voxels, zero_products
+from .nonfinite import (affected_boxes, all_finite, nonfinite_voxels, spread_nan,
+                        zero_products, zeroed)
 from .stencil import correlate_stencil, stencil_suits
 from .winograd import correlate_winograd
 
@@ -135,22 +136,25 @@ def _by_transform(job, tile, axes, x, method, acc, bias, cache, fft_workers):
 
 
 def _by_transform_exact(job, tile, axes, x, method, acc, bias, cache, fft_workers):
-    """FFT or Winograd, with the outputs that a NaN or Inf input reaches
-    recomputed by the direct path (or the whole tile, when that is cheaper)."""
-    bad = nonfinite_voxels(x)
-    if bad is None:
+    """FFT or Winograd, exact where the input holds NaN or Inf: computed with those
+    values set to 0, then NaN spread over the outputs a NaN reaches and the
+    output blocks an Inf reaches recomputed by the direct path (or the whole
+    tile by the direct path, when that is cheaper)."""
+    found = nonfinite_voxels(x)
+    if found is None:
         _by_transform(job, tile, axes, x, method, acc, bias, cache, fft_workers)
         return
+    bad, inf = found
     origin = [i0 for i0, _, _ in axes]
-    boxes = affected_boxes(job, tile, origin, bad)
+    boxes = affected_boxes(job, tile, origin, inf) if inf.any() else []
     fraction = sum(np.prod([b - a for a, b in box]) for box in boxes) / np.prod(tile.shape)
     if not exact_fixup_pays(job, method, fraction):
         _direct(job, tile, axes, x, acc, bias)
         return
-    _by_transform(job, tile, axes, np.nan_to_num(x, nan=0, posinf=0, neginf=0), method, acc,
-                  bias, cache, fft_workers)
+    _by_transform(job, tile, axes, zeroed(x, bad), method, acc, bias, cache, fft_workers)
     for box in boxes:
         _direct_box(job, tile, origin, x, box, acc, bias)
+    spread_nan(job, axes, x, acc)
 
 
 def _direct_box(job, tile, origin, x, box, acc, bias):

@@ -13,12 +13,18 @@ meets Infs of one sign only; no other output changes.
   every output of it (one NaN turns an FFT tile NaN), and Winograd's
   transforms compute ``inf - inf``. These paths check the tile's input
   (``all_finite``: one pass over it, cheap next to a transform). When it holds
-  a NaN or Inf, the tile is computed with those voxels set to 0, which is
-  exact for every output whose window holds none of them, and the output
-  blocks whose input region holds one are recomputed by the direct path
-  (``affected_boxes``); when that region is a large part of the tile (a
-  masked statistical map is NaN outside the brain), the whole tile goes the
-  direct path instead (``choose.exact_fixup_pays``).
+  a NaN or Inf, the tile is computed with those values set to 0, which is
+  exact for every output whose window holds none of them. Then:
+
+  - a NaN input makes every product NaN, whatever the weight (``nan * 0`` is
+    NaN too), so every output whose window holds it is NaN, for every filter
+    of its channel's group: ``spread_nan`` sets them, a dilation of the NaN
+    mask by the window, with nothing to compute (a masked statistical map,
+    NaN outside the brain, costs one FFT and a few passes over a mask);
+  - an Inf input gives +-Inf or NaN depending on the weights' signs and
+    zeros, so the output blocks it reaches are recomputed by the direct path
+    (``affected_boxes``), or the whole tile when they are a large part of it
+    (``choose.exact_fixup_pays``).
 
 A non-finite *weight* is multiplied by everything in its window, including
 the zeros of 'same' padding (``0 * inf`` is NaN): the direct paths read those
@@ -33,10 +39,10 @@ from __future__ import annotations
 
 import numpy as np
 
-# Edge, in output voxels, of the blocks recomputed exactly around non-finite
-# input: small enough that one NaN costs little (the blocks around a 7^3
-# window hold at most 32^3 outputs), large enough that the per-block overhead
-# of the direct path stays small.
+# Edge, in output voxels, of the blocks recomputed exactly around Inf input:
+# small enough that one Inf costs little (the blocks around a 7^3 window hold
+# at most 32^3 outputs), large enough that the per-block overhead of the direct
+# path stays small.
 BLOCK = 16
 # Bytes checked at a time, so the check's boolean temporary stays in cache.
 CHECK_BYTES = 1 << 20
@@ -53,15 +59,82 @@ def all_finite(a) -> bool:
 
 
 def nonfinite_voxels(x):
-    """Spatial mask ``(D, H, W)`` of the voxels of ``x`` (B, D, H, W, C) holding a NaN
-    or Inf in some batch element or channel; None when there is none."""
+    """Spatial masks ``(D, H, W)`` of the voxels of ``x`` (B, D, H, W, C) holding a
+    NaN or Inf, and an Inf, in some batch element or channel; None when ``x``
+    is finite."""
     if all_finite(x):
         return None
-    bad = np.empty(x.shape[1:4], bool)
+    bad, inf = np.empty(x.shape[1:4], bool), np.empty(x.shape[1:4], bool)
     step = max(1, CHECK_BYTES // max(x[:, :1].nbytes, 1))
     for i in range(0, x.shape[1], step):
-        bad[i:i + step] = ~np.isfinite(x[:, i:i + step]).all(axis=(0, 4))
-    return bad
+        slab = x[:, i:i + step]
+        bad[i:i + step] = ~np.isfinite(slab).all(axis=(0, 4))
+        inf[i:i + step] = np.isinf(slab).any(axis=(0, 4))
+    return bad, inf
+
+
+def zeroed(x, bad):
+    """A copy of ``x`` with its NaN and Inf values (all in the voxels ``bad``) set to 0."""
+    clean = x.copy()
+    values = clean[:, bad]
+    values[~np.isfinite(values)] = 0
+    clean[:, bad] = values
+    return clean
+
+
+def spread_nan(job, axes, x, acc):
+    """Set NaN in ``acc`` (B, D, H, W, F) at every output whose window holds a NaN
+    of ``x``, for every filter of the NaN channel's group.
+
+    The window of output ``o`` is a product of per-axis tap sets (each axis's
+    :class:`~conv3d_cli.shapes.AxisTerm` holding ``o``: input
+    ``in_start + offset_j + in_step * q`` for each tap j), so the outputs a
+    mask reaches follow one axis at a time (``_reach``), starting from the
+    NaN's bounding box: a few NaN cost a few voxels of work.
+    """
+    groups, cg, fg = job.taps.shape[3:]
+    for g in range(groups):
+        nan = np.isnan(x[..., g * cg:(g + 1) * cg]).any(axis=-1)  # (B, D, H, W)
+        spans = [np.flatnonzero(nan.any(axis=tuple(i for i in range(4) if i != a)))
+                 for a in (1, 2, 3)]
+        if not spans[0].size:
+            continue
+        nan = nan[(slice(None),) + tuple(slice(s[0], s[-1] + 1) for s in spans)]
+        region = []
+        for axis, (_, _, terms), start in zip((1, 2, 3), axes, (s[0] for s in spans)):
+            lo, nan = _reach(nan, axis, terms, acc.shape[axis], start)
+            if nan is None:  # no tap lands on these voxels
+                break
+            region.append(slice(lo, lo + nan.shape[axis]))
+        else:
+            acc[(slice(None),) + tuple(region) + (slice(g * fg, (g + 1) * fg),)][nan] = np.nan
+
+
+def _reach(mask, axis, terms, n, start):
+    """Along ``axis``: which of the ``n`` outputs have a tap on a True voxel of
+    ``mask`` (whose index 0 is input ``start``). Returns the first such output
+    and the mask from there to the last one, or ``(0, None)`` if none is."""
+    size = mask.shape[axis]
+    shape = list(mask.shape)
+    shape[axis] = n
+    out = np.zeros(shape, bool)
+    index = [slice(None)] * mask.ndim
+    for t in terms:
+        for _, off in t.taps:
+            a, step = t.in_start + off - start, t.in_step  # mask index of q = 0
+            q0, q1 = max(0, -(a // step)), min(t.count, -((a - size) // step))
+            if q1 <= q0:
+                continue
+            index[axis] = slice(t.out_start + q0 * t.out_step,
+                                t.out_start + (q1 - 1) * t.out_step + 1, t.out_step)
+            dst = out[tuple(index)]
+            index[axis] = slice(a + q0 * step, a + (q1 - 1) * step + 1, step)
+            np.logical_or(dst, mask[tuple(index)], out=dst)
+    hit = np.flatnonzero(out.any(axis=tuple(i for i in range(out.ndim) if i != axis)))
+    if not hit.size:
+        return 0, None
+    index[axis] = slice(hit[0], hit[-1] + 1)
+    return hit[0], out[tuple(index)]
 
 
 def affected_boxes(job, tile, origin, bad, block=None):
@@ -72,8 +145,9 @@ def affected_boxes(job, tile, origin, bad, block=None):
     voxel 0 is input voxel ``origin``. The tile's output is cut into blocks of
     ``block`` voxels per axis. A block's input region is a product of per-axis
     ranges (``AxisGeometry.terms``), so "the region holds a bad voxel" reduces
-    one axis at a time: any() over the W range of each block column, then H,
-    then D. Marked blocks next to each other along W become one box.
+    one axis at a time: any() over the D range of each block's slab (whole
+    planes at a time, the fast way through memory), then H, then W. Marked
+    blocks next to each other along W become one box.
     """
     block = block or BLOCK
     spans = []  # per axis: (tile-local output range, local input range or None)
@@ -88,7 +162,7 @@ def affected_boxes(job, tile, origin, bad, block=None):
                 assert 0 <= rng[0] and rng[1] <= bad.shape[axis], (rng, bad.shape)
             spans[-1].append(((a - o0, b - o0), rng))
     hit = bad
-    for axis in (2, 1, 0):
+    for axis in (0, 1, 2):
         cols = []
         for _, rng in spans[axis]:
             shape = list(hit.shape)
