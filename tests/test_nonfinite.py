@@ -207,6 +207,16 @@ def test_tiled_matches_reference(name, path):
 
 
 @pytest.mark.parametrize("method", ["direct", "fft", "winograd"])
+def test_channels_first(method):
+    layer, x, expected = reference_case("conv_same")
+    first = Conv3D(8, 3, padding="same", data_format="channels_first")
+    first.build(np.moveaxis(x, -1, 1).shape)
+    first.set_weights(layer.get_weights())
+    y = first(np.moveaxis(x, -1, 1), method=method, chunk_shape=(4, 4, 4))
+    assert_same_result(y, np.moveaxis(expected, -1, 1))
+
+
+@pytest.mark.parametrize("method", ["direct", "fft", "winograd"])
 def test_threads_match_reference(method):
     layer, x, expected = reference_case("conv_same")
     y = layer(x, method=method, workers=2, chunk_shape=(4, 4, 4))
