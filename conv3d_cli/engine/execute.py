@@ -16,15 +16,19 @@ import os
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from threadpoolctl import threadpool_limits
 
 from .. import signals
 from ..errors import EngineError
+from ..shapes import CONV
+from .choose import exact_fixup_pays
 from .direct import correlate_gemm, scatter_transpose
 from .fft import SpectrumCache, correlate_fft
+from .nonfinite import (affected_boxes, all_finite, nonfinite_voxels, spread_nan,
+                        zero_products, zeroed)
 from .stencil import correlate_stencil, stencil_suits
 from .winograd import correlate_winograd
 
@@ -95,32 +99,14 @@ def compute_tile(job, tile, source, method, cache, fft_workers=1, want_sums=Fals
     # A rounded result gets its bias after the rounding (round_to_compute).
     summed_bias = job.bias if not job.rounds_result else None
     bias = np.zeros(job.filters, work) if summed_bias is None else summed_bias.astype(work)
-    terms = [t for _, _, t in axes]
-    # One term per axis covering the tile writes every output once: the stencil
-    # and FFT paths then set bias + sum themselves, saving two passes over the
-    # block. Everything else accumulates onto the bias.
-    covers = all(len(t) == 1 and t[0].out_step == 1 and t[0].count == n
-                 for t, n in zip(terms, tile.shape))
-    stencil = method == "direct" and stencil_suits(job)
-    fused = covers and (stencil or method == "fft")
-    if not fused:
-        acc[...] = bias
-    if all(terms):
+    x = None
+    if all(t for _, _, t in axes):
         x = read_padded(source, job, tile.b0, tile.b1, [(i0, i1) for i0, i1, _ in axes])
-        given = bias if fused else None
-        if method == "fft":
-            correlate_fft(x, terms, job.taps, acc, cache, workers=fft_workers, bias=given)
-        elif method == "winograd":
-            correlate_winograd(x, terms, job.taps, acc, cache)
-        elif stencil:
-            correlate_stencil(x, terms, job.taps, acc, bias=given)
-        elif job.kind != "conv" and any(g.s > 1 for g in job.geoms):
-            scatter_transpose(x, [i0 for i0, _, _ in axes], job.geoms, tile,
-                              job.kernel.astype(work), acc)
-        else:
-            correlate_gemm(x, terms, job.taps, acc)
-    if job.rounds_result:
-        acc = round_to_compute(job, acc)
+    # Keras's arithmetic on NaN and Inf is silent: inf * 0 is NaN without a warning.
+    with np.errstate(invalid="ignore", over="ignore"):
+        _convolve(job, tile, axes, x, method, acc, bias, cache, fft_workers)
+        if job.rounds_result:
+            acc = round_to_compute(job, acc)
     y = acc if job.activation.is_linear else job.activation(acc, axis=job.act_axis)
     if out is not None and y is not out:
         out[...] = y
@@ -129,6 +115,96 @@ def compute_tile(job, tile, source, method, cache, fft_workers=1, want_sums=Fals
         y64 = y.astype(np.float64)
         sums = (float(np.abs(y64).sum()), float(np.square(y64).sum()))
     return y, sums
+
+
+def _convolve(job, tile, axes, x, method, acc, bias, cache, fft_workers):
+    """Set ``acc`` to bias + the tile's convolution of ``x`` by ``method``, as
+    Keras computes it also where inputs or weights are NaN or Inf (see
+    :mod:`conv3d_cli.engine.nonfinite`)."""
+    finite_weights = all_finite(job.taps)
+    if x is None:  # no input voxel reaches this tile (transposed phases without taps)
+        acc[...] = bias
+    elif method in ("fft", "winograd") and finite_weights:
+        _by_transform_exact(job, tile, axes, x, method, acc, bias, cache, fft_workers)
+    else:
+        _direct(job, tile, axes, x, acc, bias)
+    if not finite_weights and job.kind != CONV:
+        zero_products(job, tile, acc)
+
+
+def _covers(terms, shape):
+    """One term per axis covering the tile writes every output once: the stencil
+    and FFT paths then set bias + sum themselves, saving two passes over the
+    block. Everything else accumulates onto the bias."""
+    return all(len(t) == 1 and t[0].out_step == 1 and t[0].count == n
+               for t, n in zip(terms, shape))
+
+
+def _direct(job, tile, axes, x, acc, bias):
+    """bias + the direct convolution: stencil, scatter-transposed or im2col GEMM."""
+    terms = [t for _, _, t in axes]
+    stencil = stencil_suits(job)
+    fused = stencil and _covers(terms, tile.shape)
+    if not fused:
+        acc[...] = bias
+    if stencil:
+        correlate_stencil(x, terms, job.taps, acc, bias=bias if fused else None)
+    elif job.kind != CONV and any(g.s > 1 for g in job.geoms):
+        scatter_transpose(x, [i0 for i0, _, _ in axes], job.geoms, tile,
+                          job.kernel.astype(job.work_dtype), acc)
+    else:
+        correlate_gemm(x, terms, job.taps, acc)
+
+
+def _by_transform(job, tile, axes, x, method, acc, bias, cache, fft_workers):
+    """bias + the convolution by FFT or Winograd (finite input and weights)."""
+    terms = [t for _, _, t in axes]
+    if method == "fft":
+        fused = _covers(terms, tile.shape)
+        if not fused:
+            acc[...] = bias
+        correlate_fft(x, terms, job.taps, acc, cache, workers=fft_workers,
+                      bias=bias if fused else None)
+    else:
+        acc[...] = bias
+        correlate_winograd(x, terms, job.taps, acc, cache)
+
+
+def _by_transform_exact(job, tile, axes, x, method, acc, bias, cache, fft_workers):
+    """FFT or Winograd, exact where the input holds NaN or Inf: computed with those
+    values set to 0, then NaN spread over the outputs a NaN reaches and the
+    output blocks an Inf reaches recomputed by the direct path (or the whole
+    tile by the direct path, when that is cheaper)."""
+    found = nonfinite_voxels(x)
+    if found is None:
+        _by_transform(job, tile, axes, x, method, acc, bias, cache, fft_workers)
+        return
+    bad, inf = found
+    origin = [i0 for i0, _, _ in axes]
+    boxes = affected_boxes(job, tile, origin, inf) if inf.any() else []
+    fraction = sum(np.prod([b - a for a, b in box]) for box in boxes) / np.prod(tile.shape)
+    if not exact_fixup_pays(job, method, fraction):
+        _direct(job, tile, axes, x, acc, bias)
+        return
+    _by_transform(job, tile, axes, zeroed(x, bad), method, acc, bias, cache, fft_workers)
+    for box in boxes:
+        _direct_box(job, tile, origin, x, box, acc, bias)
+    spread_nan(job, axes, x, acc)
+
+
+def _direct_box(job, tile, origin, x, box, acc, bias):
+    """Recompute the outputs ``box`` (tile-local ``(start, stop)`` per axis) of the
+    tile by the direct path, from the tile's input ``x`` (voxel 0 = input ``origin``)."""
+    sub = replace(tile, out=tuple((o0 + a, o0 + b) for (o0, _), (a, b) in zip(tile.out, box)))
+    axes = [g.terms(o0, o1) for g, (o0, o1) in zip(job.geoms, sub.out)]
+    block = np.empty((tile.b1 - tile.b0,) + sub.shape + (job.filters,), acc.dtype)
+    if all(t for _, _, t in axes):
+        region = tuple(slice(i0 - o, i1 - o) for (i0, i1, _), o in zip(axes, origin))
+        assert all(0 <= r.start and r.stop <= n for r, n in zip(region, x.shape[1:4]))
+        _direct(job, sub, axes, x[(slice(None),) + region], block, bias)
+    else:
+        block[...] = bias
+    acc[(slice(None),) + tuple(slice(a, b) for a, b in box)] = block
 
 
 def out_ranges(job, tile):

@@ -23,6 +23,15 @@ except ImportError:  # pragma: no cover - numba is a dependency; keep a clear fa
 # (measured by `make bench`: GEMM needs a wide K x N to reach BLAS speed).
 MAX_CG_FG = 16
 
+# LLVM fast-math flags of the compiled kernels: contract a * b + c into an FMA,
+# ignore the sign of zero, approximate reciprocals and functions. Not ``nnan`` or
+# ``ninf``: with them LLVM may assume that no NaN or Inf exists (and fold
+# ``x * 0`` to 0), while Keras's sums carry them to every output they reach.
+# Not ``reassoc`` either: together with ``nsz`` it lets LLVM cancel ``x - x``
+# and ``(a + x) - x``, turning Inf - Inf into a number. The loops vectorize
+# without it (they have no reductions); `make bench` shows no loss of speed.
+FASTMATH = {"nsz", "arcp", "contract", "afn"}
+
 
 def stencil_suits(job) -> bool:
     cg, fg = job.in_channels // job.groups, job.filters // job.groups
@@ -30,7 +39,7 @@ def stencil_suits(job) -> bool:
 
 
 if numba is not None:
-    @numba.njit(nogil=True, fastmath=True, cache=True)
+    @numba.njit(nogil=True, fastmath=FASTMATH, cache=True)
     def _kernel(xt, w, out, in_start, in_step, offs0, offs1, offs2, out_start, out_step,
                 counts, groups, init, assign):
         # xt is channels-first (B, C, D, H, W) so every input row is contiguous.
@@ -77,7 +86,7 @@ if numba is not None:
 
 
 if numba is not None:
-    @numba.njit(nogil=True, fastmath=True, cache=True)
+    @numba.njit(nogil=True, fastmath=FASTMATH, cache=True)
     def col2im(y, out, sp0, sp1, sp2, steps):
         """out[b, o] += y[b, i, tap] where o = first + (i - lo) * stride per axis and tap.
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .stencil import numba
+from .stencil import FASTMATH, numba
 
 G_MATRIX = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
 # Tiles per slab: the slab's transformed input and output stay in L2/L3.
@@ -52,7 +52,7 @@ def kernel_transform(taps_w, terms):
 
 
 if numba is not None:
-    @numba.njit(nogil=True, fastmath=True, cache=True)
+    @numba.njit(nogil=True, fastmath=FASTMATH, cache=True)
     def _input_transform(x, v, t0a, t0b, n1, n2, groups):
         """V[xi, g, tile, c] = (B^T d B)[xi] for the tiles of rows t0a..t0b."""
         cg = x.shape[3] // groups
@@ -98,7 +98,7 @@ if numba is not None:
                                     v[32 + j * 4 + k, g, n, c] = a2 - a1
                                     v[48 + j * 4 + k, g, n, c] = a1 - a3
 
-    @numba.njit(nogil=True, fastmath=True, cache=True)
+    @numba.njit(nogil=True, fastmath=FASTMATH, cache=True)
     def _output_transform(m, out, b, o0, o1, o2, t0a, t0b, n1, n2, c0, c1, c2, groups):
         """out[b, o + 2t + (0|1), g*Fg + f] += (A^T M A) for the tiles of rows t0a..t0b."""
         fg = m.shape[3]

@@ -184,10 +184,14 @@ class Activation:
     def __call__(self, x: np.ndarray, axis: int = -1) -> np.ndarray:
         if self.is_linear:
             return x
-        if self.axiswise:
-            out = self._fn(x, axis, **self.kwargs)
-        else:
-            out = self._fn(x, **self.kwargs)
+        # NaN and +-Inf go through the formulas as through Keras's (relu(NaN) is
+        # NaN, a softmax row holding +Inf is NaN from Inf - Inf, exp overflows to
+        # Inf), silently as in Keras: the fixtures pin every case.
+        with np.errstate(all="ignore"):
+            if self.axiswise:
+                out = self._fn(x, axis, **self.kwargs)
+            else:
+                out = self._fn(x, **self.kwargs)
         return np.asarray(out, dtype=x.dtype)
 
     def serialize(self):
