@@ -55,9 +55,10 @@ def test_run_transposed_drops_added_channel_axis(vol):
     assert r.exit_code == 0, r.output
     y = np.load(tmp / "up.npy")
     assert y.shape == (18, 10, 22)
-    w = np.load(tmp / "w.npz")
-    assert_close(y, ref_conv3d_transpose(a[None, ..., None], w["kernel"], w["bias"], (2, 1, 2),
-                                         "same")[0, ..., 0])
+    with np.load(tmp / "w.npz") as w:
+        expected = ref_conv3d_transpose(a[None, ..., None], w["kernel"], w["bias"], (2, 1, 2),
+                                        "same")[0, ..., 0]
+    assert_close(y, expected)
 
 
 def test_run_seed_reproducible_and_report_losses(vol):
@@ -108,9 +109,9 @@ def test_run_channels_first_rank5_npy(tmp_path, rng):
             "--filters", 4, "--kernel-size", 3, "--seed", 0,
             "--save-weights", tmp_path / "w.npz", "-q")
     assert r.exit_code == 0, r.output
-    w = np.load(tmp_path / "w.npz")
-    assert_close(np.load(tmp_path / "o.npy"),
-                 ref_conv3d(a, w["kernel"], w["bias"], data_format="channels_first"))
+    with np.load(tmp_path / "w.npz") as w:
+        expected = ref_conv3d(a, w["kernel"], w["bias"], data_format="channels_first")
+    assert_close(np.load(tmp_path / "o.npy"), expected)
 
 
 def test_integer_input_converted_to_float32(tmp_path):
