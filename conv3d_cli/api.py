@@ -204,7 +204,7 @@ def apply_to_file(layer, input_spec, output_spec, overwrite=False, method="auto"
                                 "record which tiles are written")
         if zarr_out:
             from .io.zarr_io import ZarrOutput
-            target = ZarrOutput(out_spec, overwrite=overwrite, resume=resume)
+            target = ZarrOutput(out_spec, overwrite=overwrite, resume=resume, inputs=[vol.spec])
         else:
             target = OutputTarget(out_spec, overwrite=overwrite, inputs=[vol.spec])
         info, job, plan = describe(layer, volume=vol, method=method, workers=workers,

@@ -18,7 +18,7 @@ from ..errors import OutputExistsError, VolumeError
 from .hdf5 import DEFAULT_DATASET, H5Writer, open_hdf5
 from .nifti import create_nifti, gzip_file, open_nifti
 from .npy import create_npy, open_npy
-from .paths import VolumeSpec, parse_spec
+from .paths import VolumeSpec, parse_spec, refuse_input
 
 __all__ = ["open_volume", "OutputTarget", "read_volume", "write_volume", "parse_spec",
            "VolumeSpec", "InputVolume"]
@@ -84,10 +84,7 @@ class OutputTarget:
         self.spec = spec
         self.overwrite = overwrite
         self.single_writer = spec.format == "hdf5"
-        for other in inputs:
-            if os.path.exists(spec.path) and os.path.exists(other.path) \
-                    and os.path.samefile(spec.path, other.path):
-                raise VolumeError(f"OUTPUT {spec} is the input file {other}; write to another file")
+        refuse_input(spec, inputs)
         if spec.format == "zarr":
             raise VolumeError(f"OUTPUT {spec}: Zarr outputs are written through "
                               "conv3d_cli.io.zarr_io.ZarrOutput")

@@ -27,6 +27,7 @@ import shutil
 import numpy as np
 
 from ..errors import ArgumentError, OutputExistsError, VolumeError
+from .paths import refuse_input
 
 
 def require_zarr():
@@ -113,7 +114,8 @@ class ZarrOutput:
 
     single_writer = False
 
-    def __init__(self, spec, overwrite=False, resume=False):
+    def __init__(self, spec, overwrite=False, resume=False, inputs=()):
+        refuse_input(spec, inputs)
         self.spec = spec
         self.final = spec.path
         self.partial = spec.path.rstrip("/") + ".partial"
