@@ -115,6 +115,27 @@ def test_plan_fits_every_worker_under_the_limit(monkeypatch, workers, processes,
     assert plan.peak_bytes <= limit
 
 
+@pytest.mark.parametrize("cls,kwargs", [
+    (Conv3D, dict(kernel_size=(3, 4, 1), strides=(1, 2, 3), padding="same")),
+    (Conv3D, dict(kernel_size=(5, 2, 3), dilation_rate=(2, 3, 1), padding="valid")),
+    (Conv3DTranspose, dict(kernel_size=(3, 4, 5), strides=(2, 3, 1), padding="same")),
+    (Conv3DTranspose, dict(kernel_size=(2, 3, 4), strides=(3, 2, 2), padding="valid",
+                           output_padding=(2, 1, 0))),
+    (Conv3DTranspose, dict(kernel_size=3, dilation_rate=(2, 1, 3), padding="same")),
+])
+def test_memory_model_counts_the_halo_every_tile_reads(cls, kwargs):
+    """The planner's input extent per tile covers the region the tile really reads
+    (output range plus halo, from the layer's geometry); for Conv3D it is exact."""
+    job = cls(1, **kwargs).job((1, 17, 16, 15, 1))
+    for chunk in [(1, 1, 1), (2, 3, 4), (5, 7, 6), job.out_spatial]:
+        plan = plan_job(job, "direct", workers=1, chunk_shape=chunk)
+        for tile in plan.tiles:
+            modelled = plan_mod.input_extent(job, tile.shape)
+            for g, (o0, o1), m in zip(job.geoms, tile.out, modelled):
+                i0, i1, _ = g.terms(o0, o1)
+                assert m >= i1 - i0 and (cls is not Conv3D or m == i1 - i0), (tile, g)
+
+
 # ------------------------------------------------------- OUTPUT is not INPUT
 def _same_file_specs(tmp):
     a = np.arange(5 * 6 * 7, dtype=np.float32).reshape(5, 6, 7)
