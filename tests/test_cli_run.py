@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import assert_close
+from conftest import FLOAT64_RTOL, assert_close
 from conv3d_cli.cli.main import cli
 from reference import conv3d as ref_conv3d
 from reference import conv3d_transpose as ref_conv3d_transpose
@@ -124,10 +124,18 @@ def test_integer_input_converted_to_float32(tmp_path):
 
 
 def test_float64_output(tmp_path, rng):
-    np.save(tmp_path / "i.npy", rng.standard_normal((5, 5, 5)))
-    r = run(tmp_path / "i.npy", tmp_path / "o.npy", "--filters", 1, "--kernel-size", 3,
-            "--dtype", "float64", "-q")
-    assert r.exit_code == 0 and np.load(tmp_path / "o.npy").dtype == np.float64
+    a = rng.standard_normal((5, 6, 7))
+    np.save(tmp_path / "i.npy", a)
+    r = run(tmp_path / "i.npy", tmp_path / "o.npy", "--filters", 2, "--kernel-size", 3,
+            "--dtype", "float64", "--bias-initializer", "random_normal", "--workers", 2,
+            "--chunk-shape", "2,2,3", "--save-weights", tmp_path / "w.npz", "-q")
+    assert r.exit_code == 0, r.output
+    y = np.load(tmp_path / "o.npy")
+    with np.load(tmp_path / "w.npz") as w:
+        assert w["kernel"].dtype == np.float64
+        expected = ref_conv3d(a[None, ..., None], w["kernel"], w["bias"])[0]
+    assert y.dtype == np.float64
+    assert_close(y, expected, rtol=FLOAT64_RTOL)
 
 
 # ------------------------------------------------------------------ bad input
