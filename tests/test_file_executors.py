@@ -126,8 +126,8 @@ def test_plan_fits_every_worker_under_the_limit(monkeypatch, workers, processes,
 def test_memory_model_counts_the_halo_every_tile_reads(cls, kwargs):
     """The planner's input extent per tile covers the region the tile really reads
     (output range plus halo, from the layer's geometry); for Conv3D it is exact."""
-    job = cls(1, **kwargs).job((1, 17, 16, 15, 1))
-    for chunk in [(1, 1, 1), (2, 3, 4), (5, 7, 6), job.out_spatial]:
+    job = cls(1, **kwargs).job((1, 11, 10, 9, 1))
+    for chunk in [(1, 2, 3), (4, 3, 5), job.out_spatial]:
         plan = plan_job(job, "direct", workers=1, chunk_shape=chunk)
         for tile in plan.tiles:
             modelled = plan_mod.input_extent(job, tile.shape)
