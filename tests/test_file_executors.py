@@ -115,6 +115,23 @@ def test_plan_fits_every_worker_under_the_limit(monkeypatch, workers, processes,
     assert plan.peak_bytes <= limit
 
 
+def test_tight_limit_keeps_w_whole_for_softmax_under_channels_first(monkeypatch):
+    """softmax acts along Keras's axis -1, W under channels_first: however small the
+    limit makes the tiles, each must span W."""
+    monkeypatch.setattr(plan_mod, "process_baseline", lambda: 0)
+    layer = Conv3D(3, 3, padding="same", activation="softmax", data_format="channels_first",
+                   bias_initializer="random_normal")
+    x = np.random.default_rng(4).standard_normal((1, 2, 12, 10, 14)).astype(np.float32)
+    layer.build(x.shape)
+    limit = 40_000  # bytes: a few rows of this volume per tile
+    plan = plan_job(layer.job(x.shape), "direct", memory_limit=limit, workers=2,
+                    processes=False)
+    assert len(plan.tiles) > 4 and all(t.out[2] == (0, 14) for t in plan.tiles)
+    z = ref_conv3d(x, layer.kernel, layer.bias, padding="same", data_format="channels_first")
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    assert_close(layer(x, workers=2, memory_limit=limit), e / e.sum(axis=-1, keepdims=True))
+
+
 @pytest.mark.parametrize("cls,kwargs", [
     (Conv3D, dict(kernel_size=(3, 4, 1), strides=(1, 2, 3), padding="same")),
     (Conv3D, dict(kernel_size=(5, 2, 3), dilation_rate=(2, 3, 1), padding="valid")),
