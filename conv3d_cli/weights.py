@@ -22,13 +22,25 @@ def load_weights(path):
     if not os.path.exists(path):
         raise WeightsError(f"--weights {path}: no such file")
     low = path.lower()
+    if not low.endswith((".npy", ".npz")):
+        raise WeightsError(
+            f"--weights {path}: expected a .npz (kernel, bias) or .npy (kernel) file")
+    # np.load is given an open file, not the path: given a path it leaks its
+    # handle when a .npz is not a valid zip archive.
     try:
-        if low.endswith(".npy"):
-            return {"kernel": _real(np.load(path, allow_pickle=False), path, "kernel"), "bias": None}
-        if not low.endswith(".npz"):
-            raise WeightsError(
-                f"--weights {path}: expected a .npz (kernel, bias) or .npy (kernel) file")
-        with np.load(path, allow_pickle=False) as data:
+        fh = open(path, "rb")
+    except OSError as exc:
+        raise WeightsError(f"--weights {path}: cannot be read ({exc.strerror})") from None
+    with fh:
+        return _load(fh, path, low.endswith(".npy"))
+
+
+def _load(fh, path, is_npy):
+    """The arrays of the open file ``fh``; every failure as a WeightsError."""
+    try:
+        if is_npy:
+            return {"kernel": _real(np.load(fh, allow_pickle=False), path, "kernel"), "bias": None}
+        with np.load(fh, allow_pickle=False) as data:
             names = list(data.files)
             if "kernel" in names:
                 kernel, bias = data["kernel"], data["bias"] if "bias" in names else None

@@ -1,7 +1,10 @@
 """A slow, obviously correct NumPy reference of Keras's Conv3D and Conv3DTranspose.
 
-Written straight from the definitions in docs/semantics.md, loop by loop,
-sharing no code with the engine.
+Written straight from Keras's definitions, loop by loop, sharing no code with
+the engine: Conv3D correlates the zero-padded input (``'same'`` puts the odd
+padding voxel after; ``keras/src/ops/operation_utils.py``); Conv3DTranspose
+scatters ``x[i] @ kernel[j].T`` to ``i * s + j * d`` and crops the result
+(``keras/src/backend/common/backend_utils.py``).
 """
 
 import math

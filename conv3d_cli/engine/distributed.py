@@ -38,8 +38,11 @@ def run_on_dask(scheduler, job, plan, source, sink, indices, want_sums, done, wo
     cluster = None
     try:
         if scheduler == "local":
+            # The scheduler's HTTP routes listen even without a dashboard: on a
+            # free loopback port, not 8787, which another cluster may hold.
             cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1,
-                                               processes=True, dashboard_address=None)
+                                               processes=True, dashboard_address=None,
+                                               scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})
             client = distributed.Client(cluster)
         else:
             client = distributed.Client(scheduler, timeout="20s")

@@ -119,13 +119,21 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def input_extent(job, shape) -> list:
+    """Per axis, the most input voxels a tile of output ``shape`` reads, its halo
+    included: ``(n - 1) * s + ke`` for Conv3D; for a transposed layer, the
+    ``ceil(n / s)`` rows its outputs sit over plus the ``ceil(ke / s) + 1`` rows
+    one output phase's taps span."""
+    spans = [g.ke if g.kind == "conv" else -(-g.ke // g.s) + 1 for g in job.geoms]
+    steps = [g.s if g.kind == "conv" else 1 for g in job.geoms]
+    return [(n - 1) * st + sp if g.kind == "conv" else -(-n // g.s) + sp
+            for n, st, sp, g in zip(shape, steps, spans, job.geoms)]
+
+
 def tile_bytes(job, nb, shape, method) -> int:
     """Estimated peak bytes of computing one tile of ``shape`` with ``nb`` batch elements."""
     isz = job.work_dtype.itemsize  # the sums' dtype (float32 for float16 layers)
-    spans = [g.ke if g.kind == "conv" else -(-g.ke // g.s) + 1 for g in job.geoms]
-    steps = [g.s if g.kind == "conv" else 1 for g in job.geoms]
-    in_ext = [(n - 1) * st + sp if g.kind == "conv" else -(-n // g.s) + sp
-              for n, st, sp, g in zip(shape, steps, spans, job.geoms)]
+    in_ext = input_extent(job, shape)
     x = nb * math.prod(in_ext) * job.in_channels * isz
     out = nb * math.prod(shape) * job.filters * isz
     if method == "fft":

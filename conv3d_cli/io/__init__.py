@@ -23,7 +23,7 @@ from .hdf5 import (DEFAULT_DATASET, H5Writer, copy_dataset_into, existing_datase
                    has_hdf5_signature, open_hdf5)
 from .nifti import create_nifti, gzip_file, open_nifti
 from .npy import create_npy, open_npy
-from .paths import VolumeSpec, parse_spec
+from .paths import VolumeSpec, parse_spec, refuse_input
 from .tempfiles import FolderLock, check_writable_dir, place, remove_stale, temp_path
 
 log = logging.getLogger("conv3d_cli")
@@ -106,10 +106,7 @@ class OutputTarget:
         self.spec = spec
         self.overwrite = overwrite
         self.single_writer = spec.format == "hdf5"
-        for other in inputs:
-            if os.path.exists(spec.path) and os.path.exists(other.path) \
-                    and os.path.samefile(spec.path, other.path):
-                raise VolumeError(f"OUTPUT {spec} is the input file {other}; write to another file")
+        refuse_input(spec, inputs)
         if spec.format == "zarr":
             raise VolumeError(f"OUTPUT {spec}: Zarr outputs are written through "
                               "conv3d_cli.io.zarr_io.ZarrOutput")

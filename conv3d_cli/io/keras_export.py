@@ -58,7 +58,7 @@ def export_keras(layer, path, input_channels, overwrite=True):
             "ragged": False,
             "name": "input_layer", "optional": False}, "registered_name": None}, layer_cfg],
         "build_input_shape": batch_shape}, "registered_name": None,
-        "build_config": {"input_shape": batch_shape}, "compile_config": None}
+        "build_config": {"input_shape": batch_shape}, "compile_config": {}}
     meta = {"keras_version": KERAS_VERSION,
             "date_saved": datetime.datetime.now().strftime("%Y-%m-%d@%H:%M:%S")}
     staged = StagedFile(path, overwrite, f"OUTPUT {path}")
