@@ -26,9 +26,17 @@ from conv3d_cli.layers.args import BFLOAT16, numpy_dtype, standardize_dtype_poli
 from reference import conv3d as ref_conv3d
 from reference import conv3d_transpose as ref_conv3d_transpose
 
+
+
+def _npz(path):
+    """Every array of a .npz, with the file closed (the suite runs with warnings as errors)."""
+    with np.load(path) as data:
+        return dict(data)
+
+
 with open(os.path.join(FIXTURES, "dtype_golden.json")) as fh:
     GOLDEN = json.load(fh)
-ARRAYS = np.load(os.path.join(FIXTURES, "dtype_golden.npz"))
+ARRAYS = _npz(os.path.join(FIXTURES, "dtype_golden.npz"))
 CASES = GOLDEN["cases"]
 KERAS_CASES = [c for c in CASES if "tf_expected" not in c]
 TF_CASES = [c for c in CASES if "tf_expected" in c]
@@ -249,7 +257,7 @@ def test_model_files_saved_under_a_policy(filename, policy, variable, layer_name
     assert layer.dtype_policy.name == policy
     assert {str(w.dtype) for w in layer.get_weights()} == {variable}
     assert layer.keras2 == filename.startswith("tf2")
-    outputs = np.load(os.path.join(MODELS, filename.split(".")[0] + "_outputs.npz"))
+    outputs = _npz(os.path.join(MODELS, filename.split(".")[0] + "_outputs.npz"))
     y = layer(outputs[f"{layer_name}/x"])
     assert_matches_keras(y, outputs[f"{layer_name}/y"], layer.compute_dtype)
 
@@ -258,7 +266,7 @@ def test_tf_keras2_sums_float16_differently():
     """tf.keras 2 on CPU sums a float16 convolution in a way of its own; Keras 3
     (what the tool follows) and it differ by about 1e-3 of the output's scale."""
     layer = build_layer(weights=os.path.join(MODELS, "tf2_mixed_float16.h5"), layer_name="down")
-    theirs = np.load(os.path.join(MODELS, "tf2_tf_outputs.npz"))
+    theirs = _npz(os.path.join(MODELS, "tf2_tf_outputs.npz"))
     y = layer(theirs["down/x"]).astype(np.float64)
     assert_close(y, theirs["down/y"], rtol=1e-2)
     assert not np.array_equal(y, theirs["down/y"])
@@ -425,7 +433,7 @@ def test_save_weights_writes_the_variables(scan, policy, stored):
     r = run(tmp / "in.npy", tmp / "o.npy", "--weights", tmp / "w.npz", "--dtype", policy,
             "--save-weights", tmp / "saved.npz", "-q")
     assert r.exit_code == 0, r.output
-    saved, given = np.load(tmp / "saved.npz"), np.load(tmp / "w.npz")
+    saved, given = _npz(tmp / "saved.npz"), _npz(tmp / "w.npz")
     variable = numpy_dtype("float32" if policy.startswith("mixed") else policy)
     assert saved["kernel"].dtype == np.dtype(stored)
     np.testing.assert_array_equal(saved["kernel"],
@@ -451,7 +459,7 @@ def test_export_writes_the_policy_as_keras_does(tmp_path, policy):
     for a, b in zip(again.get_weights(), original.get_weights()):
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(a, b)
-    x = np.load(os.path.join(MODELS, "mixed_bfloat16_outputs.npz"))["up/x"]
+    x = _npz(os.path.join(MODELS, "mixed_bfloat16_outputs.npz"))["up/x"]
     np.testing.assert_array_equal(again(x).astype(np.float64), original(x).astype(np.float64))
 
 
@@ -466,7 +474,7 @@ def test_keras_loads_the_export_and_computes_the_same(tmp_path, policy):
     assert r.exit_code == 0, r.output
     model = keras.models.load_model(out)
     ours = build_layer(weights=str(out))
-    x = np.load(os.path.join(MODELS, "mixed_float16_outputs.npz"))["up/x"]
+    x = _npz(os.path.join(MODELS, "mixed_float16_outputs.npz"))["up/x"]
     theirs = np.asarray(model(x))
     assert str(theirs.dtype) == ours.compute_dtype
     assert_matches_keras(ours(x), theirs.astype(np.float64), ours.compute_dtype)

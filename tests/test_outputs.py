@@ -289,7 +289,8 @@ def test_parallel_runs_into_one_hdf5_file_all_keep_their_dataset(tmp_path, rng):
             time.sleep(0.01)
         go.write_bytes(b"")
         for p in procs:
-            assert p.wait(timeout=60) == 0, p.stderr.read()
+            _, err = p.communicate(timeout=60)
+            assert p.returncode == 0, err
         with h5py.File(tmp_path / "o.h5", "r") as f:
             assert sorted(f) == ["d0", "d1", "d2", "d3"] + (["keep", "new"] if existing else [])
             assert [f[f"d{i}"][0, 0, 0] for i in range(4)] == [0, 1, 2, 3]
