@@ -19,7 +19,7 @@ from conftest import assert_close
 from conv3d_cli import kernels
 from conv3d_cli.api import build_layer
 from conv3d_cli.cli.main import cli
-from conv3d_cli.errors import ArgumentError
+from conv3d_cli.errors import ArgumentError, WeightsError
 
 VOXEL = (1.0, 0.8, 2.5)  # mm along X, Y, Z
 
@@ -252,3 +252,40 @@ def test_errors_are_one_line(tmp_path, rng, monkeypatch, args, message):
     assert r.exit_code == 1, r.output
     assert message in r.output and r.output.count("\n") == 1, r.output
     assert not os.path.exists(tmp_path / "out.npy")
+
+
+def _kernel_image_reference(x):
+    # An asymmetric kernel: applying it mirrored (a convolution) would differ.
+    k = np.arange(2 * 3 * 5, dtype=np.float64).reshape(3, 2, 5) - 7
+    return k, ndimage.correlate(x, k, mode="constant", origin=(0, -1, 0))
+
+
+def test_kernel_images_are_applied_as_stored(scan):
+    tmp, x, _ = scan
+    k, expected = _kernel_image_reference(x)
+    # Keras's 'same' puts the extra tap of an even size after the centre: origin -1 in SciPy.
+    assert np.abs(expected - ndimage.convolve(x, k, mode="constant", origin=(0, -1, 0))).max() > 1
+    np.save(tmp / "k.npy", k.astype(np.float32))
+    kimg = nib.Nifti1Image(k.astype(np.float32) / 2, np.diag((2.0, 2.0, 2.0, 1)))
+    kimg.header.set_slope_inter(2.0, 0.0)  # the scaling is applied
+    nib.save(kimg, str(tmp / "k.nii.gz"))
+    for name in ("k.npy", "k.nii.gz"):
+        r = invoke("run", tmp / "scan.nii.gz", tmp / "ki.nii.gz", "--weights", tmp / name,
+                   "--padding", "same", "--workers", 1, "-q", "--overwrite")
+        assert r.exit_code == 0, r.output
+        assert_close(nib.load(str(tmp / "ki.nii.gz")).get_fdata(), expected)
+    layer = build_layer(weights=str(tmp / "k.nii.gz"))
+    assert (layer.filters, layer.kernel.shape, layer.use_bias) == (1, (3, 2, 5, 1, 1), False)
+
+
+def test_kernel_image_errors(tmp_path):
+    np.save(tmp_path / "k4.npy", np.ones((3, 3, 3, 2), np.float32))
+    with pytest.raises(WeightsError, match=r"5-D Keras kernel .* or a 3-D kernel image"):
+        build_layer(weights=str(tmp_path / "k4.npy"))
+    nib.save(nib.Nifti1Image(np.ones((3, 3, 3, 2), np.float32), np.eye(4)),
+             str(tmp_path / "k4.nii"))
+    with pytest.raises(WeightsError, match=r"must be 3-D \(X, Y, Z\); got shape \(3, 3, 3, 2\)"):
+        build_layer(weights=str(tmp_path / "k4.nii"))
+    (tmp_path / "bad.nii.gz").write_bytes(b"not a nifti")
+    with pytest.raises(WeightsError, match="not a valid NIfTI file"):
+        build_layer(weights=str(tmp_path / "bad.nii.gz"))

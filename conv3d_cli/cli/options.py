@@ -79,7 +79,8 @@ LAYER_OPTIONS = [
                  help="A Keras layer config (JSON); options given here override it."),
     click.option("--weights", type=click.Path(dir_okay=False), default=None,
                  help=".npz with kernel (and bias) in Keras layout, .npy (kernel), or a Keras "
-                      "model/weights file (.keras, .weights.h5, .h5) giving config and weights."),
+                      "model/weights file (.keras, .weights.h5, .h5) giving config and weights. "
+                      "A 3-D .npy or NIfTI kernel image is one filter, applied as stored."),
     click.option("--kernel", "kernel", default=None, metavar="NAME[:ARGS]",
                  help="A named kernel as the weights, each input channel filtered on its "
                       "own: gauss:sigma=2mm (or 2vox, 0.5um; truncate=4), box:3 / box:6mm, "
