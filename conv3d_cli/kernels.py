@@ -124,7 +124,7 @@ def parse_spec(spec):
         raise ArgumentError(f"--kernel {spec}: unknown kernel {name!r}; expected one of "
                             f"{', '.join(NAMES)} (NAME or NAME:ARGS, e.g. gauss:sigma=2mm)")
     positional, keyword = [], {}
-    for part in (p.strip() for p in rest.split(",")) if rest.strip() else ():
+    for part in (p.strip() for p in rest.split(",") if p.strip()):
         key, eq, value = part.partition("=")
         if not eq:
             if keyword:
@@ -143,9 +143,9 @@ def _arguments(spec, name, positional, keyword, allowed):
     """Map positional then keyword arguments onto ``allowed`` (their names, in order)."""
     if len(positional) > len(allowed):
         takes = ("takes no arguments" if not allowed else
-                 f"takes {', '.join(allowed)}")
+                 f"takes {', '.join(allowed)} (one length per axis: 2x2x1mm)")
         raise ArgumentError(f"--kernel {spec}: {name} {takes}. Received: {len(positional)} "
-                            "positional argument(s)")
+                            "positional arguments")
     args = dict(zip(allowed, positional))
     for key, value in keyword.items():
         if key not in allowed:
