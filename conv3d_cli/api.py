@@ -50,7 +50,8 @@ def _from_model_file(path, layer_name):
 
 
 def build_layer(layer=None, config=None, overrides=None, weights=None, seed=None,
-                apply_constraints=False, layer_name=None):
+                apply_constraints=False, layer_name=None, kernel=None, voxel_size=None,
+                input_channels=None):
     """One layer from a class name, a config dict, explicit arguments and weights.
 
     ``overrides`` win over ``config``; ``weights`` (a dict with ``kernel`` and
@@ -59,6 +60,12 @@ def build_layer(layer=None, config=None, overrides=None, weights=None, seed=None
     (``.keras``, ``.weights.h5``, legacy ``.h5``) as ``weights`` gives the
     layer's config too (``layer_name`` picks one of several). ``seed`` seeds the
     random initializers that have no seed of their own.
+
+    ``kernel`` names a kernel instead of ``weights`` (``"gauss:sigma=2mm"``,
+    see :mod:`conv3d_cli.kernels`); lengths in mm or um need ``voxel_size``
+    (D, H, W in mm, or a string such as ``"1,0.8,2.5"``), and each of the
+    ``input_channels`` (default 1; or a function of the layer's data_format)
+    is filtered on its own.
     """
     class_name, cfg = (None, {})
     where = "--config" if isinstance(config, str) else "the config"
@@ -95,6 +102,17 @@ def build_layer(layer=None, config=None, overrides=None, weights=None, seed=None
         class_name, source = infer_class(cfg, where)
     cls = convmod.layer_class(layer or class_name)
     args = {**cfg, **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    named = None
+    if kernel is not None:  # a named kernel: the weights, and the arguments they fix
+        if w is not None:
+            raise ArgumentError("--kernel and --weights both give the kernel; use one")
+        from .kernels import layer_weights
+        from .layers.args import standardize_data_format
+        channels = input_channels or 1
+        if callable(channels):
+            channels = channels(standardize_data_format(args.get("data_format")))
+        w, named = layer_weights(kernel, args, cls is convmod.Conv3DTranspose, voxel_size,
+                                 channels)
     if w is not None:
         args.pop("weights", None)  # --weights wins over a config's initial weights
     f_axis = -1 if cls is convmod.Conv3D else -2  # filters axis of the kernel
@@ -133,6 +151,8 @@ def build_layer(layer=None, config=None, overrides=None, weights=None, seed=None
         if apply_constraints:
             lyr.apply_constraints()
     lyr.layer_class_source = source
+    if named is not None:
+        lyr.named_kernel = {"kernel": named.spec, **named.details}
     return lyr
 
 
@@ -322,6 +342,7 @@ def _report(layer, vol, target, info, stats, skip, scheduler, start):
         "params": info["params"], "layer": {"class_name": layer.keras_name,
                                             "config": layer.get_config()},
         "layer_class_source": getattr(layer, "layer_class_source", None),
+        "named_kernel": getattr(layer, "named_kernel", None),
         "method": stats.method, "tiles": stats.tiles, "skipped_tiles": len(skip),
         "workers": stats.workers, "scheduler": scheduler,
         "seconds": round(time.perf_counter() - start, 4),

@@ -28,7 +28,7 @@ def export(output, input_channels, overwrite, **kwargs):
     import os
     if os.path.exists(output) and not overwrite:
         raise ArgumentError(f"OUTPUT {output} exists; pass --overwrite to replace it")
-    layer = layer_from_kwargs(kwargs)
+    layer = layer_from_kwargs(kwargs, input_channels=input_channels)
     if not layer.built:
         if input_channels is None:
             raise ArgumentError("give --input-channels (or --weights) so the kernel can be built")
