@@ -125,3 +125,34 @@ def test_fft_axis_split_only_when_the_overlap_is_small():
     pieces = fft_mod._split_axis0(terms(192), 2)
     assert [p[0][0].count for p in pieces] == [89, 89]
     assert [(p[0][0].in_start, p[0][0].out_start) for p in pieces] == [(0, 0), (89, 89)]
+
+
+# ------------------------------------------------- Winograd slabs, fused bias
+winograd_mod = importlib.import_module("conv3d_cli.engine.winograd")
+
+
+@pytest.mark.parametrize("slab", [7, 16, 10 ** 6])  # slabs cut rows and planes; one slab
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", [  # layer, input shape (B, D, H, W, C), data_format
+    (lambda **kw: Conv3D(9, 3, padding="same", **kw), (2, 9, 6, 11, 8), "channels_last"),
+    (lambda **kw: Conv3D(16, 3, groups=2, **kw), (1, 8, 7, 12, 16), "channels_first"),
+    (lambda **kw: Conv3DTranspose(8, 3, **kw), (1, 5, 9, 6, 10), "channels_last"),  # stride 1
+])
+def test_winograd_slabs_equal_reference(rng, monkeypatch, slab, dtype, case):
+    monkeypatch.setattr(winograd_mod, "SLAB_BYTES", 1)
+    monkeypatch.setattr(winograd_mod, "MIN_SLAB_TILES", slab)
+    make, shape, df = case
+    layer = make(dtype="float64" if dtype == np.float64 else "float32", data_format=df,
+                 bias_initializer="random_normal")
+    x = _x(rng, shape, df, dtype)
+    layer.build(x.shape)
+    if layer.kind == "conv":
+        expected = ref_conv3d(x, layer.kernel, layer.bias, padding=layer.padding,
+                              groups=layer.groups, data_format=df)
+    else:
+        expected = ref_conv3d_transpose(x, layer.kernel, layer.bias, layer.strides,
+                                        layer.padding, None, layer.dilation_rate, df)
+    for chunk in (None, (3, 5, 4)):  # odd tile sizes: the zero row of odd outputs
+        got = layer(x, method="winograd", workers=1, chunk_shape=chunk)
+        assert layer.last_stats.method == "winograd"
+        assert_close(got, expected, rtol=_rtol(dtype))
