@@ -1,110 +1,108 @@
-"""Float32 error of Winograd F(m, 3) in 3-D against float64 direct summation.
+"""Float32 error of Winograd F(m, 3) in 3-D against exact (float64) summation.
 
     python tools/winograd_error.py
 
-Why the engine uses F(2, 3) and not F(4, 3) or F(3, 3): builds the Toom-Cook
-matrices A^T, G, B^T for a point set, runs the 3-D algorithm with float32
-GEMMs (transforms in float32, or float64 and rounded to float32 before the
-GEMM), and prints max |error| / max |exact output| for random normal data,
-with 256 channels, with a large dynamic range and with an offset, beside
-direct float32 summation. The engine's tolerance is 1e-5 of that scale.
+Why the engine uses F(2, 3) and not F(4, 3) or F(3, 3): for each point set
+this builds the Toom-Cook matrices A^T, G, B^T, runs the 3-D algorithm with
+float32 GEMMs (transforms in float32, or in float64 and rounded to float32
+around the GEMM) and prints max |error| / max |exact output|, beside direct
+float32 summation, for random normal data, 256 channels, a large dynamic range
+(values and weights scaled by e^U(-6, 6) and e^U(-3, 3)) and an offset of 10.
+The engine's tolerance is 1e-5 of that scale.
 """
+
 import itertools
+from fractions import Fraction
 
 import numpy as np
-from fractions import Fraction as Fr
 
-def toom(points, m, r):
-    """A^T (m x n), G (n x r), B^T (n x n) for correlation F(m, r): finite points + inf."""
+
+def toom_cook(points, m, r):
+    """A^T (m x n), G (n x r), B^T (n x n) of correlation F(m, r) with the finite
+    ``points`` and infinity: y = A^T [(G g) * (B^T d)]."""
     n = m + r - 1
-    assert len(points) == n - 1
-    pts = [Fr(p) for p in points]
-    AT = np.zeros((m, n)); G = np.zeros((n, r))
+    pts = [Fraction(p) for p in points]
+    assert len(pts) == n - 1
+    at, g = np.zeros((m, n)), np.zeros((n, r))
     for i, a in enumerate(pts):
-        for j in range(m): AT[j, i] = float(a ** j)
-        Ni = 1
-        for l, b in enumerate(pts):
-            if l != i: Ni *= (a - b)
-        for k in range(r): G[i, k] = float(a ** k / Ni)
-    AT[m - 1, n - 1] = 1; G[n - 1, r - 1] = 1
-    # solve for BT: sum_i AT[j,i] G[i,k] BT[i,l] = [l == j+k]
-    rows, rhs = [], []
-    for j in range(m):
-        for k in range(r):
-            for l in range(n):
-                row = np.zeros((n, n))
-                for i in range(n): row[i, l] = AT[j, i] * G[i, k]
-                rows.append(row.ravel()); rhs.append(1.0 if l == j + k else 0.0)
-    sol, res, rank, _ = np.linalg.lstsq(np.array(rows), np.array(rhs), rcond=None)
-    BT = sol.reshape(n, n)
-    BT[np.abs(BT) < 1e-12] = 0
-    chk = np.einsum('ji,ik,il->jkl', AT, G, BT)
+        norm = np.prod([a - b for b in pts if b != a])
+        at[:, i] = [float(a ** j) for j in range(m)]
+        g[i] = [float(a ** k / norm) for k in range(r)]
+    at[m - 1, n - 1] = g[n - 1, r - 1] = 1
+    # B^T from exactness: sum_i A^T[j, i] G[i, k] B^T[i, l] = [l == j + k], a linear
+    # system in the unknowns B^T[i, q] (columns ordered q, i).
+    eqs = np.einsum("ji,ik,lq->jklqi", at, g, np.eye(n)).reshape(m * r * n, n * n)
     want = np.zeros((m, r, n))
-    for j in range(m):
-        for k in range(r): want[j, k, j + k] = 1
-    assert np.abs(chk - want).max() < 1e-9, np.abs(chk - want).max()
-    return AT, G, BT
+    for j, k in itertools.product(range(m), range(r)):
+        want[j, k, j + k] = 1
+    bt = np.linalg.lstsq(eqs, want.ravel(), rcond=None)[0].reshape(n, n).T
+    assert np.allclose(np.einsum("ji,ik,il->jkl", at, g, bt), want, atol=1e-9)
+    return at, g, bt
 
-def wino3d(x, w, AT, G, BT, dt=np.float32, tdt=np.float32):
-    """valid correlation, x (D,H,W,C), w (3,3,3,C,F), F(m,3) per axis (same matrices per axis)."""
-    m, n = AT.shape
-    D = x.shape[0] - 2
-    T = D // m
-    # tiles
-    idx = np.arange(T)[:, None] * m + np.arange(n)[None, :]  # (T, n)
-    d = x[idx][:, :, idx][:, :, :, :, idx]  # (T,n,T,n,T,n,C)
-    d = d.astype(tdt)
-    B = BT.astype(tdt)
-    v = np.einsum('ai,xiyjzkc->xyzajkc', B, d)
-    v = np.einsum('bj,xyzajkc->xyzabkc', B, v)
-    v = np.einsum('gk,xyzabkc->xyzabgc', B, v)
-    v = v.astype(dt)
-    u = np.einsum('ai,bj,ek,ijkcf->abecf', G, G, G, w.astype(np.float64)).astype(dt)
-    M = np.einsum('xyzabgc,abgcf->xyzabgf', v, u) if dt == np.float64 else \
-        np.matmul(v.reshape(T**3, n**3, -1).transpose(1, 0, 2), u.reshape(n**3, u.shape[3], -1)).transpose(1, 0, 2).reshape(T, T, T, n, n, n, -1)
-    M = M.astype(tdt); A = AT.astype(tdt)
-    y = np.einsum('ia,xyzabgf->xyzibgf', A, M)
-    y = np.einsum('jb,xyzibgf->xyzijgf', A, y)
-    y = np.einsum('kg,xyzijgf->xyzijkf', A, y)
-    y = y.transpose(0, 3, 1, 4, 2, 5, 6).reshape(T * m, T * m, T * m, -1)
-    return y.astype(dt)
+
+def winograd(x, w, at, g, bt, transform_dtype):
+    """Valid 3-D correlation of x (D, D, D, C) by w (3, 3, 3, C, F), float32 GEMMs."""
+    m, n = at.shape
+    t = (x.shape[0] - 2) // m
+    idx = np.arange(t)[:, None] * m + np.arange(n)
+    d = x[idx][:, :, idx][:, :, :, :, idx].astype(transform_dtype)  # (t, n, t, n, t, n, C)
+    b = bt.astype(transform_dtype)
+    v = np.einsum("ai,xiyjzkc->xyzajkc", b, d)
+    v = np.einsum("bj,xyzajkc->xyzabkc", b, v)
+    v = np.einsum("ek,xyzabkc->xyzabec", b, v).astype(np.float32)
+    u = np.einsum("ai,bj,ek,ijkcf->abecf", g, g, g, w.astype(np.float64)).astype(np.float32)
+    prod = np.matmul(v.reshape(t ** 3, n ** 3, -1).transpose(1, 0, 2),
+                     u.reshape(n ** 3, w.shape[3], -1))
+    mm = prod.transpose(1, 0, 2).reshape((t,) * 3 + (n,) * 3 + (-1,)).astype(transform_dtype)
+    a = at.astype(transform_dtype)
+    y = np.einsum("ia,xyzabef->xyzibef", a, mm)
+    y = np.einsum("jb,xyzibef->xyzijef", a, y)
+    y = np.einsum("ke,xyzijef->xyzijkf", a, y)
+    return y.transpose(0, 3, 1, 4, 2, 5, 6).reshape((t * m,) * 3 + (-1,)).astype(np.float32)
+
 
 def direct(x, w):
-    D = x.shape[0] - 2
-    y = 0
-    for a, b, c in itertools.product(range(3), repeat=3):
-        y = y + x[a:a + D, b:b + D, c:c + D] @ w[a, b, c]
-    return y
+    n = x.shape[0] - 2
+    return sum(x[a:a + n, b:b + n, c:c + n] @ w[a, b, c]
+               for a, b, c in itertools.product(range(3), repeat=3))
 
-def err(kind, C, F, n=12, tdt=np.float32, seed=0, scale=None):
+
+def errors(matrices, c, f, data, n=12, seed=0):
+    """Relative errors: Winograd (float32 transforms), Winograd (float64), direct float32."""
     rng = np.random.default_rng(seed)
-    x = rng.standard_normal((n + 2,) * 3 + (C,))
-    w = rng.standard_normal((3, 3, 3, C, F))
-    if scale == 'range':
+    x = rng.standard_normal((n + 2,) * 3 + (c,))
+    w = rng.standard_normal((3, 3, 3, c, f))
+    if data == "range":
         x *= np.exp(rng.uniform(-6, 6, x.shape))
         w *= np.exp(rng.uniform(-3, 3, w.shape))
-    if scale == 'offset':
+    elif data == "offset":
         x += 10.0
-    x32, w32 = x.astype(np.float32), w.astype(np.float32)
-    ref = direct(x32.astype(np.float64), w32.astype(np.float64))
-    y = wino3d(x32, w32, *kind, tdt=tdt)
-    yd = direct(x32, w32)
-    s = np.abs(ref).max()
-    return np.abs(y - ref).max() / s, np.abs(yd - ref).max() / s
+    x, w = x.astype(np.float32), w.astype(np.float32)
+    exact = direct(x.astype(np.float64), w.astype(np.float64))
+    scale = np.abs(exact).max()
+    got = [winograd(x, w, *matrices, np.float32), winograd(x, w, *matrices, np.float64),
+           direct(x, w)]
+    return [np.abs(y - exact).max() / scale for y in got]
 
-if __name__ == '__main__':
-    f23 = toom([0, 1, -1], 2, 3)
+
+def main():
+    half = Fraction(1, 2)
     variants = {
-        'F23': f23,
-        'F43(0,1,-1,2,-2)': toom([0, 1, -1, 2, -2], 4, 3),
-        'F43(0,1,-1,.5,-.5)': toom([0, 1, -1, Fr(1, 2), Fr(-1, 2)], 4, 3),
-        'F33(0,1,-1,.5)': toom([0, 1, -1, Fr(1, 2)], 3, 3),
-        'F33(0,1,-1,2)': toom([0, 1, -1, 2], 3, 3),
+        "F(2,3) (0, +-1)": toom_cook([0, 1, -1], 2, 3),
+        "F(3,3) (0, +-1, 2)": toom_cook([0, 1, -1, 2], 3, 3),
+        "F(3,3) (0, +-1, 1/2)": toom_cook([0, 1, -1, half], 3, 3),
+        "F(4,3) (0, +-1, +-2)": toom_cook([0, 1, -1, 2, -2], 4, 3),
+        "F(4,3) (0, +-1, +-1/2)": toom_cook([0, 1, -1, half, -half], 4, 3),
     }
-    for name, kind in variants.items():
-        print(name)
-        n = 12
-        for C, F, sc in [(32, 64, None), (256, 16, None), (32, 64, 'range'), (32, 64, 'offset'), (256, 16, 'offset')]:
-            e, ed = err(kind, C, F, n=n, scale=sc)
-            e64, _ = err(kind, C, F, n=n, scale=sc, tdt=np.float64)
-            print(f'  C={C} F={F} {sc}: wino {e:.2e} (f64 transforms {e64:.2e}) direct {ed:.2e}')
+    cases = [(32, 64, "normal"), (256, 16, "normal"), (32, 64, "range"), (32, 64, "offset"),
+             (256, 16, "offset")]
+    print("| algorithm | C | F | data | float32 transforms | float64 transforms | direct |")
+    print("|---|---|---|---|---|---|---|")
+    for name, matrices in variants.items():
+        for c, f, data in cases:
+            e32, e64, ed = errors(matrices, c, f, data)
+            print(f"| {name} | {c} | {f} | {data} | {e32:.1e} | {e64:.1e} | {ed:.1e} |")
+
+
+if __name__ == "__main__":
+    main()
