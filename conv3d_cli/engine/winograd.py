@@ -183,14 +183,17 @@ def correlate_winograd(x, terms, taps_w, out, cache=None, bias=None):
         region = padded
     total = tiles[0] * tiles[1] * tiles[2]
     per_tile = 64 * (groups * cg + groups * fg) * x.itemsize
-    slab = min(total, max(MIN_SLAB_TILES, SLAB_BYTES // per_tile))
+    slab = max(1, min(total, max(MIN_SLAB_TILES, SLAB_BYTES // per_tile)))
     v = np.empty((64, groups, slab, cg), x.dtype)
     m = np.empty((64, groups, slab, fg), x.dtype)
     for b in range(x.shape[0]):
         xb = np.ascontiguousarray(region[b])
         for a in range(0, total, slab):
             z = min(total, a + slab)
-            vv, mm = (v, m) if z - a == slab else (v[:, :, :z - a], m[:, :, :z - a])
+            vv, mm = v, m
+            if z - a < slab:  # the last, shorter slab: C-contiguous too
+                vv = np.empty((64, groups, z - a, cg), x.dtype)
+                mm = np.empty((64, groups, z - a, fg), x.dtype)
             _input_transform(xb, vv, a, z, tiles[1], tiles[2], groups)
             np.matmul(vv, u, out=mm)  # (64, G, n, Fg): one GEMM per transform point and group
             _output_transform(mm, out, b, t0.out_start, t1.out_start, t2.out_start,
