@@ -15,11 +15,11 @@ frequency, group by group. Kernel spectra are computed once per tile shape
 and cached for the job.
 
 With several threads a tile is cut into independent parts, one per thread,
-each computed with single-threaded FFTs (pocketfft's own threads scale about
-1.45x on two cores; independent parts nearly 2x): along the batch when it
-divides evenly, else along the first spatial axis when the overlap this costs
-(``span - step`` input rows per cut) is small, else one part with threaded
-FFTs.
+each computed with single-threaded FFTs (a tile on pocketfft's own threads
+gave 1.4-1.6x on two cores; each of two parts costs half the whole's CPU
+time): along the batch when it divides evenly, else along the first spatial
+axis when the overlap this costs (``span - step`` input rows per cut) is
+small, else one part with threaded FFTs.
 """
 
 from __future__ import annotations
@@ -97,7 +97,8 @@ def _fft_shape(combo):
 
 
 # Cutting the first axis pays while the parts' FFT lengths add up to at most
-# this much of the whole's (threaded FFTs reach about 1 / 1.45 of it per core).
+# this much of the whole's: two threads on one FFT reach about 1.45x, so up to
+# 2 / 1.45 = 1.38x more FFT work would still pay; 1.25 keeps a margin.
 MAX_SPLIT_GROWTH = 1.25
 
 
