@@ -1,6 +1,7 @@
 """The engine against PyTorch and SciPy, side by side in one process (`make bench`).
 
     python benchmarks/bench.py [--only W1,W2,...,NF] [--repeats N] [--skip-w5] [--markdown]
+                               [--against GIT_REF]
 
 Every workload is timed as the median of repeats after one warm-up run (which
 compiles the numba kernels and fills caches), for this tool and for each peer
@@ -325,6 +326,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--skip-w5", action="store_true")
     ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--against", help="git ref: also time its engine side by side (kernels.py)")
     args = ap.parse_args()
     only = {w.strip().upper() for w in args.only.split(",") if w.strip()}
     if torch is None:
@@ -341,6 +343,10 @@ def main():
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     report(rows, sgemm, w5, args.markdown, nf)
+    if args.against:
+        import kernels
+        kernels.main(["--against", args.against, "--repeats", str(args.repeats)]
+                     + (["--only", ",".join(sorted(compute))] if compute else []))
 
 
 if __name__ == "__main__":

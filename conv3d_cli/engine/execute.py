@@ -166,8 +166,7 @@ def _by_transform(job, tile, axes, x, method, acc, bias, cache, fft_workers):
         correlate_fft(x, terms, job.taps, acc, cache, workers=fft_workers,
                       bias=bias if fused else None)
     else:
-        acc[...] = bias
-        correlate_winograd(x, terms, job.taps, acc, cache)
+        correlate_winograd(x, terms, job.taps, acc, cache, bias=bias)
 
 
 def _by_transform_exact(job, tile, axes, x, method, acc, bias, cache, fft_workers):

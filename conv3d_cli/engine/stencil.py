@@ -91,16 +91,23 @@ if numba is not None:
         """out[b, o] += y[b, i, tap] where o = first + (i - lo) * stride per axis and tap.
 
         ``spN`` are (3, k) arrays of (lo, hi, first output) per tap of axis N;
-        used by the scatter form of transposed convolution.
+        used by the scatter form of transposed convolution. Input-major: the
+        products of one input row ``y[b, i0, i1]`` (W x taps x F) are added
+        while they are in cache, into the few output rows they reach, so ``y``
+        is read once, in order.
         """
-        nb, nf = y.shape[0], y.shape[5]
+        nb, n0, n1, nf = y.shape[0], y.shape[1], y.shape[2], y.shape[5]
         k0, k1, k2 = sp0.shape[1], sp1.shape[1], sp2.shape[1]
         for b in range(nb):
-            for j0 in range(k0):
-                for i0 in range(sp0[0, j0], sp0[1, j0]):
-                    o0 = sp0[2, j0] + (i0 - sp0[0, j0]) * steps[0]
-                    for j1 in range(k1):
-                        for i1 in range(sp1[0, j1], sp1[1, j1]):
+            for i0 in range(n0):
+                for i1 in range(n1):
+                    for j0 in range(k0):
+                        if i0 < sp0[0, j0] or i0 >= sp0[1, j0]:
+                            continue
+                        o0 = sp0[2, j0] + (i0 - sp0[0, j0]) * steps[0]
+                        for j1 in range(k1):
+                            if i1 < sp1[0, j1] or i1 >= sp1[1, j1]:
+                                continue
                             o1 = sp1[2, j1] + (i1 - sp1[0, j1]) * steps[1]
                             for j2 in range(k2):
                                 t = (j0 * k1 + j1) * k2 + j2

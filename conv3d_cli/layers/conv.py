@@ -328,12 +328,14 @@ class BaseConv3D:
                    activation=self.activation, data_format=self.data_format,
                    dtype=cdtype, keras_output_shape=out_shape)
 
-    def __call__(self, inputs, method="auto", workers=1, memory_limit=None,
+    def __call__(self, inputs, method="auto", workers=None, memory_limit=None,
                  chunk_shape=None, progress=False):
         """Apply the layer to a NumPy array in Keras layout (rank >= 5).
 
-        The result is in the compute dtype of the layer's policy, as Keras
-        returns it (float16 under ``mixed_float16``)."""
+        ``workers`` threads (default: the cores this process may use, as the
+        CLI; ``workers=1`` computes in this thread alone). The result is in the
+        compute dtype of the layer's policy, as Keras returns it (float16 under
+        ``mixed_float16``)."""
         from ..engine import run_array
         x = np.asarray(inputs)
         if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool
