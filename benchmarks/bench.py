@@ -1,6 +1,7 @@
 """The engine against PyTorch and SciPy, side by side in one process (`make bench`).
 
-    python benchmarks/bench.py [--only W1,W2,...] [--repeats N] [--skip-w5] [--markdown]
+    python benchmarks/bench.py [--only W1,W2,...,NF] [--repeats N] [--skip-w5] [--markdown]
+                               [--against GIT_REF]
 
 Every workload is timed as the median of repeats after one warm-up run (which
 compiles the numba kernels and fills caches), for this tool and for each peer
@@ -11,11 +12,15 @@ multiply-adds x 2 and is set against this machine's NumPy sgemm, measured here.
 W5 runs the `conv3d` CLI on a 2 GiB .npy with and without --memory-limit and
 reports the peak memory of the whole process tree (sampled PSS, shared pages
 counted once) and /usr/bin/time's maximum RSS (of the largest process).
+NF is the cost on finite data of giving Keras's result on NaN and Inf: FFT
+and Winograd tiles check their input for them (the direct paths need no
+check); W2 and W3 are timed with the check and with it skipped, side by side.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import shutil
 import statistics
@@ -158,6 +163,40 @@ def bench_compute(only, repeats):
     return rows
 
 
+def bench_finite_check(repeats):
+    """NF: W2 (FFT) and W3 (Winograd) with the tiles' NaN/Inf check and without it,
+    and the seconds spent in the check itself during one run."""
+    execute = importlib.import_module("conv3d_cli.engine.execute")
+    checked = execute.nonfinite_voxels
+    spent = [0.0]
+
+    def timed_check(x):
+        start = time.perf_counter()
+        try:
+            return checked(x)
+        finally:
+            spent[0] += time.perf_counter() - start
+
+    def run(layer, x, check):
+        execute.nonfinite_voxels = check
+        try:
+            layer(x, workers=CORES)
+        finally:
+            execute.nonfinite_voxels = checked
+
+    rows = []
+    for name, (desc, layer, x) in workloads(np.random.default_rng(0)).items():
+        if name not in ("W2", "W3"):
+            continue
+        times = time_side_by_side({True: lambda: run(layer, x, checked),
+                                   False: lambda: run(layer, x, lambda _: None)}, repeats)
+        spent[0] = 0.0
+        run(layer, x, timed_check)
+        rows.append((name, desc, layer.last_stats.method, times[True], times[False], spent[0]))
+        print(f"  NF {name} done", file=sys.stderr)
+    return rows
+
+
 class TreeRSS(threading.Thread):
     """Peak memory of a process and its descendants, sampled every 20 ms: the sum
     of their PSS (proportional set size: pages shared between the parent and its
@@ -238,7 +277,7 @@ def fmt_s(t):
     return f"{t:.3f}"
 
 
-def report(rows, sgemm, w5, markdown):
+def report(rows, sgemm, w5, markdown, nf=()):
     lines = []
     lines.append(f"cores: {CORES}; NumPy sgemm: {sgemm:.0f} GFLOP/s; "
                  f"torch: {torch.__version__ if torch else 'not installed (skipped)'}")
@@ -270,6 +309,14 @@ def report(rows, sgemm, w5, markdown):
         lines.append(f"| no limit | {uw:.1f} | {upeak / mib:.0f} | {umax / mib if umax else float('nan'):.0f} |")
         lines.append(f"| goal: peak <= 768 MiB, wall <= 1.5x | {lw / uw:.2f}x | "
                      f"{'met' if lpeak <= 768 * mib else 'NOT met'} | |")
+    if nf:
+        lines.append("")
+        lines.append("| NF: finite data, with and without the NaN/Inf check (%d workers) | method | "
+                     "with (s) | without (s) | ratio | in the check (s) |" % CORES)
+        lines.append("|---|---|---|---|---|---|")
+        for name, desc, method, with_check, without, spent in nf:
+            lines.append(f"| {name} {desc} | {method} | {fmt_s(with_check)} | {fmt_s(without)} | "
+                         f"{with_check / without:.3f} | {spent:.4f} |")
     print("\n".join(lines))
 
 
@@ -279,12 +326,15 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--skip-w5", action="store_true")
     ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--against", help="git ref: also time its engine side by side (kernels.py)")
     args = ap.parse_args()
     only = {w.strip().upper() for w in args.only.split(",") if w.strip()}
     if torch is None:
         print("note: torch is not installed; its columns are skipped", file=sys.stderr)
     sgemm = sgemm_gflops()
-    rows = bench_compute(only - {"W5"} if only else None, args.repeats) if only != {"W5"} else []
+    compute = only - {"W5", "NF"} if only else None
+    rows = bench_compute(compute, args.repeats) if compute is None or compute else []
+    nf = bench_finite_check(args.repeats) if not only or "NF" in only else []
     w5 = None
     if not args.skip_w5 and (not only or "W5" in only):
         tmp = tempfile.mkdtemp(prefix="conv3d-bench-", dir=os.environ.get("BENCH_TMP", "."))
@@ -292,7 +342,11 @@ def main():
             w5 = bench_w5(tmp)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    report(rows, sgemm, w5, args.markdown)
+    report(rows, sgemm, w5, args.markdown, nf)
+    if args.against:
+        import kernels
+        kernels.main(["--against", args.against, "--repeats", str(args.repeats)]
+                     + (["--only", ",".join(sorted(compute))] if compute else []))
 
 
 if __name__ == "__main__":

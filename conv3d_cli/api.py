@@ -14,10 +14,11 @@ import time
 
 import numpy as np
 
-from . import engine, shapes
+from . import engine, shapes, signals
 from .errors import ArgumentError, ShapeError, WeightsError
 from .geometry import output_affine
-from .io import OutputTarget, open_volume, parse_spec
+from .io import OutputTarget, VolumeSpec, open_volume, parse_spec
+from .io.dtypes import output_dtype as resolve_output_dtype
 from .layers import conv as convmod
 from .layout import CanonicalView, Layout
 from .weights import load_weights
@@ -101,7 +102,8 @@ def check_kernel_fits(layer, input_channels, memory_limit=None):
 
 
 def build_layer(layer=None, config=None, overrides=None, weights=None, seed=None,
-                apply_constraints=False, layer_name=None, memory_limit=None):
+                apply_constraints=False, layer_name=None, kernel=None, voxel_size=None,
+                input_channels=None, memory_limit=None):
     """One layer from a class name, a config dict, explicit arguments and weights.
 
     ``overrides`` win over ``config``; ``weights`` (a dict with ``kernel`` and
@@ -111,21 +113,30 @@ def build_layer(layer=None, config=None, overrides=None, weights=None, seed=None
     layer's config too (``layer_name`` picks one of several). ``seed`` seeds the
     random initializers that have no seed of their own. A weights file whose
     arrays declare more than ``memory_limit`` bytes is refused before it is read.
+
+    ``kernel`` names a kernel instead of ``weights`` (``"gauss:sigma=2mm"``,
+    see :mod:`conv3d_cli.kernels`); lengths in mm or um need ``voxel_size``
+    (D, H, W in mm, or a string such as ``"1,0.8,2.5"``), and each of the
+    ``input_channels`` (default 1; or a function of the layer's data_format)
+    is filtered on its own.
     """
     from .engine.plan import parse_memory
     class_name, cfg = (None, {})
-    source = None  # the file the layer config came from, named in errors
-    if isinstance(config, (str, os.PathLike)):
+    config_file = None  # the file the layer config came from, named in errors
+    from_file = isinstance(config, (str, os.PathLike))
+    where = "--config" if from_file else "the config"
+    if from_file:
         class_name, cfg = load_config_file(os.fspath(config))
-        source = f"--config {os.fspath(config)}"
+        config_file = f"--config {os.fspath(config)}"
     elif isinstance(config, dict):
         class_name, cfg = convmod.split_serialized(config)
+    source = f"class_name in {where}" if class_name is not None else None
     keras2 = convmod.looks_like_keras2(cfg) if cfg else False
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
         raise ArgumentError(f"Invalid `seed`: {seed!r}. Expected an integer >= 0 (NumPy's "
                             "random generator takes non-negative seeds).")
     w = weights
-    wlabel = "--weights"
+    wlabel = "--weights" if kernel is None else f"--kernel {kernel}"
     if isinstance(weights, (str, os.PathLike)):
         wlabel = f"--weights {os.fspath(weights)}"
         max_bytes = parse_memory(memory_limit)
@@ -137,59 +148,64 @@ def build_layer(layer=None, config=None, overrides=None, weights=None, seed=None
                     raise ArgumentError(f"--config and a model file ({weights}) both give the "
                                         "layer's config; use one")
                 class_name, cfg, keras2 = entry.class_name, dict(entry.config), entry.keras2
-                source = wlabel
+                config_file = wlabel
+                source = f"the model file {weights}"
             elif class_name is None and layer is None:
                 class_name = entry.class_name
+                source = f"the model file {weights}"
         else:
             if layer_name is not None:
                 raise ArgumentError("--layer-name needs a Keras model or weights file "
                                     "(.keras, .weights.h5, .h5) as --weights")
             w = load_weights(weights, max_bytes)
+    if layer is not None:
+        source = "--layer"
+    elif class_name is None:
+        class_name, source = infer_class(cfg, where)
     try:
-        lyr, kernel = _layer_from(layer, class_name, cfg, overrides, w, wlabel, seed, keras2)
+        lyr, w, named = _layer_from(layer, class_name, cfg, overrides, w, wlabel, seed, keras2,
+                                    kernel, voxel_size, input_channels)
     except WeightsError:
         raise
     except ArgumentError as exc:
-        if source is None:
+        if config_file is None:
             raise
-        raise ArgumentError(f"{exc} (in the layer config of {source})") from None
+        raise ArgumentError(f"{exc} (in the layer config of {config_file})") from None
     except (TypeError, AttributeError, ValueError) as exc:  # values of the wrong type in a file
-        if source is None:
+        if config_file is None:
             raise
-        raise ArgumentError(f"{source}: invalid layer config ({exc})") from None
+        raise ArgumentError(f"{config_file}: invalid layer config ({exc})") from None
     if w is not None:
-        f_axis = -1 if isinstance(lyr, convmod.Conv3D) else -2  # filters axis of the kernel
-        want = lyr.kernel_size
-        if tuple(kernel.shape[:3]) != want:
-            raise WeightsError(f"{wlabel}: kernel spatial shape {kernel.shape[:3]} does not "
-                               f"match kernel_size {want}")
-        if kernel.shape[f_axis] != lyr.filters:
-            raise WeightsError(f"{wlabel}: kernel shape {kernel.shape} does not have "
-                               f"filters={lyr.filters} on its output axis")
-        bias = w.get("bias")
-        if lyr.use_bias and bias is None:
-            raise WeightsError(f"{wlabel}: the layer uses a bias (use_bias=True) but the "
-                               "file has no 'bias' array; pass --no-use-bias or add it")
-        if not lyr.use_bias and bias is not None:
-            raise WeightsError(f"{wlabel}: the file has a 'bias' array but use_bias=False")
-        try:
-            lyr.set_weights([kernel, bias] if lyr.use_bias else [kernel])
-        except WeightsError as exc:
-            raise WeightsError(f"{wlabel}: {exc}") from None
-        if apply_constraints:
-            lyr.apply_constraints()
+        _set_weights(lyr, w, wlabel, apply_constraints)
+    lyr.layer_class_source = source
+    if named is not None:
+        lyr.named_kernel = {"kernel": named.spec, **named.details}
     return lyr
 
 
-def _layer_from(layer, class_name, cfg, overrides, w, wlabel, seed, keras2):
-    """(layer, kernel or None): the class, arguments and weights' shape merged."""
+def _layer_from(layer, class_name, cfg, overrides, w, wlabel, seed, keras2, kernel=None,
+                voxel_size=None, input_channels=None):
+    """(layer, weights or None, NamedKernel or None): the class, arguments, a named
+    kernel and the weights' shape merged."""
     if layer is not None and class_name is not None and \
             convmod.layer_class(layer) is not convmod.layer_class(class_name):
         raise ArgumentError(f"--layer {layer} contradicts the file's class {class_name}")
-    cls = convmod.layer_class(layer or class_name or "Conv3D")
+    cls = convmod.layer_class(layer or class_name)
     args = {**cfg, **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    named = None
+    if kernel is not None:  # a named kernel: the weights, and the arguments they fix
+        if w is not None:
+            raise ArgumentError("--kernel and --weights both give the kernel; use one")
+        from .kernels import layer_weights
+        from .layers.args import standardize_data_format
+        channels = input_channels or 1
+        if callable(channels):
+            channels = channels(standardize_data_format(args.get("data_format")))
+        w, named = layer_weights(kernel, args, cls is convmod.Conv3DTranspose, voxel_size,
+                                 channels)
+    if w is not None:
+        args.pop("weights", None)  # --weights wins over a config's initial weights
     f_axis = -1 if cls is convmod.Conv3D else -2  # filters axis of the kernel
-    kernel = None
     if w is not None:
         kernel = np.asarray(w["kernel"])
         if kernel.ndim != 5:
@@ -207,7 +223,45 @@ def _layer_from(layer, class_name, cfg, overrides, w, wlabel, seed, keras2):
         for key in ("kernel_initializer", "bias_initializer"):
             args[key] = _with_seed(args.get(key, "glorot_uniform" if key[0] == "k" else "zeros"),
                                    seed, key)
-    return cls(**args, keras2=keras2), kernel
+    return cls(**args, keras2=keras2), w, named
+
+
+def _set_weights(lyr, w, wlabel, apply_constraints):
+    """Give ``lyr`` the weights ``w`` after checking them against its arguments."""
+    kernel = np.asarray(w["kernel"])
+    f_axis = -1 if isinstance(lyr, convmod.Conv3D) else -2  # filters axis of the kernel
+    want = lyr.kernel_size
+    if tuple(kernel.shape[:3]) != want:
+        raise WeightsError(f"{wlabel}: kernel spatial shape {kernel.shape[:3]} does not "
+                           f"match kernel_size {want}")
+    if kernel.shape[f_axis] != lyr.filters:
+        raise WeightsError(f"{wlabel}: kernel shape {kernel.shape} does not have "
+                           f"filters={lyr.filters} on its output axis")
+    bias = w.get("bias")
+    if lyr.use_bias and bias is None:
+        raise WeightsError(f"{wlabel}: the layer uses a bias (use_bias=True) but the "
+                           "file has no 'bias' array; pass --no-use-bias or add it")
+    if not lyr.use_bias and bias is not None:
+        raise WeightsError(f"{wlabel}: the file has a 'bias' array but use_bias=False")
+    try:
+        lyr.set_weights([kernel, bias] if lyr.use_bias else [kernel])
+    except WeightsError as exc:
+        raise WeightsError(f"{wlabel}: {exc}") from None
+    if apply_constraints:
+        lyr.apply_constraints()
+
+
+def infer_class(cfg, where="the config"):
+    """(class name, why) for a bare ``get_config()`` dict, which names no class.
+
+    Only Conv3DTranspose has ``output_padding`` (tf.keras 2 writes ``groups: 1``
+    into its config too); only Conv3D has ``groups`` otherwise. Neither: Conv3D.
+    """
+    if "output_padding" in cfg:
+        return "Conv3DTranspose", f"inferred from output_padding in {where}"
+    if "groups" in cfg:
+        return "Conv3D", f"inferred from groups in {where}"
+    return "Conv3D", "default (Conv3D)"
 
 
 def _with_seed(identifier, seed, argument):
@@ -295,28 +349,42 @@ def describe(layer, input_shape=None, volume=None, method="auto", workers=None,
 
 def apply_to_file(layer, input_spec, output_spec, overwrite=False, method="auto",
                   workers=None, memory_limit=None, chunk_shape=None, progress=True,
-                  on_plan=None, scheduler=None, resume=False):
+                  on_plan=None, scheduler=None, resume=False, tmp_dir=None,
+                  before_commit=None, output_dtype=None):
     """Run ``layer`` over the volume ``input_spec`` into ``output_spec``; returns a report.
 
     ``scheduler`` (an address such as ``tcp://10.0.0.5:8786``, or ``"local"``)
     runs the tiles on a Dask cluster; ``resume`` continues an interrupted run
-    into a Zarr output, skipping the tiles it already wrote.
+    into a Zarr output, skipping the tiles it already wrote. A ``.nii.gz``
+    input is decompressed into ``tmp_dir`` (default: CONV3D_TMPDIR, else
+    OUTPUT's directory: the disk the result goes to). ``before_commit(report)``
+    runs once the output is complete, before it is put in place.
+
+    OUTPUT is checked (directory, ``overwrite``) before any work; a failure or
+    a signal leaves it untouched and removes every temporary file; a failed
+    Zarr run keeps its partial store for ``resume``, and the exception's notes
+    (``__notes__``) say so. The output holds the layer's compute dtype unless
+    its format cannot (then float32) or ``output_dtype`` (see
+    :mod:`conv3d_cli.io.dtypes`) says otherwise.
     """
     from .progress import progress_bar
     start = time.perf_counter()
-    vol = open_volume(input_spec)
-    target = None
+    in_spec = input_spec if isinstance(input_spec, VolumeSpec) else parse_spec(input_spec, "INPUT")
+    out_spec = parse_spec(output_spec, "OUTPUT")
+    zarr_out = out_spec.format == "zarr"
+    if resume and not zarr_out:
+        raise ArgumentError("--resume needs a Zarr OUTPUT (store.zarr): only Zarr stores "
+                            "record which tiles are written")
+    if zarr_out:
+        from .io.zarr_io import ZarrOutput
+        target = ZarrOutput(out_spec, overwrite=overwrite, resume=resume)
+    else:
+        target = OutputTarget(out_spec, overwrite=overwrite, inputs=[in_spec])
+    vol = None
     try:
-        out_spec = parse_spec(output_spec, "OUTPUT")
-        zarr_out = out_spec.format == "zarr"
-        if resume and not zarr_out:
-            raise ArgumentError("--resume needs a Zarr OUTPUT (store.zarr): only Zarr stores "
-                                "record which tiles are written")
+        vol = open_volume(in_spec, tmp_dir=_temp_folder(tmp_dir, out_spec))
         if zarr_out:
-            from .io.zarr_io import ZarrOutput
-            target = ZarrOutput(out_spec, overwrite=overwrite, resume=resume)
-        else:
-            target = OutputTarget(out_spec, overwrite=overwrite, inputs=[vol.spec])
+            target.check_input(vol)
         info, job, plan = describe(layer, volume=vol, method=method, workers=workers,
                                    memory_limit=memory_limit, chunk_shape=chunk_shape)
         if on_plan is not None:
@@ -328,12 +396,14 @@ def apply_to_file(layer, input_spec, output_spec, overwrite=False, method="auto"
         if out_spec.format == "nifti" and len(out_shape) > 4:
             raise ShapeError(f"OUTPUT {out_spec}: a NIfTI output holds one volume "
                              f"(X, Y, Z[, C]); this output has shape {out_shape}")
+        out_dtype, dtype_note = resolve_output_dtype(output_dtype, layer.compute_dtype,
+                                                     vol.dtype, out_spec.format)
         skip = set()
         if zarr_out:
             writer = target
-            skip = _prepare_zarr(target, vol, layer, job, plan, out_layout)
+            skip = _prepare_zarr(target, vol, layer, job, plan, out_layout, out_dtype)
         else:
-            writer = target.create(out_shape, job.dtype, affine=_nifti_affine(out_spec, vol, job),
+            writer = target.create(out_shape, out_dtype, affine=_nifti_affine(out_spec, vol, job),
                                    like=vol.image if vol.is_nifti else None,
                                    description=_description(layer))
         sink = CanonicalView(writer, out_layout)
@@ -349,13 +419,35 @@ def apply_to_file(layer, input_spec, output_spec, overwrite=False, method="auto"
                                scheduler=scheduler)
         finally:
             bar.close()
+        report = _report(layer, vol, target, info, stats, skip, scheduler, start)
+        report.update(_dtype_report(layer, job, out_dtype, dtype_note))
+        if before_commit is not None:
+            before_commit(report)
         target.commit()
-    except BaseException:
-        if target is not None:
-            target.abort()
+    except BaseException as exc:
+        with signals.shielded():
+            kept = target.abort()
+        if kept:
+            _add_note(exc, kept)
         raise
     finally:
-        vol.close()
+        if vol is not None:
+            with signals.shielded():
+                vol.close()
+    return report
+
+
+def _temp_folder(tmp_dir, out_spec):
+    """--tmp-dir, else CONV3D_TMPDIR, else OUTPUT's directory."""
+    folder = tmp_dir or os.environ.get("CONV3D_TMPDIR")
+    if folder:
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+            raise ArgumentError(f"--tmp-dir {folder}: not a writable directory")
+        return folder
+    return os.path.dirname(os.path.abspath(out_spec.path))
+
+
+def _report(layer, vol, target, info, stats, skip, scheduler, start):
     losses = layer.regularization_losses(stats.activity_sums,
                                          batch_size=info["input_shape"][0])
     return {
@@ -365,12 +457,30 @@ def apply_to_file(layer, input_spec, output_spec, overwrite=False, method="auto"
         "file_output_shape": info["file_output_shape"],
         "params": info["params"], "layer": {"class_name": layer.keras_name,
                                             "config": layer.get_config()},
+        "layer_class_source": getattr(layer, "layer_class_source", None),
+        "named_kernel": getattr(layer, "named_kernel", None),
         "method": stats.method, "tiles": stats.tiles, "skipped_tiles": len(skip),
         "workers": stats.workers, "scheduler": scheduler,
         "seconds": round(time.perf_counter() - start, 4),
         "compute_seconds": round(stats.seconds, 4),
         "losses": losses, "plan": info["plan"],
     }
+
+
+def _add_note(exc, text):
+    """``exc.add_note(text)`` (Python >= 3.11), by hand before."""
+    if hasattr(exc, "add_note"):
+        exc.add_note(text)
+    else:
+        exc.__notes__ = [*getattr(exc, "__notes__", []), text]
+
+
+def _dtype_report(layer, job, out_dtype, note):
+    """What was computed in what: the policy, the weights', the computation's
+    (inputs, weights and result), the sums' and the file's dtypes."""
+    return {"dtype_policy": layer.dtype_policy.name, "variable_dtype": layer.variable_dtype,
+            "compute_dtype": layer.compute_dtype, "accumulation_dtype": job.work_dtype.name,
+            "output_dtype": np.dtype(out_dtype).name, "output_dtype_note": note}
 
 
 def _description(layer):
@@ -385,7 +495,7 @@ def _nifti_affine(out_spec, vol, job):
     return output_affine(vol.affine if vol.affine is not None else np.eye(4), job.geoms)
 
 
-def _prepare_zarr(target, vol, layer, job, plan, out_layout):
+def _prepare_zarr(target, vol, layer, job, plan, out_layout, out_dtype):
     """Create or reopen the Zarr output (chunked like the tiles); the done tile indices.
 
     Resuming reuses the recorded tiling (whatever --workers now asks) after
@@ -398,7 +508,8 @@ def _prepare_zarr(target, vol, layer, job, plan, out_layout):
         digest.update(np.ascontiguousarray(w).tobytes())
     record = {"input": str(vol.spec), "input_shape": list(vol.shape),
               "layer": json.loads(json.dumps(layer.get_config())), "weights": digest.hexdigest(),
-              "output_shape": list(out_layout.shape), "method": plan.method,
+              "output_shape": list(out_layout.shape), "output_dtype": np.dtype(out_dtype).name,
+              "method": plan.method,
               "tiles": [[t.b0, t.b1, [list(r) for r in t.out]] for t in plan.tiles]}
     tile = plan.tile_shape
     f = job.out_canonical_shape[4]
@@ -415,9 +526,8 @@ def _prepare_zarr(target, vol, layer, job, plan, out_layout):
     ome = None
     if vol.is_ome:  # OME-Zarr in, OME-Zarr out (one level, at "data")
         ome = ome_output_attrs(vol.array, job.geoms, out_layout.shape, vol.array.ome["version"])
-        target.array_path = "data"
     zarr_format = vol.array.zarr_format if vol.spec.format == "zarr" else 3
-    done, recorded = target.prepare(out_layout.shape, job.dtype, chunks, record, zarr_format, ome)
+    done, recorded = target.prepare(out_layout.shape, out_dtype, chunks, record, zarr_format, ome)
     if recorded is not None:  # resuming: the tiles the store was chunked for
         plan.tiles = [Tile(b0, b1, tuple(tuple(r) for r in box)) for b0, b1, box in recorded]
     return done

@@ -33,3 +33,21 @@ class OutputExistsError(Conv3DError):
 
 class EngineError(Conv3DError):
     """The compute engine failed (e.g. a worker process died)."""
+
+
+
+def brief(value, limit=80, _inner=False) -> str:
+    """``value`` as ``f"{value}"`` shows it in an error message, except that an
+    array appears by its shape and dtype, never its contents (a kernel's repr
+    would flood the message), and long values are cut short."""
+    if getattr(value, "ndim", 0) and hasattr(value, "shape") and hasattr(value, "dtype"):
+        return f"<array shape={tuple(value.shape)} dtype={value.dtype}>"
+    if isinstance(value, (list, tuple)):
+        inner = ", ".join(brief(v, limit, True) for v in value)
+        text = f"[{inner}]" if isinstance(value, list) else f"({inner}{',' * (len(value) == 1)})"
+        return text if len(text) <= limit else f"<{type(value).__name__} of {len(value)} items>"
+    if isinstance(value, dict):
+        text = "{" + ", ".join(f"{k!r}: {brief(v, limit, True)}" for k, v in value.items()) + "}"
+        return text if len(text) <= 4 * limit else text[:4 * limit - 3] + "..."
+    text = repr(value) if _inner else str(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."

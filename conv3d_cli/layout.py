@@ -127,6 +127,9 @@ class CanonicalView:
 
     def write(self, b0, b1, ranges, block):
         """Store a canonical block at ``[b0:b1, ranges..., :]``."""
+        dtype = getattr(self.array, "dtype", None)
+        if dtype is not None and block.dtype != dtype:  # h5py cannot convert bfloat16
+            block = block.astype(dtype)
         if self.layout.rank == 3:
             block = block[..., 0]
         elif self.layout.channels_first:

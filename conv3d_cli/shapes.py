@@ -7,7 +7,7 @@ Conv3DTranspose). Everything else (output lengths, the input region a tile of
 output needs, the polyphase split of a transposed convolution, the NIfTI
 affine) is derived from it. The formulas are those of
 ``keras/src/ops/operation_utils.py`` and
-``keras/src/backend/common/backend_utils.py``; see ``keras-semantics.md``.
+``keras/src/backend/common/backend_utils.py``; see ``docs/semantics.md``.
 """
 
 from __future__ import annotations
@@ -181,8 +181,12 @@ def output_shape(kind, input_shape, filters, kernel_size, strides, padding,
                  data_format, dilation_rate, output_padding=None):
     """Keras's ``compute_output_shape`` for Conv3D / Conv3DTranspose.
 
-    Raises :class:`ShapeError` with Keras's wording when an output dimension
-    would be zero or negative.
+    Unknown (None) dimensions stay unknown. A zero-length input axis is valid:
+    a 'same' Conv3D maps it to a zero-length axis, a Conv3DTranspose to
+    ``(0 - 1) * s + ke + output_padding`` voxels (the bias alone). Raises
+    :class:`ShapeError` with Keras's wording when a 'valid' Conv3D output
+    dimension would be zero or negative, and when a transposed one would be
+    negative (Keras 3 returns the negative size; tf.keras 2 raises).
     """
     input_shape = tuple(input_shape)
     if len(input_shape) < 5:
@@ -191,19 +195,35 @@ def output_shape(kind, input_shape, filters, kernel_size, strides, padding,
             f"min_ndim=5, found ndim={len(input_shape)}. Full shape received: "
             f"{input_shape}")
     batch, spatial, channels = split_layout(input_shape, data_format)
-    if any(n is not None and n <= 0 for n in spatial + (channels,)):
-        raise ShapeError(f"Input shape {input_shape} has a zero or negative dimension.")
-    geoms = axis_geometries(kind, spatial, kernel_size, strides, dilation_rate,
-                            padding, output_padding)
-    out_spatial = tuple(g.out for g in geoms)
-    if any(o <= 0 for o in out_spatial):
+    if any(n is not None and n < 0 for n in spatial + (channels,)):
+        raise ShapeError(f"Input shape {input_shape} has a negative dimension.")
+    out_spatial = tuple(
+        None if n is None else _output_length(kind, n, kernel_size[ax], strides[ax],
+                                              dilation_rate[ax], padding,
+                                              None if output_padding is None
+                                              else output_padding[ax])
+        for ax, n in enumerate(spatial))
+    known = [o for o in out_spatial if o is not None]
+    if kind == CONV and padding == "valid" and any(o <= 0 for o in known):
         kernel_shape = tuple(kernel_size) + (channels, filters)
         raise ShapeError(
             "Computed output size would be zero or negative. Received "
             f"`inputs shape={input_shape}`, `kernel shape={kernel_shape}`, "
             f"`dilation_rate={tuple(dilation_rate)}`, `strides={tuple(strides)}`, "
             f"`padding={padding}`.")
+    if any(o < 0 for o in known):
+        raise ShapeError(
+            "Computed output size would be negative. Received "
+            f"`inputs shape={input_shape}`, `kernel_size={tuple(kernel_size)}`, "
+            f"`dilation_rate={tuple(dilation_rate)}`, `strides={tuple(strides)}`, "
+            f"`padding={padding}`, `output_padding={output_padding}`.")
     return join_layout(batch, out_spatial, filters, data_format)
+
+
+def _output_length(kind, n, k, s, d, padding, output_padding):
+    if kind == CONV:
+        return conv_output_length(n, k, s, d, padding)
+    return transpose_output_length(n, k, s, d, padding, output_padding)
 
 
 def flat_batch(batch_dims) -> int:

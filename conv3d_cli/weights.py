@@ -13,6 +13,7 @@ from numpy.lib import format as npformat
 
 from .errors import WeightsError
 from .io.paths import check_input_path
+from .layers.args import BFLOAT16
 
 MAX_HEADER_BYTES = 1 << 20
 # What reading a corrupt .npz member can raise.
@@ -21,26 +22,39 @@ _CORRUPT = (OSError, EOFError, zipfile.BadZipFile, zlib.error, lzma.LZMAError, R
 
 
 def load_weights(path, max_bytes=None):
-    """``{"kernel": array, "bias": array or None}`` from a ``.npz`` or ``.npy`` file.
+    """``{"kernel": array, "bias": array or None}`` from a ``.npz``, ``.npy`` or NIfTI file.
 
     A ``.npz`` holds ``kernel`` and optionally ``bias`` (``arr_0`` / ``arr_1``,
     as ``np.savez(*layer.get_weights())`` writes, are accepted too); a
-    ``.npy`` holds the kernel alone. Each array's header is read first: the
-    dtype must be real numbers (nothing is unpickled) and the declared sizes
-    together must fit ``max_bytes`` (a few compressed megabytes can declare
-    gigabytes) before any data is read.
+    ``.npy`` holds the kernel alone: 5-D in Keras layout, or a 3-D kernel
+    image. A kernel image (3-D ``.npy`` (kd, kh, kw), or NIfTI (X, Y, Z) as
+    fslmaths ``-kernel file`` reads it) is a one-filter, one-channel kernel
+    ``(kd, kh, kw, 1, 1)``, applied as stored: Conv3D correlates with it
+    (``out[i] = sum_k in[i + k - c] w[k]``), as fslmaths does; Convert3D's
+    ``-conv`` convolves (mirrors the kernel), so flip an asymmetric one to
+    match it.
+
+    Each array's header is read first: the dtype must be real numbers
+    (nothing is unpickled) and the declared sizes together must fit
+    ``max_bytes`` (a few compressed megabytes can declare gigabytes) before
+    any data is read.
     """
     path = os.fspath(path)
     where = f"--weights {path}"
     check_input_path(path, where, WeightsError)
     low = path.lower()
+    if low.endswith((".nii", ".nii.gz")):
+        return {"kernel": _nifti_kernel(path, max_bytes), "bias": None}
     if low.endswith(".npy"):
-        with open(path, "rb") as fh:
+        with _open(path, where) as fh:
             header = _header(fh, where, "kernel")
             _check_size([header], where, max_bytes)
-            return {"kernel": _read_array(fh, header, where, "kernel"), "bias": None}
+            kernel = _read_array(fh, header, where, "kernel")
+        return {"kernel": _kernel_array(kernel, path), "bias": None}
     if not low.endswith(".npz"):
-        raise WeightsError(f"{where}: expected a .npz (kernel, bias) or .npy (kernel) file")
+        raise WeightsError(
+            f"{where}: expected a .npz (kernel, bias) or .npy (kernel) file, or a "
+            "NIfTI kernel image (.nii, .nii.gz)")
     if not zipfile.is_zipfile(path):
         raise WeightsError(f"{where}: not a zip archive (a .npz is a zip of .npy files, "
                            "as numpy.savez writes)")
@@ -63,6 +77,13 @@ def load_weights(path, max_bytes=None):
     except _CORRUPT as exc:
         raise WeightsError(f"{where}: corrupt or truncated ({exc})") from None
     return {"kernel": arrays["kernel"], "bias": arrays.get("bias")}
+
+
+def _open(path, where):
+    try:
+        return open(path, "rb")
+    except OSError as exc:
+        raise WeightsError(f"{where}: cannot be read ({exc.strerror})") from None
 
 
 def _members(z, where):
@@ -132,18 +153,78 @@ def _read_array(fh, header, where, name):
     return a.reshape(shape[::-1]).T if fortran else a.reshape(shape)
 
 
-def save_weights(path, kernel, bias=None):
+def _kernel_array(a, path):
+    """A .npy kernel: 5-D as it is, a 3-D kernel image as (kd, kh, kw, 1, 1)."""
+    a = _real(a, path, "kernel")
+    if a.ndim == 3:
+        return a.reshape(a.shape + (1, 1))
+    if a.ndim != 5:
+        raise WeightsError(f"--weights {path}: expected a 5-D Keras kernel (kd, kh, kw, in, out) "
+                           f"or a 3-D kernel image (kd, kh, kw); got shape {a.shape}")
+    return a
+
+
+def _nifti_kernel(path, max_bytes=None):
+    """A NIfTI kernel image (X, Y, Z), scaled by scl_slope/scl_inter, in voxel order as
+    stored; the size its header declares is checked against ``max_bytes`` first."""
+    import nibabel as nib
+    where = f"--weights {path}"
+    try:
+        img = nib.load(path)
+        declared = (tuple(int(n) for n in img.shape), False, np.dtype(img.get_data_dtype()))
+        _check_size([declared], where, max_bytes)
+        data = np.asanyarray(img.dataobj)
+    except WeightsError:
+        raise
+    except Exception as exc:  # nibabel raises many types for bad files
+        raise WeightsError(f"{where}: not a valid NIfTI file ({exc})") from None
+    shape = data.shape
+    while data.ndim > 3 and data.shape[-1] == 1:  # (X, Y, Z, 1): one volume
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise WeightsError(f"{where}: a NIfTI kernel image must be 3-D (X, Y, Z); "
+                           f"got shape {shape}")
+    data = _real(np.asarray(data), path, "kernel")
+    return data.reshape(data.shape + (1, 1))
+
+
+def _real(a, path, name):
+    if a.dtype.hasobject or a.dtype.kind not in "biuf":
+        raise WeightsError(f"--weights {path}: '{name}' must hold real numbers, got dtype {a.dtype}")
+    return a
+
+
+def save_weights(path, kernel, bias=None, overwrite=True):
     """Write ``kernel`` and ``bias`` to ``path`` (.npz) atomically."""
+    staged = stage_weights(path, kernel, bias, overwrite)
+    try:
+        staged.commit()
+    except BaseException:
+        staged.abort()
+        raise
+
+
+def check_weights_path(path, overwrite=True):
+    """A :class:`~conv3d_cli.io.tempfiles.StagedFile` for ``--save-weights path`` (checked now)."""
+    from .io.tempfiles import StagedFile
     path = os.fspath(path)
     if not path.lower().endswith(".npz"):
         raise WeightsError(f"--save-weights {path}: expected a .npz file name")
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
-                       f".{os.path.basename(path)}.conv3d-{os.getpid()}.tmp")
+    return StagedFile(path, overwrite, f"--save-weights {path}")
+
+
+def stage_weights(path_or_staged, kernel, bias=None, overwrite=True):
+    """Write the .npz under its temporary name; ``commit()`` the result to put it in place."""
+    staged = path_or_staged if hasattr(path_or_staged, "commit") else \
+        check_weights_path(path_or_staged, overwrite)
     arrays = {"kernel": kernel} if bias is None else {"kernel": kernel, "bias": bias}
+    # .npz has no bfloat16 type (it would store raw 2-byte voids): bfloat16
+    # weights are written as float32, which holds each of them exactly.
+    arrays = {k: v.astype(np.float32) if v.dtype == BFLOAT16 else v for k, v in arrays.items()}
     try:
-        with open(tmp, "wb") as fh:
+        with staged.open("wb") as fh:
             np.savez(fh, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    except BaseException:
+        staged.abort()
+        raise
+    return staged

@@ -1,10 +1,14 @@
 """A slow, obviously correct NumPy reference of Keras's Conv3D and Conv3DTranspose.
 
-Written straight from the definitions in keras-semantics.md, loop by loop,
-sharing no code with the engine.
+Written straight from Keras's definitions, loop by loop, sharing no code with
+the engine: Conv3D correlates the zero-padded input (``'same'`` puts the odd
+padding voxel after; ``keras/src/ops/operation_utils.py``); Conv3DTranspose
+scatters ``x[i] @ kernel[j].T`` to ``i * s + j * d`` and crops the result
+(``keras/src/backend/common/backend_utils.py``).
 """
 
 import math
+from itertools import product
 
 import numpy as np
 
@@ -92,7 +96,22 @@ def conv3d_transpose(x, kernel, bias=None, strides=(1, 1, 1), padding="valid",
                             acc[:, i0 * strides[0] + j0 * dilation[0],
                                 i1 * strides[1] + j1 * dilation[1],
                                 i2 * strides[2] + j2 * dilation[2], :] += v @ kernel[j0, j1, j2].T
+    if not np.isfinite(kernel).all():
+        _zero_products(acc, kernel, n, strides, dilation, crop, out)
     y = acc[:, crop[0]:crop[0] + out[0], crop[1]:crop[1] + out[1], crop[2]:crop[2] + out[2]]
     if bias is not None:
         y = y + bias
     return _from_cl(y.reshape(lead + y.shape[1:]), data_format)
+
+
+def _zero_products(acc, kernel, n, strides, dilation, crop, out):
+    """Keras computes the transposed convolution as a convolution of the input with
+    zeros inserted between voxels and padded around it: every output also
+    multiplies the taps that land on those zeros, which adds nothing unless a
+    weight is NaN or Inf (0 * inf = NaN)."""
+    k, C = kernel.shape[:3], kernel.shape[4]
+    for p in product(*(range(crop[a], crop[a] + out[a]) for a in range(3))):
+        for j in product(*(range(k[a]) for a in range(3))):
+            q = [p[a] - j[a] * dilation[a] for a in range(3)]
+            if any(q[a] % strides[a] or not 0 <= q[a] // strides[a] < n[a] for a in range(3)):
+                acc[(slice(None),) + p] += np.zeros(C) @ kernel[j].T

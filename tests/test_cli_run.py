@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import assert_close
+from conftest import FLOAT64_RTOL, assert_close
 from conv3d_cli.cli.main import cli
 from reference import conv3d as ref_conv3d
 from reference import conv3d_transpose as ref_conv3d_transpose
@@ -55,9 +55,10 @@ def test_run_transposed_drops_added_channel_axis(vol):
     assert r.exit_code == 0, r.output
     y = np.load(tmp / "up.npy")
     assert y.shape == (18, 10, 22)
-    w = np.load(tmp / "w.npz")
-    assert_close(y, ref_conv3d_transpose(a[None, ..., None], w["kernel"], w["bias"], (2, 1, 2),
-                                         "same")[0, ..., 0])
+    with np.load(tmp / "w.npz") as w:
+        expected = ref_conv3d_transpose(a[None, ..., None], w["kernel"], w["bias"], (2, 1, 2),
+                                        "same")[0, ..., 0]
+    assert_close(y, expected)
 
 
 def test_run_seed_reproducible_and_report_losses(vol):
@@ -108,9 +109,9 @@ def test_run_channels_first_rank5_npy(tmp_path, rng):
             "--filters", 4, "--kernel-size", 3, "--seed", 0,
             "--save-weights", tmp_path / "w.npz", "-q")
     assert r.exit_code == 0, r.output
-    w = np.load(tmp_path / "w.npz")
-    assert_close(np.load(tmp_path / "o.npy"),
-                 ref_conv3d(a, w["kernel"], w["bias"], data_format="channels_first"))
+    with np.load(tmp_path / "w.npz") as w:
+        expected = ref_conv3d(a, w["kernel"], w["bias"], data_format="channels_first")
+    assert_close(np.load(tmp_path / "o.npy"), expected)
 
 
 def test_integer_input_converted_to_float32(tmp_path):
@@ -123,10 +124,18 @@ def test_integer_input_converted_to_float32(tmp_path):
 
 
 def test_float64_output(tmp_path, rng):
-    np.save(tmp_path / "i.npy", rng.standard_normal((5, 5, 5)))
-    r = run(tmp_path / "i.npy", tmp_path / "o.npy", "--filters", 1, "--kernel-size", 3,
-            "--dtype", "float64", "-q")
-    assert r.exit_code == 0 and np.load(tmp_path / "o.npy").dtype == np.float64
+    a = rng.standard_normal((5, 6, 7))
+    np.save(tmp_path / "i.npy", a)
+    r = run(tmp_path / "i.npy", tmp_path / "o.npy", "--filters", 2, "--kernel-size", 3,
+            "--dtype", "float64", "--bias-initializer", "random_normal", "--workers", 2,
+            "--chunk-shape", "2,2,3", "--save-weights", tmp_path / "w.npz", "-q")
+    assert r.exit_code == 0, r.output
+    y = np.load(tmp_path / "o.npy")
+    with np.load(tmp_path / "w.npz") as w:
+        assert w["kernel"].dtype == np.float64
+        expected = ref_conv3d(a[None, ..., None], w["kernel"], w["bias"])[0]
+    assert y.dtype == np.float64
+    assert_close(y, expected, rtol=FLOAT64_RTOL)
 
 
 # ------------------------------------------------------------------ bad input

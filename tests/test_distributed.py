@@ -178,12 +178,12 @@ def test_transposed_on_local_cluster_to_npy(volume):
 def test_missing_extras_say_what_to_install(volume, monkeypatch):
     tmp, _ = volume
     monkeypatch.setitem(sys.modules, "distributed", None)
-    with pytest.raises(ArgumentError, match=r'pip install "conv3d-cli\[distributed\]"'):
+    with pytest.raises(ArgumentError, match=r'pip install "\.\[distributed\]" in the conv3d clone'):
         apply_to_file(_layer(), str(tmp / "v3.zarr"), str(tmp / "o.npy"), scheduler="local",
                       progress=False)
     assert not (tmp / "o.npy").exists()
     monkeypatch.setitem(sys.modules, "zarr", None)
-    with pytest.raises(ArgumentError, match=r'pip install "conv3d-cli\[distributed\]"'):
+    with pytest.raises(ArgumentError, match=r'pip install "\.\[distributed\]" in the conv3d clone'):
         apply_to_file(_layer(), str(tmp / "v3.zarr"), str(tmp / "o.npy"), progress=False)
 
 

@@ -110,8 +110,8 @@ def test_axiswise_activation_tiles_span_w_under_channels_first(rng):
     job = layer.job(x.shape)
     plan = plan_job(job, "direct", memory_limit="1G", workers=2)
     assert all(t.out[2] == (0, 7) for t in plan.tiles)
-    with pytest.raises(ArgumentError, match="must span the whole W axis"):
-        layer(x, chunk_shape=(2, 2, 2))
+    # A forced chunk shape is widened along W (see tests/test_keras_edge.py).
+    assert_close(layer(x, chunk_shape=(2, 2, 2)), whole)
 
 
 def test_plan_respects_memory_limit():
@@ -123,7 +123,10 @@ def test_plan_respects_memory_limit():
             plan = plan_job(job, "direct", memory_limit=limit, workers=2, processes=processes)
             assert plan.peak_bytes <= plan.memory_limit
             assert sum(np.prod(t.shape) for t in plan.tiles) == 128 ** 3
-    small = plan_job(job, "direct", memory_limit="400M", workers=1)
+    # The plan counts this process's own memory, which grows as the suite runs:
+    # leave a fixed 150 MiB for tiles above it.
+    from conv3d_cli.engine.plan import process_baseline
+    small = plan_job(job, "direct", memory_limit=process_baseline() + (150 << 20), workers=1)
     assert small.peak_bytes <= small.memory_limit and len(small.tiles) > 1
     assert small.tile_bytes < plan_job(job, "direct", memory_limit="4G", workers=1).tile_bytes
     with pytest.raises(ArgumentError, match="too small for this layer"):

@@ -25,7 +25,8 @@ FILES = [("keras3", "keras3.keras"), ("keras3", "keras3.h5"), ("keras2", "keras2
 
 
 def outputs(flavour):
-    return np.load(os.path.join(MODELS, f"{flavour}_outputs.npz"))
+    with np.load(os.path.join(MODELS, f"{flavour}_outputs.npz")) as data:
+        return {name: data[name] for name in data.files}
 
 
 @pytest.mark.parametrize("flavour,filename", FILES)
@@ -116,7 +117,8 @@ def test_unsafe_and_broken_files(tmp_path):
         out.writestr("../escape.txt", "x")
     with pytest.raises(WeightsError, match="unsafe path"):
         ModelFile(tmp_path / "evil.keras")
-    data = open(src, "rb").read()
+    with open(src, "rb") as fh:
+        data = fh.read()
     (tmp_path / "cut.keras").write_bytes(data[: len(data) // 2])
     with pytest.raises(WeightsError):
         ModelFile(tmp_path / "cut.keras")

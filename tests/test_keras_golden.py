@@ -14,7 +14,8 @@ from conv3d_cli.layers import from_config
 
 with open(os.path.join(FIXTURES, "keras3_golden.json")) as fh:
     GOLDEN = json.load(fh)
-ARRAYS = np.load(os.path.join(FIXTURES, "keras3_golden.npz"))
+with np.load(os.path.join(FIXTURES, "keras3_golden.npz")) as _data:
+    ARRAYS = {name: _data[name] for name in _data.files}
 CASES = GOLDEN["cases"]
 
 

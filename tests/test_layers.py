@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import assert_close
+from conftest import FLOAT64_RTOL, assert_close
 from conv3d_cli import Conv3D, Conv3DTranspose
 from conv3d_cli.layers import from_config, initializers, regularizers, constraints, activations
 from reference import conv3d as ref_conv3d
@@ -232,6 +232,8 @@ def test_glu_halves_w_under_channels_first(rng):
 
 
 def test_float64_dtype(rng):
-    layer = Conv3D(2, 3, dtype="float64")
-    y = layer(rng.standard_normal((1, 5, 5, 5, 1)))
+    layer = Conv3D(2, 3, dtype="float64", bias_initializer="random_normal")
+    x = rng.standard_normal((1, 5, 5, 5, 1))
+    y = layer(x)
     assert y.dtype == np.float64 and layer.kernel.dtype == np.float64
+    assert_close(y, ref_conv3d(x, layer.kernel, layer.bias), rtol=FLOAT64_RTOL)

@@ -6,6 +6,8 @@ import sys
 
 import numpy as np
 
+from conftest import assert_close
+
 # VmHWM, the peak RSS of this process's own memory (ru_maxrss would carry over
 # the pytest parent's peak through fork and exec).
 SCRIPT = """
@@ -41,4 +43,4 @@ def test_peak_rss_stays_under_memory_limit(tmp_path):
     z = 140  # a plane in the middle: the sum of the 3x3x3 neighbourhood
     expected = sum(np.asarray(src[z + a, b:b + 510, c:c + 510], np.float64)
                    for a in range(3) for b in range(3) for c in range(3))
-    np.testing.assert_allclose(out[z], expected, rtol=1e-4, atol=1e-4)
+    assert_close(out[z], expected)

@@ -1,4 +1,5 @@
-"""Pure shape math against the formulas of keras-semantics.md."""
+"""Pure shape math against Keras's formulas (``keras/src/ops/operation_utils.py``,
+``keras/src/backend/common/backend_utils.py``), written out here independently."""
 
 import itertools
 import math

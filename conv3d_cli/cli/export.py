@@ -29,7 +29,7 @@ def export(output, input_channels, overwrite, **kwargs):
     import os
     if os.path.exists(output) and not overwrite:
         raise ArgumentError(f"OUTPUT {output} exists; pass --overwrite to replace it")
-    layer = layer_from_kwargs(kwargs)
+    layer = layer_from_kwargs(kwargs, input_channels=input_channels)
     if not layer.built:
         if input_channels is None:
             raise ArgumentError("give --input-channels (or --weights) so the kernel can be built")
@@ -40,6 +40,6 @@ def export(output, input_channels, overwrite, **kwargs):
     elif input_channels is not None and input_channels != layer.input_channels:
         raise ArgumentError(f"--input-channels {input_channels} does not match the weights "
                             f"({layer.input_channels} input channels)")
-    export_keras(layer, output, layer.input_channels)
+    export_keras(layer, output, layer.input_channels, overwrite=overwrite)
     click.echo(f"wrote {output} ({layer.keras_name} {layer.name}, {layer.count_params()} params)",
                err=True)

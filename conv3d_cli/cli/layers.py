@@ -16,7 +16,7 @@ from ..io.keras_files import ModelFile
 def layers(model, as_json):
     """List MODEL's Conv3D and Conv3DTranspose layers (.keras, .weights.h5 or legacy
     .h5, from Keras 3 or tf.keras 2): name, class, kernel shape, strides, padding,
-    dilation, activation, params. Use a name with conv3d run --layer-name.
+    dilation, activation, params, dtype policy. Use a name with conv3d run --layer-name.
 
     \b
     Example:
@@ -34,6 +34,7 @@ def layers(model, as_json):
                 "dilation_rate": cfg.get("dilation_rate"), "activation": _act(cfg.get("activation")),
                 "params": math.prod(w["kernel"]) + (math.prod(w["bias"])
                                                     if w["bias"] is not None else 0),
+                "dtype": _policy(cfg.get("dtype")),
                 "keras_version": 2 if entry.keras2 else 3,
             })
     if as_json:
@@ -43,7 +44,7 @@ def layers(model, as_json):
         click.echo(f"{model}: no Conv3D or Conv3DTranspose layers")
         return
     head = ["name", "class_name", "kernel_shape", "strides", "padding", "dilation_rate",
-            "activation", "params"]
+            "activation", "params", "dtype"]
     table = [[str(_fmt(r[h])) for h in head] for r in rows]
     widths = [max(len(h), *(len(t[i]) for t in table)) for i, h in enumerate(head)]
     click.echo("  ".join(h.ljust(w) for h, w in zip(head, widths)))
@@ -54,6 +55,16 @@ def layers(model, as_json):
 def _act(value):
     if isinstance(value, dict):
         return value.get("class_name")
+    return value
+
+
+def _policy(value):
+    """The dtype policy's name as the config writes it (Keras 3 / tf.keras 2 dict or string)."""
+    if isinstance(value, dict):
+        cfg = value.get("config") or {}
+        if "mode" in cfg:  # a quantized policy
+            return f"{cfg['mode']}_from_{cfg.get('source_name')}"
+        return cfg.get("name") or value.get("class_name")
     return value
 
 

@@ -83,14 +83,28 @@ LAYER_OPTIONS = [
     click.option("--kernel-constraint", default=None),
     click.option("--bias-constraint", default=None),
     click.option("--name", default=None),
-    click.option("--dtype", default=None, metavar="float32|float64"),
+    click.option("--dtype", default=None, metavar="POLICY",
+                 help="Keras dtype policy: float32 (default: keras.json floatx), float64, "
+                      "float16, bfloat16, mixed_float16 or mixed_bfloat16 (float32 weights, "
+                      "float16/bfloat16 computation and result)."),
     click.option("--seed", type=click.IntRange(min=0), default=None,
                  help="Seed (>= 0) for random initializers that have none."),
     click.option("--config", "config", type=click.Path(dir_okay=False), default=None,
                  help="A Keras layer config (JSON); options given here override it."),
     click.option("--weights", type=click.Path(dir_okay=False), default=None,
                  help=".npz with kernel (and bias) in Keras layout, .npy (kernel), or a Keras "
-                      "model/weights file (.keras, .weights.h5, .h5) giving config and weights."),
+                      "model/weights file (.keras, .weights.h5, .h5) giving config and weights. "
+                      "A 3-D .npy or NIfTI kernel image is one filter, applied as stored."),
+    click.option("--kernel", "kernel", default=None, metavar="NAME[:ARGS]",
+                 help="A named kernel as the weights, each input channel filtered on its "
+                      "own: gauss:sigma=2mm (or 2vox, 0.5um; truncate=4), box:3 / box:6mm, "
+                      "mean:5, sphere:4mm, sobel (3 filters: d/d each spatial axis, NIfTI "
+                      "X, Y, Z), laplace; as scipy.ndimage's with mode=constant. Sets "
+                      "filters, kernel_size, groups and use_bias=False; --padding defaults "
+                      "to same. Lengths in mm use INPUT's voxel size."),
+    click.option("--voxel-size", default=None, metavar="D,H,W[mm|um]",
+                 help="Voxel size for --kernel lengths in mm/um (default: INPUT's NIfTI "
+                      "or OME-Zarr geometry), e.g. 1,0.8,2.5 or 0.2,0.1,0.1um."),
     click.option("--layer-name", default=None, metavar="NAME",
                  help="Which Conv3D/Conv3DTranspose of a model file (e.g. encoder/conv3d_2)."),
     click.option("--apply-constraints", is_flag=True, default=False,
@@ -127,14 +141,26 @@ layer_options = apply_options(LAYER_OPTIONS)
 engine_options = apply_options(ENGINE_OPTIONS)
 
 
-def layer_from_kwargs(kwargs, memory_limit=None):
-    """Build the layer from the parsed options (pops them from ``kwargs``); weights
-    files declaring more than ``memory_limit`` bytes are refused unread."""
+def layer_from_kwargs(kwargs, input=None, input_shape=None, input_channels=None,
+                      memory_limit=None):
+    """Build the layer from the parsed options (pops them from ``kwargs``).
+
+    INPUT (its header), ``--input-shape`` or ``--input-channels`` give a
+    ``--kernel`` its voxel size and input channels; weights files (and named
+    kernels) declaring more than ``memory_limit`` bytes are refused unread."""
     from ..api import build_layer
     overrides = {k: kwargs.pop(k) for k in KERAS_KEYS}
+    kernel, voxel_size = kwargs.pop("kernel"), kwargs.pop("voxel_size")
+    context = {}
+    if kernel is not None:
+        from ..kernels import input_context
+        context = input_context(input, input_shape, input_channels, voxel_size)
+    elif voxel_size is not None:
+        raise ArgumentError("--voxel-size is for --kernel lengths in mm or um; give --kernel")
     return build_layer(layer=kwargs.pop("layer"), config=kwargs.pop("config"),
                        overrides=overrides, weights=kwargs.pop("weights"),
                        seed=kwargs.pop("seed"),
                        apply_constraints=kwargs.pop("apply_constraints"),
-                       layer_name=kwargs.pop("layer_name"), memory_limit=memory_limit)
+                       layer_name=kwargs.pop("layer_name"), kernel=kernel,
+                       memory_limit=memory_limit, **context)
 

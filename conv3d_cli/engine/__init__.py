@@ -7,6 +7,8 @@ in-memory NumPy array in Keras layout.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ..layout import CanonicalView, Layout
@@ -38,6 +40,8 @@ def run(job, source, sink, plan, want_sums=False, progress=None, executor="proce
 def run_array(job, x, method="auto", workers=1, memory_limit=None, chunk_shape=None,
               progress=False, want_sums=False):
     """Apply ``job`` to the Keras-layout array ``x``; returns (output, stats)."""
+    if x.size == 0 or math.prod(job.out_canonical_shape) == 0:
+        return _run_empty(job, want_sums)
     plan = plan_job(job, method, memory_limit, workers, chunk_shape, processes=False)
     layout = Layout(x.shape, job.data_format)
     source = CanonicalView(x, layout)
@@ -55,3 +59,25 @@ def run_array(job, x, method="auto", workers=1, memory_limit=None, chunk_shape=N
             bar.close()
     return y, stats
 
+
+def _run_empty(job, want_sums=False):
+    """The output of a job whose input or output has no elements.
+
+    An output voxel is the bias plus a sum of kernel taps times input voxels.
+    With no input voxels (a zero batch, a zero-length axis, no channels) the
+    sum is empty, so every output voxel is the bias (zero without one) through
+    the activation: a 'valid' Conv3DTranspose over a zero-length axis still has
+    ``max(ke, s) - s`` output voxels there (without output_padding), as in Keras.
+    """
+    pre = np.zeros((job.batch,) + job.out_spatial + (job.filters,), job.dtype)
+    if job.bias is not None:
+        pre[...] = job.bias
+    y = job.activation(pre, axis=job.act_axis)
+    y = y.reshape(tuple(job.batch_shape) + y.shape[1:])
+    if job.data_format == "channels_first":
+        y = np.moveaxis(y, -1, -4)
+    sums = None
+    if want_sums:
+        y64 = y.astype(np.float64)
+        sums = (float(np.abs(y64).sum()), float(np.square(y64).sum()))
+    return np.ascontiguousarray(y), Stats(method="none", tiles=0, activity_sums=sums)

@@ -85,3 +85,14 @@ def choose_method(job, method="auto") -> str:
         return method
     costs = {"direct": direct_cost(job), "fft": fft_cost(job), "winograd": winograd_cost(job)}
     return min(costs, key=costs.get)
+
+
+def exact_fixup_pays(job, method, fraction) -> bool:
+    """Whether a tile holding NaN or Inf input is cheaper by ``method`` ("fft" or
+    "winograd") plus the direct path over ``fraction`` of its outputs (those an
+    Inf reaches; a NaN's are set without computing) than by the direct path
+    alone: per output voxel, ``c_method + fraction * c_direct < c_direct`` with
+    the costs above."""
+    cost = fft_cost(job) if method == "fft" else winograd_cost(job)
+    direct = direct_cost(job)
+    return cost + fraction * direct < direct

@@ -25,6 +25,8 @@ import numpy as np
 # Bytes of im2col block to build at a time: large enough for BLAS to run near
 # peak, small enough to stay in L2/L3.
 COLS_BLOCK_BYTES = 8 << 20
+# Bytes of the scatter form's product block (half of L2).
+SCATTER_BLOCK_BYTES = 1 << 20
 
 
 def _axis_slice(term, off, q0, q1):
@@ -96,7 +98,7 @@ def correlate_gemm(x, terms, taps_w, out):
 def scatter_transpose(x, x_start, geoms, tile, kernel, out):
     """Transposed convolution of one tile in scatter form, through one GEMM per slab.
 
-    ``full[i*s + j*d] += x[i] @ kernel[j].T`` (keras-semantics.md): the input
+    ``full[i*s + j*d] += x[i] @ kernel[j].T`` (docs/semantics.md): the input
     itself is the GEMM's left operand (no im2col), multiplied once by all
     taps' weights ``(C, k^3 * F)``; a compiled col2im then adds each tap's
     slab of the product into the tile at its strided positions. ``x_start`` is
@@ -108,8 +110,13 @@ def scatter_transpose(x, x_start, geoms, tile, kernel, out):
     k = [g.k for g in geoms]
     f = kernel.shape[3]
     w_all = np.ascontiguousarray(kernel.transpose(4, 0, 1, 2, 3).reshape(c, -1))  # (C, k^3 F)
-    per_plane = nb * hi * wi * w_all.shape[1] * x.itemsize
-    planes = max(1, min(di, COLS_BLOCK_BYTES * 2 // max(per_plane, 1)))
+    # One batch element and a few (D, H) input rows at a time: the product
+    # block stays in L2 from the GEMM that writes it to the col2im that reads it.
+    per_row = wi * w_all.shape[1] * x.itemsize
+    rows = max(1, min(hi, SCATTER_BLOCK_BYTES // max(per_row, 1)))
+    planes = max(1, min(di, SCATTER_BLOCK_BYTES // max(per_row * hi, 1)))
+    if planes > 1:
+        rows = hi
 
     def spans(ax, a, n):
         """Per tap: input rows [lo, hi) of x (local, from row a, n of them) that land
@@ -124,9 +131,14 @@ def scatter_transpose(x, x_start, geoms, tile, kernel, out):
         return lo_hi_st
 
     steps = np.array([g.s for g in geoms], np.intp)
-    s1, s2 = spans(1, 0, hi), spans(2, 0, wi)
-    for a in range(0, di, planes):
-        z = min(di, a + planes)
-        y = (x[:, a:z].reshape(-1, c) @ w_all).reshape(nb, z - a, hi, wi, k[0] * k[1] * k[2], f)
-        col2im(y, out, spans(0, a, z - a), s1, s2, steps)
+    s2 = spans(2, 0, wi)
+    for b in range(nb):
+        for a in range(0, di, planes):
+            z = min(di, a + planes)
+            s0 = spans(0, a, z - a)
+            for r in range(0, hi, rows):
+                e = min(hi, r + rows)
+                y = (x[b, a:z, r:e].reshape(-1, c) @ w_all).reshape(
+                    1, z - a, e - r, wi, k[0] * k[1] * k[2], f)
+                col2im(y, out[b:b + 1], s0, spans(1, r, e - r), s2, steps)
     return out

@@ -26,7 +26,8 @@ def require_distributed():
         import distributed
     except ImportError:
         raise ArgumentError(
-            "--scheduler needs dask.distributed: pip install \"conv3d-cli[distributed]\"") from None
+            "--scheduler needs dask.distributed: pip install \"dask[distributed]\" zarr (or "
+            "pip install \".[distributed]\" in the conv3d clone)") from None
     return distributed
 
 
@@ -152,11 +153,14 @@ def _run(distributed, scheduler, timeout, job, plan, source, sink, indices, want
     cluster = None
     try:
         if scheduler == "local":
-            # its worker processes log a failed task's traceback on this stderr
+            # Its worker processes log a failed task's traceback on this stderr.
+            # The scheduler's HTTP routes listen even without a dashboard: on a
+            # free loopback port, not 8787, which another cluster may hold.
             quiet = logging.WARNING if _debugging() else logging.CRITICAL + 1
             cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1,
                                                processes=True, dashboard_address=None,
-                                               silence_logs=quiet)
+                                               silence_logs=quiet,
+                                               scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})
             client = distributed.Client(cluster)
         else:
             _probe(scheduler, timeout)

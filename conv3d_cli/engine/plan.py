@@ -61,7 +61,7 @@ class Plan:
     memory_limit: int
     process_bytes: int = 0   # all processes' baseline (parent and forked workers)
     threads: int = 1         # BLAS/FFT threads per tile: workers x threads <= --workers
-    note: str = ""           # why the plan runs fewer tiles at once than asked, if it does
+    notes: tuple = ()        # what the planner changed from what was asked, for the user
 
     @property
     def peak_bytes(self):
@@ -73,7 +73,7 @@ class Plan:
                 "workers": self.workers, "threads_per_worker": self.threads,
                 "memory_limit": self.memory_limit,
                 "estimated_peak_bytes": self.peak_bytes, "flops": job.flops(),
-                **({"note": self.note} if self.note else {})}
+                "notes": list(self.notes)}
 
 
 def parse_memory(text) -> int:
@@ -137,13 +137,21 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def tile_bytes(job, nb, shape, method) -> int:
-    """Estimated peak bytes of computing one tile of ``shape`` with ``nb`` batch elements."""
-    isz = job.dtype.itemsize
+def input_extent(job, shape) -> list:
+    """Per axis, the most input voxels a tile of output ``shape`` reads, its halo
+    included: ``(n - 1) * s + ke`` for Conv3D; for a transposed layer, the
+    ``ceil(n / s)`` rows its outputs sit over plus the ``ceil(ke / s) + 1`` rows
+    one output phase's taps span."""
     spans = [g.ke if g.kind == "conv" else -(-g.ke // g.s) + 1 for g in job.geoms]
     steps = [g.s if g.kind == "conv" else 1 for g in job.geoms]
-    in_ext = [(n - 1) * st + sp if g.kind == "conv" else -(-n // g.s) + sp
-              for n, st, sp, g in zip(shape, steps, spans, job.geoms)]
+    return [(n - 1) * st + sp if g.kind == "conv" else -(-n // g.s) + sp
+            for n, st, sp, g in zip(shape, steps, spans, job.geoms)]
+
+
+def tile_bytes(job, nb, shape, method) -> int:
+    """Estimated peak bytes of computing one tile of ``shape`` with ``nb`` batch elements."""
+    isz = job.work_dtype.itemsize  # the sums' dtype (float32 for float16 layers)
+    in_ext = input_extent(job, shape)
     x = nb * math.prod(in_ext) * job.in_channels * isz
     out = nb * math.prod(shape) * job.filters * isz
     if method == "fft":
@@ -173,15 +181,19 @@ def make_plan(job, method, memory_limit=None, workers=1, chunk_shape=None,
     budget = (limit - base) // max(workers, 1)
     min_len = [max(4, 2 * (g.ke - 1)) for g in job.geoms]
     nb = 1
-    note = ""
+    notes = []
     if chunk_shape is not None:
         tile = [min(c, n) for c, n in zip(_chunk_shape(chunk_shape), out)]
         if whole is not None and tile[whole] < out[whole]:
-            raise ArgumentError(
-                f"`chunk_shape` must span the whole W axis ({out[whole]}): the "
-                f"'{job.activation.name}' activation acts along it under channels_first.")
+            # The activation needs whole rows along W: widen the tile rather
+            # than refuse the run.
+            notes.append(
+                f"chunk_shape W widened from {tile[whole]} to the whole axis ({out[whole]}): "
+                f"the '{job.activation.name}' activation acts along W under channels_first")
+            tile[whole] = out[whole]
         workers, note = _workers_for_forced_tile(job, tile, method, limit, workers, processes,
                                                  chunk_shape)
+        notes += [note] if note else []
         forked = workers if processes and workers > 1 else 0
         base = _baseline(job, forked)
     else:
@@ -226,14 +238,14 @@ def make_plan(job, method, memory_limit=None, workers=1, chunk_shape=None,
                 tile_bytes=tile_bytes(job, nb, tile, method),
                 workers=max(1, min(workers, len(tiles))),
                 threads=max(1, asked // max(1, min(workers, len(tiles)))),
-                memory_limit=limit, process_bytes=base, note=note)
+                memory_limit=limit, process_bytes=base, notes=tuple(notes))
 
 
 def _baseline(job, forked):
     """Bytes besides the tiles: this process now, each forked worker's private
     pages, and each computing process's copy of the kernel as per-tap matrices
     (``Job.taps``, made where tiles are computed: once here, or once per worker)."""
-    taps = math.prod(job.kernel.shape) * job.dtype.itemsize if job.kernel is not None else 0
+    taps = math.prod(job.kernel.shape) * job.work_dtype.itemsize if job.kernel is not None else 0
     return process_baseline() + forked * WORKER_PRIVATE + max(forked, 1) * taps
 
 
@@ -287,9 +299,10 @@ def _mib(n):
 
 
 def _count(batch, nb, out, tile):
-    return -(-batch // nb) * math.prod(-(-n // t) for n, t in zip(out, tile))
+    return -(-batch // nb) * math.prod(-(-n // max(t, 1)) for n, t in zip(out, tile))
 
 
 def _boxes(out, tile):
-    ranges = [[(a, min(a + t, n)) for a in range(0, n, t)] for n, t in zip(out, tile)]
+    # An empty output (a zero-length axis) has no boxes.
+    ranges = [[(a, min(a + t, n)) for a in range(0, n, max(t, 1))] for n, t in zip(out, tile)]
     return [(r0, r1, r2) for r0 in ranges[0] for r1 in ranges[1] for r2 in ranges[2]]

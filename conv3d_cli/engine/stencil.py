@@ -23,6 +23,15 @@ except ImportError:  # pragma: no cover - numba is a dependency; keep a clear fa
 # (measured by `make bench`: GEMM needs a wide K x N to reach BLAS speed).
 MAX_CG_FG = 16
 
+# LLVM fast-math flags of the compiled kernels: contract a * b + c into an FMA,
+# ignore the sign of zero, approximate reciprocals and functions. Not ``nnan`` or
+# ``ninf``: with them LLVM may assume that no NaN or Inf exists (and fold
+# ``x * 0`` to 0), while Keras's sums carry them to every output they reach.
+# Not ``reassoc`` either: together with ``nsz`` it lets LLVM cancel ``x - x``
+# and ``(a + x) - x``, turning Inf - Inf into a number. The loops vectorize
+# without it (they have no reductions); `make bench` shows no loss of speed.
+FASTMATH = {"nsz", "arcp", "contract", "afn"}
+
 
 def stencil_suits(job) -> bool:
     cg, fg = job.in_channels // job.groups, job.filters // job.groups
@@ -30,7 +39,7 @@ def stencil_suits(job) -> bool:
 
 
 if numba is not None:
-    @numba.njit(nogil=True, fastmath=True, cache=True)
+    @numba.njit(nogil=True, fastmath=FASTMATH, cache=True)
     def _kernel(xt, w, out, in_start, in_step, offs0, offs1, offs2, out_start, out_step,
                 counts, groups, init, assign):
         # xt is channels-first (B, C, D, H, W) so every input row is contiguous.
@@ -77,21 +86,28 @@ if numba is not None:
 
 
 if numba is not None:
-    @numba.njit(nogil=True, fastmath=True, cache=True)
+    @numba.njit(nogil=True, fastmath=FASTMATH, cache=True)
     def col2im(y, out, sp0, sp1, sp2, steps):
         """out[b, o] += y[b, i, tap] where o = first + (i - lo) * stride per axis and tap.
 
         ``spN`` are (3, k) arrays of (lo, hi, first output) per tap of axis N;
-        used by the scatter form of transposed convolution.
+        used by the scatter form of transposed convolution. Input-major: the
+        products of one input row ``y[b, i0, i1]`` (W x taps x F) are added
+        while they are in cache, into the few output rows they reach, so ``y``
+        is read once, in order.
         """
-        nb, nf = y.shape[0], y.shape[5]
+        nb, n0, n1, nf = y.shape[0], y.shape[1], y.shape[2], y.shape[5]
         k0, k1, k2 = sp0.shape[1], sp1.shape[1], sp2.shape[1]
         for b in range(nb):
-            for j0 in range(k0):
-                for i0 in range(sp0[0, j0], sp0[1, j0]):
-                    o0 = sp0[2, j0] + (i0 - sp0[0, j0]) * steps[0]
-                    for j1 in range(k1):
-                        for i1 in range(sp1[0, j1], sp1[1, j1]):
+            for i0 in range(n0):
+                for i1 in range(n1):
+                    for j0 in range(k0):
+                        if i0 < sp0[0, j0] or i0 >= sp0[1, j0]:
+                            continue
+                        o0 = sp0[2, j0] + (i0 - sp0[0, j0]) * steps[0]
+                        for j1 in range(k1):
+                            if i1 < sp1[0, j1] or i1 >= sp1[1, j1]:
+                                continue
                             o1 = sp1[2, j1] + (i1 - sp1[0, j1]) * steps[1]
                             for j2 in range(k2):
                                 t = (j0 * k1 + j1) * k2 + j2

@@ -11,19 +11,23 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import tempfile
 import zipfile
 
 import h5py
 
 from ..errors import ArgumentError
+from ..layers.args import BFLOAT16
 from .keras_files import to_snake_case
+from .tempfiles import StagedFile, temp_path
 
 KERAS_VERSION = "3.15.1"  # the format written; checked against Keras 3.15
 
 
-def export_keras(layer, path, input_channels):
-    """Write ``layer`` (built) as ``path`` (.keras), atomically."""
+def export_keras(layer, path, input_channels, overwrite=True):
+    """Write ``layer`` (built) as ``path`` (.keras), atomically.
+
+    Without ``overwrite``, an existing ``path`` (also one another process
+    made while this wrote) is never replaced."""
     path = os.fspath(path)
     if not path.lower().endswith(".keras"):
         raise ArgumentError(f"OUTPUT {path}: expected a .keras file name")
@@ -40,40 +44,45 @@ def export_keras(layer, path, input_channels):
     spatial = [None, None, None]
     batch_shape = [None] + (spatial + [input_channels] if layer.data_format == "channels_last"
                             else [input_channels] + spatial)
-    dtype = {"module": "keras", "class_name": "DTypePolicy", "config": {"name": layer.dtype},
-             "registered_name": None}
+    # As Keras writes a model built under the layer's policy: the model and the
+    # layer carry the policy; the InputLayer's dtype is the one the layer casts
+    # its inputs to.
+    dtype = layer.dtype_policy.serialize()
     layer_cfg = {"module": "keras.layers", "class_name": layer.keras_name,
                  "config": _jsonable(layer.get_config()), "registered_name": None,
                  "build_config": {"input_shape": batch_shape}}
     config = {"module": "keras", "class_name": "Sequential", "config": {
         "name": "sequential", "trainable": True, "dtype": dtype,
         "layers": [{"module": "keras.layers", "class_name": "InputLayer", "config": {
-            "batch_shape": batch_shape, "dtype": layer.dtype, "sparse": False, "ragged": False,
+            "batch_shape": batch_shape, "dtype": layer.compute_dtype, "sparse": False,
+            "ragged": False,
             "name": "input_layer", "optional": False}, "registered_name": None}, layer_cfg],
         "build_input_shape": batch_shape}, "registered_name": None,
-        "build_config": {"input_shape": batch_shape}, "compile_config": None}
+        "build_config": {"input_shape": batch_shape}, "compile_config": {}}
     meta = {"keras_version": KERAS_VERSION,
             "date_saved": datetime.datetime.now().strftime("%Y-%m-%d@%H:%M:%S")}
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".conv3d-export-", suffix=".tmp", dir=folder)
-    os.close(fd)
-    weights = tmp + ".h5"
+    staged = StagedFile(path, overwrite, f"OUTPUT {path}")
+    weights = temp_path(os.path.dirname(os.path.abspath(path)), "model.weights.h5")
     try:
         with h5py.File(weights, "w") as f:
             group = f.create_group(f"layers/{to_snake_case(layer.keras_name)}/vars")
             group.attrs["name"] = layer.name
             for i, w in enumerate(layer.get_weights()):
-                group[str(i)] = w
+                group.create_dataset(str(i), data=w)
+                if w.dtype == BFLOAT16:  # as Keras 3 saves bfloat16 variables
+                    group[str(i)].attrs["dtype"] = "bfloat16"
             f.create_group("vars").attrs["name"] = "sequential"
-        with zipfile.ZipFile(tmp, "w") as z:
+        with staged.open("wb") as fh, zipfile.ZipFile(fh, "w") as z:
             z.writestr("metadata.json", json.dumps(meta))
             z.writestr("config.json", json.dumps(config))
             z.write(weights, "model.weights.h5")
-        os.replace(tmp, path)
+        staged.commit()
+    except BaseException:
+        staged.abort()
+        raise
     finally:
-        for p in (tmp, weights):
-            if os.path.exists(p):
-                os.unlink(p)
+        if os.path.exists(weights):
+            os.unlink(weights)
 
 
 def _jsonable(value):

@@ -37,8 +37,10 @@ import h5py
 import numpy as np
 
 from ..errors import WeightsError
+from ..layers.args import BFLOAT16
 from .hdf5 import check_plain_dataset, lookup, probe, resolve
 from .paths import check_input_path
+from .tempfiles import remove_stale, temp_path
 
 CONV_CLASSES = {"Conv3D": "Conv3D", "Convolution3D": "Conv3D",
                 "Conv3DTranspose": "Conv3DTranspose",
@@ -120,7 +122,7 @@ class ModelFile:
                 self._read_h5(self.path, self.path)
             else:
                 raise WeightsError(f"{self.path}: neither a Keras .keras archive nor an HDF5 file")
-        except BaseException:
+        except BaseException:  # no `with` block will close it: remove the unpacked weights now
             self.close()
             raise
 
@@ -177,7 +179,10 @@ class ModelFile:
                         raise WeightsError(f"{self.path}: not a Keras archive (no {need})")
                 config = _json(z, members["config.json"], self.path)
                 meta = _json(z, members["metadata.json"], self.path) if "metadata.json" in members else {}
-                self._temp = tempfile.mkdtemp(prefix="conv3d-keras-")
+                folder = tempfile.gettempdir()
+                remove_stale(folder)
+                self._temp = temp_path(folder, "keras-" + os.path.basename(self.path))
+                os.mkdir(self._temp, 0o700)
                 weights = os.path.join(self._temp, "model.weights.h5")
                 with z.open(members["model.weights.h5"]) as src, open(weights, "wb") as dst:
                     _copy_bounded(src, dst, MAX_WEIGHTS_BYTES, self.path)
@@ -453,6 +458,8 @@ def _weights_dataset(f, dataset, label):
     """(path, dataset) of a weights dataset, every link on its path checked."""
     hard, obj = resolve(f, dataset, label, WeightsError, what="weights dataset")
     check_plain_dataset(obj, f"{label}: {dataset}", WeightsError)
+    if _is_bfloat16(obj):
+        return hard, obj
     if obj.dtype.kind not in "biuf":
         raise WeightsError(f"{label}: {dataset} does not hold real numbers ({obj.dtype})")
     return hard, obj
@@ -462,11 +469,18 @@ def _nbytes(ds):
     return math.prod(ds.shape) * ds.dtype.itemsize
 
 
+def _is_bfloat16(ds):
+    """Keras 3 saves bfloat16 variables as opaque 2-byte values marked so."""
+    return ds.dtype.kind == "V" and ds.dtype.itemsize == 2 \
+        and _text(ds.attrs.get("dtype", "")) == "bfloat16"
+
+
 def _read(ds, dataset, label):
     try:
-        return np.asarray(ds[...])
+        data = np.asarray(ds[...])
     except (OSError, KeyError, RuntimeError) as exc:
         raise WeightsError(f"{label}: cannot read {dataset} ({exc})") from None
+    return data.view(BFLOAT16) if _is_bfloat16(ds) else data
 
 
 def _mib(n):

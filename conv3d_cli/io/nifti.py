@@ -12,16 +12,22 @@ stream at the end.
 from __future__ import annotations
 
 import gzip
+import logging
+import math
 import os
 import shutil
 import tempfile
 
 import nibabel as nib
 import numpy as np
+from nibabel.volumeutils import native_code
 
 from ..errors import VolumeError
 from .npy import check_dtype
 from .rawfile import RawArrayFile
+from .tempfiles import remove_stale, temp_path
+
+log = logging.getLogger("conv3d_cli")
 
 
 class Scaled:
@@ -46,25 +52,73 @@ class HeaderOnly:
         raise RuntimeError("volume opened with header_only=True")
 
 
-def _decompress(path):
-    fd, tmp = tempfile.mkstemp(suffix=".nii", prefix="conv3d-")
+def _decompress(path, folder, limit):
+    """Stream ``path`` (.nii.gz) into a temporary .nii in ``folder``; its path.
+
+    Only the first ``limit`` bytes (header, extensions and voxels, as the
+    header says) are written: whatever the stream holds beyond them is never
+    read, so a small .nii.gz cannot fill the disk.
+    """
+    folder = folder or default_tmp_dir()
+    remove_stale(folder)
+    free = _free_bytes(folder)
+    if free is not None and free < limit:
+        raise VolumeError(f"{path}: decompressing it needs {limit} bytes in {folder}, which has "
+                          f"{free} free; choose another folder with --tmp-dir or CONV3D_TMPDIR")
+    # Named apart from an output of the same name in the same folder (make batch
+    # writes OUT/scan.nii.gz from IN/scan.nii.gz and decompresses beside it).
+    tmp = temp_path(folder, os.path.basename(path) + ".decompressed")
+    log.info("decompressing %s to %s (%d bytes)", path, tmp, limit)
     try:
-        with gzip.open(path, "rb") as src, os.fdopen(fd, "wb") as dst:
-            shutil.copyfileobj(src, dst, 16 << 20)
+        with gzip.open(path, "rb") as src, open(tmp, "xb") as dst:
+            left = limit
+            while left > 0:
+                chunk = src.read(min(16 << 20, left))
+                if not chunk:
+                    break
+                dst.write(chunk)
+                left -= len(chunk)
     except (OSError, EOFError) as exc:
-        os.unlink(tmp)
-        raise VolumeError(f"{path}: corrupt or truncated gzip data ({exc})") from None
+        _unlink(tmp)
+        raise VolumeError(f"{path}: corrupt or truncated gzip data, or {folder} is not "
+                          f"writable ({exc})") from None
+    except BaseException:
+        _unlink(tmp)
+        raise
     return tmp
 
 
-def open_nifti(path, header_only=False):
-    """(array, image header object, affine, temporary file or None)."""
+def default_tmp_dir():
+    """CONV3D_TMPDIR, else the system's temporary folder."""
+    return os.environ.get("CONV3D_TMPDIR") or tempfile.gettempdir()
+
+
+def _free_bytes(folder):
+    try:
+        st = os.statvfs(folder)
+    except (OSError, AttributeError):
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def _unlink(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def open_nifti(path, header_only=False, tmp_dir=None):
+    """(array, image header object, affine, temporary file or None).
+
+    A .nii.gz is decompressed into ``tmp_dir`` (default: :func:`default_tmp_dir`)."""
     if not os.path.exists(path):
         raise VolumeError(f"{path}: no such file")
     try:
         img = nib.load(path)
         header = img.header
-        shape = tuple(int(n) for n in img.shape)
+        # dim[0] = 0 (no dimensions) reads as shape (0,) in nibabel.
+        shape = tuple(int(n) for n in img.shape) if int(header["dim"][0]) else ()
         dtype = header.get_data_dtype()
         # The array proxy knows where the data really start (a header's
         # vox_offset may read 0) and the effective scaling.
@@ -72,42 +126,127 @@ def open_nifti(path, header_only=False):
         slope, inter = float(img.dataobj.slope), float(img.dataobj.inter)
     except Exception as exc:  # nibabel raises many types for bad headers
         raise VolumeError(f"{path}: not a valid NIfTI file ({exc})") from None
+    if not isinstance(header, nib.Nifti1Header):
+        raise VolumeError(f"{path}: not a NIfTI-1 or NIfTI-2 image ({type(img).__name__})")
     check_dtype(dtype, path)
-    if not 3 <= len(shape) <= 4:
-        raise VolumeError(f"{path}: expected a NIfTI image of 3 or 4 dimensions (X, Y, Z[, C]), "
-                          f"got shape {shape}")
+    _check_shape(shape, path)
+    affine = best_affine(header, path)
     if header_only and path.lower().endswith(".gz"):
-        return HeaderOnly(shape, dtype), img, np.asarray(img.affine, dtype=np.float64), None
-    tmp = _decompress(path) if path.lower().endswith(".gz") else None
+        return HeaderOnly(shape, dtype), img, affine, None
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+    tmp = _decompress(path, tmp_dir, offset + nbytes) if path.lower().endswith(".gz") else None
     data_path = tmp or path
-    arr = RawArrayFile(data_path, offset, shape, dtype, fortran_order=True)
+    arr = RawArrayFile(data_path, offset, shape, dtype, fortran_order=True, name=path)
     if os.path.getsize(data_path) < offset + arr.nbytes:
         if tmp:
             os.unlink(tmp)
         raise VolumeError(f"{path}: file is truncated: the header says {shape} {dtype}")
     if not (slope == 1 and inter == 0):
         arr = Scaled(arr, slope, inter)
-    return arr, img, np.asarray(img.affine, dtype=np.float64), tmp
+    return arr, img, affine, tmp
+
+
+def _check_shape(shape, path):
+    if len(shape) not in (3, 4):
+        rank = ("no dimensions" if not shape else
+                f"{len(shape)} dimension{'s' if len(shape) > 1 else ''}")
+        raise VolumeError(f"{path}: expected a NIfTI image of 3 or 4 dimensions (X, Y, Z[, C]); "
+                          f"this one has {rank}, shape {shape}")
+    if min(shape) < 1:
+        raise VolumeError(f"{path}: the image is empty: shape {shape}")
+
+
+# Which voxel-to-world matrix places the voxels.
+#
+# NIfTI readers (nibabel's get_best_affine, FSL, the NIfTI reference library)
+# use the sform when sform_code > 0, else the qform when qform_code > 0, else
+# the voxel sizes pixdim[1:4] alone (nibabel centres that grid on the origin).
+# A coded matrix that cannot place voxels (NaN or infinite entries, or a
+# singular 3x3 part) is not used: an unusable sform gives way to a usable
+# qform, and with neither usable the file is refused.
+
+def _usable(matrix):
+    m = np.asarray(matrix, dtype=np.float64)
+    return bool(np.all(np.isfinite(m))) and np.linalg.matrix_rank(m[:3, :3]) == 3
+
+
+def _coded_form(header, form):
+    """The ``form`` ('sform' or 'qform') matrix if its code is set and it is usable, else None."""
+    if not int(header[f"{form}_code"]):
+        return None
+    try:
+        matrix = header.get_sform() if form == "sform" else header.get_qform()
+    except Exception:  # e.g. a quaternion nibabel cannot complete
+        return None
+    return np.asarray(matrix, dtype=np.float64) if _usable(matrix) else None
+
+
+def best_affine(header, path):
+    """The voxel-to-world matrix of a NIfTI header, by the rules above."""
+    for form in ("sform", "qform"):
+        matrix = _coded_form(header, form)
+        if matrix is not None:
+            return matrix
+    scode, qcode = int(header["sform_code"]), int(header["qform_code"])
+    if scode and qcode:
+        raise VolumeError(f"{path}: the sform (sform_code {scode}) and the qform (qform_code "
+                          f"{qcode}) are not usable (NaN, infinite or singular)")
+    if scode:
+        raise VolumeError(f"{path}: the sform (sform_code {scode}) is not usable (NaN, infinite "
+                          "or singular) and qform_code is 0: there is no other orientation")
+    if qcode:
+        raise VolumeError(f"{path}: the qform (qform_code {qcode}) is not usable (NaN, infinite "
+                          "or singular) and sform_code is 0: there is no other orientation")
+    base = header.get_base_affine()
+    if not _usable(base):
+        zooms = [float(z) for z in header["pixdim"][1:4]]
+        raise VolumeError(f"{path}: sform_code and qform_code are 0 and the voxel sizes "
+                          f"pixdim[1:4] = {zooms} are not usable (NaN, infinite or zero)")
+    return np.asarray(base, dtype=np.float64)
+
+
+# AFNI's extension holds AFNI's own attributes of the dataset it was written
+# for (grid, sub-brick labels and statistics, NIfTI_nums = dims and datatype);
+# AFNI applies them over the header even when the dims no longer match, so it
+# would misdescribe a convolved volume. Other extensions (comments, DICOM
+# headers, ...) describe the acquisition and are copied byte for byte.
+AFNI_ECODE = 4
+
+
+def is_copied(extension):
+    """Whether an input's header extension is copied to outputs."""
+    return extension.get_code() != AFNI_ECODE
+
+
+def copied_extensions(header):
+    """The input's header extensions an output keeps."""
+    return [e for e in header.extensions if is_copied(e)]
 
 
 def create_nifti(path, shape, dtype, affine, like=None, description=""):
-    """A new uncompressed NIfTI at ``path`` with ``affine``; data written by region."""
-    if like is not None and isinstance(like.header, nib.Nifti2Header):
-        header = nib.Nifti2Header.from_header(like.header)
-    elif like is not None:
-        header = nib.Nifti1Header.from_header(like.header)
+    """A new uncompressed NIfTI at ``path`` with ``affine``; data written by region.
+
+    With ``like`` (the input image), ``affine`` is the output's voxel-to-world
+    matrix by :func:`best_affine` of ``like``'s header, and the output header
+    is ``like``'s, native-endian, with both transforms moved the same way.
+    """
+    note = ""
+    if like is not None:
+        header = _output_header(like.header, affine)
+        if len(header.extensions) < len(like.header.extensions):
+            note = "; AFNI extension dropped"
     else:
         header = nib.Nifti1Header()
+        header.set_sform(affine, code=1)
+        header.set_qform(affine, code=1)
+        header.set_xyzt_units("mm")
     header.set_data_shape(shape)
     header.set_data_dtype(np.dtype(dtype))
-    sform_code = int(like.header["sform_code"]) if like is not None else 1
-    qform_code = int(like.header["qform_code"]) if like is not None else 1
-    header.set_sform(affine, code=sform_code or 1)
-    header.set_qform(affine, code=qform_code or 1)
     header.set_slope_inter(np.nan, np.nan)
-    header["descrip"] = description[:79].encode()
-    header.set_xyzt_units(*(like.header.get_xyzt_units() if like is not None else ("mm", "sec")))
-    offset = header.single_vox_offset if hasattr(header, "single_vox_offset") else 352
+    _clear_non_spatial(header)
+    header["descrip"] = (description[:79 - len(note)] + note).encode()
+    # The data follow the header and its extensions (each a multiple of 16 bytes).
+    offset = header.single_vox_offset + int(header.extensions.get_sizeondisk())
     header.set_data_offset(offset)
     with open(path, "wb") as fh:
         header.write_to(fh)
@@ -115,6 +254,42 @@ def create_nifti(path, shape, dtype, affine, like=None, description=""):
         fh.truncate(offset + int(np.prod(shape)) * np.dtype(dtype).itemsize)
     return RawArrayFile(path, offset, shape, header.get_data_dtype(), fortran_order=True,
                         writable=True)
+
+
+def _output_header(src, affine):
+    """``src``'s fields and kept extensions, native-endian, transforms moved to ``affine``."""
+    klass = nib.Nifti2Header if isinstance(src, nib.Nifti2Header) else nib.Nifti1Header
+    header = klass.from_header(src).as_byteswapped(native_code)
+    header.extensions = klass.exts_klass(copied_extensions(src))
+    # Output voxel -> input voxel: a per-axis scale and shift (conv3d_cli.geometry).
+    m = np.linalg.solve(best_affine(src, "input"), np.asarray(affine, dtype=np.float64))
+    sform, qform = _coded_form(src, "sform"), _coded_form(src, "qform")
+    # Each coded transform is moved by m; its code stays as it is (0 stays 0).
+    # One with code 0, or unusable (then written with code 0), gets ``affine``.
+    for form, matrix, setter in (("sform", sform, header.set_sform),
+                                 ("qform", qform, header.set_qform)):
+        if matrix is None:
+            setter(affine, code=0)
+        else:
+            setter(matrix @ m, code=int(src[f"{form}_code"]))
+    if qform is None:
+        # pixdim[1:4] are the voxel sizes readers use without a qform: the
+        # input's, scaled as the grid is.
+        scale = np.linalg.norm(m[:3, :3], axis=0)
+        header["pixdim"][1:4] = np.abs(np.asarray(src["pixdim"][1:4], np.float64)) * scale
+    return header
+
+
+def _clear_non_spatial(header):
+    """Reset what described the input's values and time axis, not the output's."""
+    # The 4th axis holds the layer's filters: no time step, offset or slice timing.
+    header.set_xyzt_units(xyz=header.get_xyzt_units()[0], t="unknown")
+    header["pixdim"][4:] = 1
+    for field in ("toffset", "slice_code", "slice_start", "slice_end", "slice_duration"):
+        header[field] = 0
+    # A display window, statistic or intent of the input's values does not fit the output's.
+    header["cal_min"] = header["cal_max"] = 0
+    header.set_intent("none")
 
 
 def gzip_file(src, dst):

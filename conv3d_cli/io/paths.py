@@ -37,6 +37,16 @@ def extension(path: str) -> str:
     return os.path.splitext(low)[1]
 
 
+def refuse_input(spec: VolumeSpec, inputs) -> None:
+    """Refuse an output that is one of the ``inputs`` (the same file or store by
+    any name: a symlink, another spelling), even with --overwrite: the input is
+    read while the output is written, and replacing it would destroy the input."""
+    for other in inputs:
+        if os.path.exists(spec.path) and os.path.exists(other.path) \
+                and os.path.samefile(spec.path, other.path):
+            raise VolumeError(f"OUTPUT {spec} is the input file {other}; write to another file")
+
+
 def parse_spec(text: str, role: str = "INPUT") -> VolumeSpec:
     """Split ``file.h5:/dataset`` and pick the format from the extension."""
     text = os.fspath(text)

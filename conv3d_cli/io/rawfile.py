@@ -5,6 +5,11 @@ order). Every access is an explicit ``pread``/``pwrite`` of the contiguous
 runs of the region, never a memory map, so resident memory stays bounded by
 the region's size however large the file is. File handles are reopened after
 a fork, so worker processes share nothing but the path.
+
+A ``pread``/``pwrite`` call may move fewer bytes than asked (Linux moves at
+most 0x7ffff000 bytes per call, macOS refuses counts over 2**31 - 1), so
+every transfer loops until the whole run is moved; a read that reaches the
+end of the file first means the file is truncated.
 """
 
 from __future__ import annotations
@@ -13,6 +18,11 @@ import math
 import os
 
 import numpy as np
+
+from ..errors import VolumeError
+
+# Bytes asked of one system call: under every platform's per-call limit.
+_MAX_CALL = 1 << 30
 
 
 def _normalize(idx, shape):
@@ -36,11 +46,38 @@ def _normalize(idx, shape):
     return ranges, tuple(squeeze)
 
 
+def _read_full(fd, buf, offset):
+    """Read into the byte buffer ``buf`` from ``offset``; the bytes read (short only at EOF)."""
+    view, done = memoryview(buf), 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:done + _MAX_CALL]], offset + done)
+        if got == 0:
+            break
+        done += got
+    return done
+
+
+def _write_full(fd, buf, offset, path):
+    """Write the whole byte buffer ``buf`` at ``offset``."""
+    view, done = memoryview(buf), 0
+    while done < len(view):
+        try:
+            put = os.pwrite(fd, view[done:done + _MAX_CALL], offset + done)
+        except OSError as exc:
+            raise VolumeError(f"{path}: could not write: {exc.strerror or exc}") from None
+        if put == 0:
+            raise VolumeError(f"{path}: could not write: the system wrote 0 of "
+                              f"{len(view) - done} bytes (is the disk full?)")
+        done += put
+
+
 class RawArrayFile:
     """``array[region]`` reads and ``array[region] = block`` writes on a file."""
 
-    def __init__(self, path, offset, shape, dtype, fortran_order=False, writable=False):
+    def __init__(self, path, offset, shape, dtype, fortran_order=False, writable=False,
+                 name=None):
         self.path = os.fspath(path)
+        self.name = name or self.path  # the file a user knows (not a decompressed copy)
         self.offset = int(offset)
         self.shape = tuple(int(n) for n in shape)
         self.dtype = np.dtype(dtype)
@@ -110,10 +147,15 @@ class RawArrayFile:
             fd, isz = self._handle(), self.dtype.itemsize
             for off, pos, count in self._runs(cshape, cranges):
                 want = count * isz
-                got = os.preadv(fd, [flat[pos * isz:pos * isz + want]], off)
+                try:
+                    got = _read_full(fd, flat[pos * isz:pos * isz + want], off)
+                except OSError as exc:
+                    raise VolumeError(f"{self.name}: could not read: "
+                                      f"{exc.strerror or exc}") from None
                 if got != want:
-                    raise EOFError(f"{self.path}: file is truncated (expected "
-                                   f"{self.offset + self.nbytes} bytes)")
+                    raise VolumeError(
+                        f"{self.name}: file is truncated: its data should end at byte "
+                        f"{self.offset + self.nbytes}, the file has {os.fstat(fd).st_size}")
         if self.fortran_order:
             out = out.T
         return out.squeeze(squeeze) if squeeze else out
@@ -129,4 +171,4 @@ class RawArrayFile:
         flat = np.ascontiguousarray(block).reshape(-1).view(np.uint8)
         fd, isz = self._handle(), self.dtype.itemsize
         for off, pos, count in self._runs(cshape, cranges):
-            os.pwrite(fd, flat[pos * isz:(pos + count) * isz], off)
+            _write_full(fd, flat[pos * isz:(pos + count) * isz], off, self.name)

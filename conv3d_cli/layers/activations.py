@@ -23,6 +23,14 @@ _SELU_SCALE = 1.0507009873554804934193349852946
 
 def _softmax(x, axis):
     e = np.exp(x - np.max(x, axis=axis, keepdims=True))
+    if x.dtype.itemsize < 4:
+        # XLA on CPU sums float16 / bfloat16 in float32 and rounds the sum; it
+        # divides float16 as a product with the rounded reciprocal, bfloat16
+        # (carried in float32) with one rounding.
+        total = np.sum(e, axis=axis, keepdims=True, dtype=np.float32).astype(x.dtype)
+        if x.dtype == np.float16:
+            return e * (np.ones((), x.dtype) / total)
+        return (e.astype(np.float32) / total.astype(np.float32)).astype(x.dtype)
     return e / np.sum(e, axis=axis, keepdims=True)
 
 
@@ -31,13 +39,33 @@ def _log_softmax(x, axis):
     return shifted - np.log(np.sum(np.exp(shifted), axis=axis, keepdims=True))
 
 
+def _sigmoid(x):
+    if x.dtype.itemsize < 4:
+        # float16 / bfloat16: XLA's formula for the logistic, 1 / (1 + exp(-x)),
+        # rounded after each operation (expit rounded once differs by an ulp
+        # in a third of the values).
+        one = np.ones((), x.dtype)
+        with np.errstate(over="ignore"):
+            return one / (one + np.exp(-x))
+    return special.expit(x)
+
+
+def _gelu(x, approximate=False):
+    if approximate:
+        return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+    if x.dtype.itemsize < 4:  # float16 / bfloat16: jax.nn.gelu's formula, rounded per operation
+        return (np.asarray(0.5, x.dtype) * x) * \
+            special.erfc(-x * np.asarray(math.sqrt(0.5), x.dtype)).astype(x.dtype)
+    return 0.5 * x * (1 + special.erf(x / math.sqrt(2)))
+
+
 def _glu(x, axis):
     if x.shape[axis] % 2:
         raise ArgumentError(
             "axis size must be divisible by 2. Received: "
             f"x.shape={x.shape} with axis={axis}")
     a, b = np.split(x, 2, axis=axis)
-    return a * special.expit(b)
+    return a * _sigmoid(b)
 
 
 def _sparsemax(x, axis):
@@ -89,9 +117,7 @@ _ELEMENTWISE = {
     "celu": lambda x, alpha=1.0: np.maximum(x, 0) + np.minimum(0, alpha * np.expm1(np.minimum(x, 0) / alpha)),
     "elu": _elu,
     "exponential": np.exp,
-    "gelu": lambda x, approximate=False: (
-        0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
-        if approximate else 0.5 * x * (1 + special.erf(x / math.sqrt(2)))),
+    "gelu": _gelu,
     "hard_shrink": lambda x, threshold=0.5: np.where(np.abs(x) > threshold, x, 0),
     "hard_sigmoid": _hard_sigmoid,
     "hard_silu": lambda x: x * _hard_sigmoid(x),
@@ -103,8 +129,8 @@ _ELEMENTWISE = {
     "relu": _relu,
     "relu6": lambda x: np.clip(x, 0, 6),
     "selu": lambda x: _SELU_SCALE * _elu(x, _SELU_ALPHA),
-    "sigmoid": special.expit,
-    "silu": lambda x: x * special.expit(x),
+    "sigmoid": _sigmoid,
+    "silu": lambda x: x * _sigmoid(x),
     "soft_shrink": lambda x, threshold=0.5: np.where(
         x > threshold, x - threshold, np.where(x < -threshold, x + threshold, 0)),
     "softplus": _softplus,
@@ -124,7 +150,7 @@ _AXISWISE = {
 }
 _ALIASES = {"swish": "silu", "hard_swish": "hard_silu", None: "linear"}
 
-# tf.keras 2 defines hard_sigmoid differently (see keras-semantics.md).
+# tf.keras 2 defines hard_sigmoid differently (docs/semantics.md).
 _KERAS2 = {"hard_sigmoid": lambda x: np.clip(0.2 * x + 0.5, 0, 1)}
 
 NAMES = sorted(set(_ELEMENTWISE) | set(_AXISWISE) | {"swish", "hard_swish"})
@@ -189,10 +215,14 @@ class Activation:
     def __call__(self, x: np.ndarray, axis: int = -1) -> np.ndarray:
         if self.is_linear:
             return x
-        if self.axiswise:
-            out = self._fn(x, axis, **self.kwargs)
-        else:
-            out = self._fn(x, **self.kwargs)
+        # NaN and +-Inf go through the formulas as through Keras's (relu(NaN) is
+        # NaN, a softmax row holding +Inf is NaN from Inf - Inf, exp overflows to
+        # Inf), silently as in Keras: the fixtures pin every case.
+        with np.errstate(all="ignore"):
+            if self.axiswise:
+                out = self._fn(x, axis, **self.kwargs)
+            else:
+                out = self._fn(x, **self.kwargs)
         return np.asarray(out, dtype=x.dtype)
 
     def serialize(self):

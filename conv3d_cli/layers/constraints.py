@@ -7,8 +7,13 @@ a layer computes with its weights as they are. ``Layer.apply_constraints()``
 
 from __future__ import annotations
 
+import codecs
+import marshal
+import types
+
 import numpy as np
 
+from ..errors import ArgumentError
 from .registry import Registry
 
 _EPSILON = 1e-7  # keras.backend.epsilon()
@@ -68,8 +73,9 @@ class UnitNorm(Constraint):
         return {"axis": self.axis}
 
 
+_BUILTIN = (MaxNorm, MinMaxNorm, NonNeg, UnitNorm)
 REGISTRY = Registry("constraint", "keras.constraints", Constraint)
-for _cls in (MaxNorm, MinMaxNorm, NonNeg, UnitNorm):
+for _cls in _BUILTIN:
     REGISTRY.register(_cls)
 REGISTRY.register(MaxNorm, "maxnorm", "max_norm")
 REGISTRY.register(NonNeg, "nonneg", "non_neg")
@@ -78,8 +84,42 @@ REGISTRY.register(MinMaxNorm, "min_max_norm")
 
 
 def get(identifier, argument="kernel_constraint"):
+    """A constraint from a Keras identifier, or a Python callable kept as is
+    (Keras 3 keeps any callable; a class is instantiated)."""
+    if isinstance(identifier, type) and callable(identifier):
+        return identifier()
+    if callable(identifier) and not isinstance(identifier, Constraint):
+        return identifier
+    if isinstance(identifier, dict) and identifier.get("class_name") in ("function", "__lambda__"):
+        what = identifier.get("config") if identifier["class_name"] == "function" else "a lambda"
+        raise ArgumentError(
+            f"`{argument}` was a Python function when the config was saved ({what}); "
+            "a config cannot carry its code. Pass the function itself in Python.")
     return REGISTRY.get(identifier, argument)
 
 
 def serialize(obj):
-    return REGISTRY.serialize(obj)
+    """Keras 3's serialized form: a registered constraint by class and config; a
+    Python function by name, a lambda by its marshalled code, as Keras's
+    ``serialize_keras_object`` writes them."""
+    if obj is None or type(obj) in _BUILTIN:
+        return REGISTRY.serialize(obj)
+    if isinstance(obj, types.FunctionType):
+        if obj.__name__ == "<lambda>":
+            return {"class_name": "__lambda__", "config": {"value": _func_dump(obj)}}
+        return {"module": "builtins", "class_name": "function", "config": obj.__name__,
+                "registered_name": "function"}
+    if hasattr(obj, "get_config"):
+        cls = type(obj)
+        return {"module": cls.__module__, "class_name": cls.__name__,
+                "config": obj.get_config(), "registered_name": cls.__name__}
+    raise TypeError(
+        f"Cannot serialize object of type {type(obj)}. To be serializable, a class "
+        "must implement the `get_config()` method.")
+
+
+def _func_dump(fn):
+    """(code, defaults, closure) of a lambda, as ``keras.utils.python_utils.func_dump``."""
+    code = codecs.encode(marshal.dumps(fn.__code__), "base64").decode("ascii")
+    closure = tuple(c.cell_contents for c in fn.__closure__) if fn.__closure__ else None
+    return code, fn.__defaults__, closure

@@ -13,15 +13,16 @@ import math
 import numpy as np
 
 from .. import shapes
-from ..errors import ArgumentError, ShapeError, WeightsError
+from ..errors import ArgumentError, ShapeError, WeightsError, brief
 from . import activations, constraints, initializers, regularizers
-from .args import (positive_int, standardize_data_format, standardize_dtype,
-                   standardize_padding, standardize_tuple)
+from .args import (is_float_dtype, numpy_dtype, positive_int, standardize_data_format,
+                   standardize_dtype_policy, standardize_padding, standardize_tuple)
 
-# Keys of a Keras layer config that carry no meaning for inference here.
+# Keys of a Keras layer config that carry no meaning for inference here
+# (tf.keras 2's `batch_size` goes with `input_shape`, for a model's input).
 _IGNORED_CONFIG_KEYS = {"batch_input_shape", "batch_shape", "input_shape",
                         "input_dim", "autocast", "build_config", "module",
-                        "registered_name", "quantization_config"}
+                        "registered_name", "quantization_config", "batch_size"}
 _UNSUPPORTED_IF_SET = ("lora_rank", "lora_alpha", "dora_rank", "dora_alpha")
 
 _NAME_COUNTS: dict[str, int] = {}
@@ -31,6 +32,49 @@ def _auto_name(prefix: str) -> str:
     n = _NAME_COUNTS.get(prefix, 0)
     _NAME_COUNTS[prefix] = n + 1
     return prefix if n == 0 else f"{prefix}_{n}"
+
+
+def _check_kwargs(keras_name, kwargs):
+    for key in _UNSUPPORTED_IF_SET:
+        if kwargs.pop(key, None) is not None:
+            raise ArgumentError(f"`{key}` (LoRA/DoRA fine-tuning) is not supported.")
+    unknown = set(kwargs) - _IGNORED_CONFIG_KEYS
+    if unknown:
+        raise ArgumentError(
+            f"Unrecognized keyword arguments passed to {keras_name}: "
+            f"{brief({k: kwargs[k] for k in sorted(unknown)})}")
+
+
+def _weight_list(weights):
+    try:
+        return list(weights)
+    except TypeError:
+        raise ArgumentError("`weights` must be a list of arrays, [kernel, bias] or [kernel]. "
+                            f"Received: weights={brief(weights)}") from None
+
+
+def _check_rules(layer):
+    """The rules between a layer's arguments, in Keras 3's order."""
+    groups = layer.groups
+    if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)) or groups <= 0:
+        raise ArgumentError(
+            f"The number of groups must be a positive integer. Received: groups={brief(groups)}.")
+    if layer.filters % groups:
+        raise ArgumentError(
+            "The number of filters must be evenly divisible by the number of "
+            f"groups. Received: groups={groups}, filters={layer.filters}.")
+    if layer.output_padding is not None:
+        for i, (op, s) in enumerate(zip(layer.output_padding, layer.strides)):
+            if op >= s:
+                raise ArgumentError(
+                    "`output_padding` must be strictly less than `strides` for "
+                    f"all dimensions. At dimension {i}, `output_padding` is {op} "
+                    f"but `strides` is {s}. Received: output_padding="
+                    f"{layer.output_padding}, strides={layer.strides}")
+    if max(layer.strides) > 1 and max(layer.dilation_rate) > 1:
+        raise ArgumentError(
+            "`strides > 1` not supported in conjunction with `dilation_rate > 1`. "
+            f"Received: strides={layer.strides} and dilation_rate={layer.dilation_rate}")
 
 
 class BaseConv3D:
@@ -47,61 +91,59 @@ class BaseConv3D:
                  bias_regularizer=None, activity_regularizer=None,
                  kernel_constraint=None, bias_constraint=None, name=None,
                  dtype=None, trainable=True, keras2=False, **kwargs):
-        for key in _UNSUPPORTED_IF_SET:
-            if kwargs.pop(key, None) is not None:
-                raise ArgumentError(f"`{key}` (LoRA/DoRA fine-tuning) is not supported.")
-        unknown = set(kwargs) - _IGNORED_CONFIG_KEYS
-        if unknown:
-            raise ArgumentError(
-                f"Unrecognized keyword arguments passed to {self.keras_name}: "
-                f"{ {k: kwargs[k] for k in sorted(unknown)} }")
+        # Keras 3's order of checks, so that the first of several wrong
+        # arguments is the one Keras names: Layer.__init__ (keyword arguments,
+        # activity regularizer), then BaseConv / BaseConvTranspose normalise each
+        # argument in turn, then check the rules between them.
+        weights = kwargs.pop("weights", None)  # tf.keras 2's initial [kernel, bias]
+        _check_kwargs(self.keras_name, kwargs)
         self.keras2 = bool(keras2)
-        self.filters = positive_int(filters, "filters")
-        self.groups = groups
-        if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)) or groups <= 0:
-            raise ArgumentError(
-                f"The number of groups must be a positive integer. Received: groups={groups}.")
-        if self.filters % groups:
-            raise ArgumentError(
-                "The number of filters must be evenly divisible by the number of "
-                f"groups. Received: groups={groups}, filters={self.filters}.")
+        self.activity_regularizer = regularizers.get(activity_regularizer, "activity_regularizer")
         self.kernel_size = standardize_tuple(kernel_size, 3, "kernel_size")
         self.strides = standardize_tuple(strides, 3, "strides")
         self.dilation_rate = standardize_tuple(dilation_rate, 3, "dilation_rate")
         self.padding = standardize_padding(padding)
-        self.data_format = standardize_data_format(data_format)
         self.output_padding = (None if output_padding is None else
                                standardize_tuple(output_padding, 3, "output_padding",
                                                  allow_zero=True))
-        if self.output_padding is not None:
-            for i, (op, s) in enumerate(zip(self.output_padding, self.strides)):
-                if op >= s:
-                    raise ArgumentError(
-                        "`output_padding` must be strictly less than `strides` for "
-                        f"all dimensions. At dimension {i}, `output_padding` is {op} "
-                        f"but `strides` is {s}. Received: output_padding="
-                        f"{self.output_padding}, strides={self.strides}")
-        if max(self.strides) > 1 and max(self.dilation_rate) > 1:
-            raise ArgumentError(
-                "`strides > 1` not supported in conjunction with `dilation_rate > 1`. "
-                f"Received: strides={self.strides} and dilation_rate={self.dilation_rate}")
+        self.data_format = standardize_data_format(data_format)
         self.activation = activations.get(activation, keras2=self.keras2)
         self.use_bias = bool(use_bias)
         self.kernel_initializer = initializers.get(kernel_initializer, "kernel_initializer")
         self.bias_initializer = initializers.get(bias_initializer, "bias_initializer")
         self.kernel_regularizer = regularizers.get(kernel_regularizer, "kernel_regularizer")
         self.bias_regularizer = regularizers.get(bias_regularizer, "bias_regularizer")
-        self.activity_regularizer = regularizers.get(activity_regularizer, "activity_regularizer")
         self.kernel_constraint = constraints.get(kernel_constraint, "kernel_constraint")
         self.bias_constraint = constraints.get(bias_constraint, "bias_constraint")
+        self.filters = positive_int(filters, "filters")
+        self.groups = groups
+        _check_rules(self)
         self.name = name or _auto_name(self.snake_name)
-        self.dtype = standardize_dtype(dtype)
+        self.dtype_policy = standardize_dtype_policy(dtype)
         self.trainable = bool(trainable)
         self.built = False
         self.input_channels = None
         self.kernel = None
         self.bias = None
         self._activity_loss = None
+        # Set when the layer is built, as tf.keras 2 does.
+        self._initial_weights = None if weights is None else _weight_list(weights)
+
+    # ----------------------------------------------------------------- dtypes
+    @property
+    def compute_dtype(self) -> str:
+        """The dtype inputs and weights are cast to, and the output's."""
+        return self.dtype_policy.compute_dtype
+
+    @property
+    def variable_dtype(self) -> str:
+        """The dtype the weights are kept in (float32 under the mixed policies)."""
+        return self.dtype_policy.variable_dtype
+
+    @property
+    def dtype(self) -> str:
+        """Keras's alias of ``variable_dtype``."""
+        return self.variable_dtype
 
     # ----------------------------------------------------------------- shapes
     def kernel_shape(self, input_channels: int) -> tuple:
@@ -118,12 +160,6 @@ class BaseConv3D:
     def compute_output_shape(self, input_shape):
         input_shape = tuple(input_shape)
         self._channels(input_shape)  # validates the rank
-        batch, spatial, _ = shapes.split_layout(input_shape, self.data_format)
-        if any(n is None for n in spatial):  # unknown dims stay unknown
-            known = tuple(1 if n is None else n for n in spatial)
-            out = tuple(None if n is None else g.out
-                        for n, g in zip(spatial, self.geometries(known)))
-            return shapes.join_layout(batch, out, self.filters, self.data_format)
         return shapes.output_shape(self.kind, input_shape, self.filters, self.kernel_size,
                                    self.strides, self.padding, self.data_format,
                                    self.dilation_rate, self.output_padding)
@@ -135,21 +171,30 @@ class BaseConv3D:
 
     # ---------------------------------------------------------------- weights
     def build(self, input_shape):
-        channels = self._channels(input_shape)
-        if channels is None:
-            raise ShapeError("The channel dimension of the inputs should be defined.")
-        if channels % self.groups:
+        # Keras reads the channels and checks them against the groups before
+        # compute_output_shape checks the rank.
+        input_shape = tuple(input_shape)
+        channels = None
+        if len(input_shape) >= 2:
+            channels = input_shape[-1 if self.data_format == "channels_last" else 1]
+        if channels is not None and channels % self.groups:
             raise ShapeError(
                 "The number of input channels must be evenly divisible by the number "
                 f"of groups. Received groups={self.groups}, but the input has "
-                f"{channels} channels (full input shape is {tuple(input_shape)}).")
+                f"{channels} channels (full input shape is {input_shape}).")
         self.compute_output_shape(input_shape)
+        if channels is None:
+            raise ShapeError("The channel dimension of the inputs should be defined.")
         self.input_channels = channels
-        self.kernel = np.asarray(self.kernel_initializer(self.kernel_shape(channels), self.dtype),
-                                 dtype=self.dtype)
-        self.bias = (np.asarray(self.bias_initializer((self.filters,), self.dtype), dtype=self.dtype)
+        vdtype = numpy_dtype(self.variable_dtype)  # Keras creates variables in this dtype
+        self.kernel = np.asarray(self.kernel_initializer(self.kernel_shape(channels), vdtype),
+                                 dtype=vdtype)
+        self.bias = (np.asarray(self.bias_initializer((self.filters,), vdtype), dtype=vdtype)
                      if self.use_bias else None)
         self.built = True
+        if self._initial_weights is not None:
+            initial, self._initial_weights = self._initial_weights, None
+            self.set_weights(initial)
 
     def _ensure_built(self, what):
         if not self.built:
@@ -179,6 +224,7 @@ class BaseConv3D:
             raise WeightsError(
                 f"Layer '{self.name}' expects a 5-D kernel; received shape {kernel.shape}.")
         if not self.built:
+            self._initial_weights = None  # the weights given now win
             channels = kernel.shape[-2] * self.groups if self.kind == shapes.CONV else kernel.shape[-1]
             self.build(shapes.join_layout((None,), (None,) * 3, channels, self.data_format))
         for label, current, new in (("kernel", self.kernel, kernel),
@@ -190,19 +236,33 @@ class BaseConv3D:
                 raise WeightsError(
                     f"Layer '{self.name}' {label} weight shape {current.shape} is not "
                     f"compatible with provided weight shape {new.shape}.")
-            if not np.issubdtype(new.dtype, np.number) or np.iscomplexobj(new):
+            if not (np.issubdtype(new.dtype, np.number) or is_float_dtype(new.dtype)) \
+                    or np.iscomplexobj(new):
                 raise WeightsError(f"Layer '{self.name}' {label} must be real numbers, got {new.dtype}.")
-        self.kernel = kernel.astype(self.dtype, copy=True)
+        vdtype = numpy_dtype(self.variable_dtype)  # assigning casts to the variable's dtype
+        self.kernel = kernel.astype(vdtype, copy=True)
         if self.use_bias:
-            self.bias = np.asarray(weights[1]).astype(self.dtype, copy=True)
+            self.bias = np.asarray(weights[1]).astype(vdtype, copy=True)
 
     def apply_constraints(self):
-        """Project the weights with the kernel/bias constraints (as Keras's optimizer does)."""
+        """Project the weights with the kernel/bias constraints (as Keras's optimizer does).
+
+        A constraint may be any callable from array to array of the same shape
+        (Keras's own, or a Python function); it gets and returns NumPy arrays.
+        """
         self._ensure_built("apply_constraints")
         if self.kernel_constraint is not None:
-            self.kernel = np.asarray(self.kernel_constraint(self.kernel), self.dtype)
+            self.kernel = self._project("kernel_constraint", self.kernel_constraint, self.kernel)
         if self.bias_constraint is not None and self.use_bias:
-            self.bias = np.asarray(self.bias_constraint(self.bias), self.dtype)
+            self.bias = self._project("bias_constraint", self.bias_constraint, self.bias)
+
+    def _project(self, label, constraint, w):
+        out = np.asarray(constraint(w.copy()), w.dtype)
+        if out.shape != w.shape:
+            raise WeightsError(
+                f"Layer '{self.name}' `{label}` returned shape {out.shape}; a constraint "
+                f"must keep the weight's shape {w.shape}.")
+        return out
 
     def count_params(self):
         self._ensure_built("count_params")
@@ -251,20 +311,35 @@ class BaseConv3D:
             raise ShapeError("The number of input channels must be evenly divisible by "
                              f"the number of groups. Received groups={self.groups}, but "
                              f"the input has {channels} channels.")
+        if channels == 0 and self.kind == shapes.CONV:
+            # Keras builds such a layer, but none of its backends computes it
+            # (TensorFlow: "filter must not have zero elements"; JAX: division by zero).
+            raise ShapeError(
+                f"Input 0 of layer \"{self.name}\" has no channels (shape "
+                f"{tuple(input_shape)}): Keras cannot apply a Conv3D to zero input channels.")
         out_shape = self.compute_output_shape(input_shape)
         batch, spatial, _ = shapes.split_layout(tuple(input_shape), self.data_format)
+        # Keras autocasts the variables to the compute dtype inside call().
+        cdtype = numpy_dtype(self.compute_dtype)
         return Job(kind=self.kind, geoms=self.geometries(spatial), batch_shape=batch,
                    in_channels=channels, filters=self.filters, groups=self.groups,
-                   kernel=self.kernel, bias=self.bias if self.use_bias else None,
+                   kernel=self.kernel.astype(cdtype, copy=False),
+                   bias=self.bias.astype(cdtype, copy=False) if self.use_bias else None,
                    activation=self.activation, data_format=self.data_format,
-                   dtype=np.dtype(self.dtype), keras_output_shape=out_shape)
+                   dtype=cdtype, keras_output_shape=out_shape)
 
-    def __call__(self, inputs, method="auto", workers=1, memory_limit=None,
+    def __call__(self, inputs, method="auto", workers=None, memory_limit=None,
                  chunk_shape=None, progress=False):
-        """Apply the layer to a NumPy array in Keras layout (rank >= 5)."""
+        """Apply the layer to a NumPy array in Keras layout (rank >= 5).
+
+        ``workers`` threads (default: the cores this process may use, as the
+        CLI; ``workers=1`` computes in this thread alone). The result is in the
+        compute dtype of the layer's policy, as Keras returns it (float16 under
+        ``mixed_float16``)."""
         from ..engine import run_array
         x = np.asarray(inputs)
-        if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool) or np.iscomplexobj(x):
+        if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool
+                or is_float_dtype(x.dtype)) or np.iscomplexobj(x):
             raise ShapeError(f"Inputs must be real numbers; received dtype {x.dtype}.")
         job = self.job(x.shape)
         y, stats = run_array(job, x, method=method, workers=workers,
@@ -281,8 +356,7 @@ class BaseConv3D:
         config = {
             "name": self.name,
             "trainable": self.trainable,
-            "dtype": {"module": "keras", "class_name": "DTypePolicy",
-                      "config": {"name": self.dtype}, "registered_name": None},
+            "dtype": self.dtype_policy.serialize(),
             "filters": self.filters,
             "kernel_size": self.kernel_size,
             "strides": self.strides,
@@ -328,8 +402,9 @@ class BaseConv3D:
 
 
 def looks_like_keras2(config) -> bool:
-    if isinstance(config.get("dtype"), dict):
-        return False
+    dtype = config.get("dtype")
+    if isinstance(dtype, dict):  # tf.keras 2's mixed precision policy class is Policy
+        return dtype.get("class_name") == "Policy"
 
     def has_module(value):
         if isinstance(value, dict):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import re
 
-from ..errors import ArgumentError
+from ..errors import ArgumentError, brief
 
 
 def snake_case(name: str) -> str:
@@ -84,7 +84,7 @@ class Registry:
             if "class_name" not in identifier:
                 raise ArgumentError(
                     f"Invalid `{argument}`: a serialized {self.family} needs a "
-                    f"'class_name'. Received: {identifier}")
+                    f"'class_name'. Received: {brief(identifier)}")
             return self._build(identifier["class_name"],
                                identifier.get("config") or {}, argument)
         if isinstance(identifier, str):
@@ -102,7 +102,7 @@ class Registry:
             return self._build(name.strip(), config, argument)
         raise ArgumentError(
             f"Could not interpret {self.family} identifier for `{argument}`: "
-            f"{identifier!r}")
+            f"{brief(identifier, _inner=True)}")
 
     def serialize(self, obj):
         """Keras 3's serialized form of ``obj``."""

@@ -1,0 +1,158 @@
+"""The faster kernels give the reference's result: the scatter form's product
+blocks, the FFT tile split across threads, Winograd's fused output transform;
+and ``layer(x)`` uses the usable cores by default."""
+
+import importlib
+
+import numpy as np
+import pytest
+
+from conftest import FLOAT64_RTOL, assert_close
+from conv3d_cli import Conv3D, Conv3DTranspose
+from reference import conv3d as ref_conv3d
+from reference import conv3d_transpose as ref_conv3d_transpose
+
+engine_mod = importlib.import_module("conv3d_cli.engine")
+direct_mod = importlib.import_module("conv3d_cli.engine.direct")
+fft_mod = importlib.import_module("conv3d_cli.engine.fft")
+
+
+def _x(rng, shape, df="channels_last", dtype=np.float32):
+    b, d, h, w, c = shape
+    s = shape if df == "channels_last" else (b, c, d, h, w)
+    return rng.standard_normal(s).astype(dtype)
+
+
+def _rtol(dtype):
+    return FLOAT64_RTOL if dtype == np.float64 else 1e-5
+
+
+# ------------------------------------------------------------- default workers
+def test_layer_call_uses_the_usable_cores_by_default(rng, monkeypatch):
+    monkeypatch.setattr(engine_mod, "default_workers", lambda: 2)
+    layer = Conv3D(16, 3)
+    x = rng.standard_normal((1, 28, 28, 28, 16)).astype(np.float32)  # > 2e8 FLOPs: split
+    default = layer(x, method="direct")
+    assert layer.last_stats.workers == 2
+    one = layer(x, method="direct", workers=1)
+    assert layer.last_stats.workers == 1
+    assert_close(default, one)
+
+
+# ------------------------------------------------- scatter transpose, blocked
+@pytest.mark.parametrize("block", [1, 3000, 1 << 20])  # one H row, a few rows, planes
+@pytest.mark.parametrize("case", [  # kernel, strides, padding, output_padding, df
+    ((3, 3, 3), 2, "valid", None, "channels_last"),
+    ((4, 2, 3), (2, 3, 1), "same", None, "channels_first"),
+    ((3, 3, 3), 2, "same", 1, "channels_last"),
+])
+def test_scatter_transpose_blocks_equal_reference(rng, monkeypatch, block, case):
+    monkeypatch.setattr(direct_mod, "SCATTER_BLOCK_BYTES", block)
+    k, s, pad, op, df = case
+    layer = Conv3DTranspose(5, k, strides=s, padding=pad, output_padding=op, data_format=df,
+                            bias_initializer="random_normal")
+    x = _x(rng, (2, 5, 7, 6, 9), df)
+    layer.build(x.shape)
+    expected = ref_conv3d_transpose(x, layer.kernel, layer.bias, layer.strides, pad,
+                                    layer.output_padding, layer.dilation_rate, df)
+    for chunk in (None, (3, 4, 5)):
+        assert_close(layer(x, method="direct", workers=1, chunk_shape=chunk), expected)
+    assert layer.last_stats.method == "direct"
+
+
+# ------------------------------------------------------- FFT split across threads
+@pytest.fixture
+def fft_parts(monkeypatch):
+    """(batch, axis-0 counts) of each part correlate_fft computed."""
+    seen = []
+    real = fft_mod._correlate
+
+    def spy(x, terms, *args):
+        seen.append((x.shape[0], tuple(t.count for t in terms[0])))
+        return real(x, terms, *args)
+
+    monkeypatch.setattr(fft_mod, "_correlate", spy)
+    return seen
+
+
+def _whole_tile(layer, x):
+    """The job of ``layer`` on ``x`` and the terms of one tile covering its output."""
+    job = layer.job(x.shape)
+    return job, [g.terms(0, g.out)[2] for g in job.geoms]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("batch,d,parts", [
+    (4, 9, [(2, (7,)), (2, (7,))]),          # along the batch
+    (3, 30, [(3, (14,)), (3, (14,))]),       # along D: 30 -> 2 x (14 + 2) FFT rows
+    (1, 6, [(1, (4,))]),                     # D too short to cut: one part, threaded FFTs
+])
+def test_fft_tile_split_across_threads_equals_reference(rng, fft_parts, dtype, batch, d, parts):
+    layer = Conv3D(4, 3, groups=2, dtype="float64" if dtype == np.float64 else None,
+                   bias_initializer="random_normal")
+    x = _x(rng, (batch, d, 7, 8, 4), dtype=dtype)
+    layer.build(x.shape)
+    job, terms = _whole_tile(layer, x)
+    expected = ref_conv3d(x, layer.kernel, None, groups=2)
+    got = np.zeros((batch,) + job.out_spatial + (4,), dtype)
+    fft_mod.correlate_fft(x, terms, job.taps, got, workers=2)
+    assert sorted(fft_parts) == parts
+    assert_close(got, expected, rtol=_rtol(dtype))
+    # fused bias (one term per axis): every part sets bias + sum on its outputs
+    got[...] = np.nan
+    fft_mod.correlate_fft(x, terms, job.taps, got, workers=2, bias=layer.bias)
+    assert_close(got, expected + layer.bias, rtol=_rtol(dtype))
+
+
+@pytest.mark.parametrize("df", ["channels_last", "channels_first"])
+def test_fft_transposed_split_along_d_equals_reference(rng, fft_parts, df):
+    # Strided transposed: axis D has one term per output phase; each is cut.
+    layer = Conv3DTranspose(3, 3, strides=(2, 1, 1), padding="same", data_format=df,
+                            bias_initializer="random_normal")
+    x = _x(rng, (1, 24, 5, 6, 2), df)
+    layer.build(x.shape)
+    expected = ref_conv3d_transpose(x, layer.kernel, layer.bias, layer.strides, "same",
+                                    None, layer.dilation_rate, df)
+    got = layer(x, method="fft", workers=2)
+    assert len(fft_parts) == 2 and all(len(counts) == 2 for _, counts in fft_parts)
+    assert_close(got, expected)
+
+
+def test_fft_axis_split_only_when_the_overlap_is_small():
+    def terms(n):
+        return [g.terms(0, g.out)[2] for g in Conv3D(1, 15).geometries((n, n, n))]
+    assert fft_mod._split_axis0(terms(40), 2) is None  # 26 outputs: 2 x 27 FFT rows > 1.25 x 40
+    pieces = fft_mod._split_axis0(terms(192), 2)
+    assert [p[0][0].count for p in pieces] == [89, 89]
+    assert [(p[0][0].in_start, p[0][0].out_start) for p in pieces] == [(0, 0), (89, 89)]
+
+
+# ------------------------------------------------- Winograd slabs, fused bias
+winograd_mod = importlib.import_module("conv3d_cli.engine.winograd")
+
+
+@pytest.mark.parametrize("slab", [7, 16, 10 ** 6])  # slabs cut rows and planes; one slab
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", [  # layer, input shape (B, D, H, W, C), data_format
+    (lambda **kw: Conv3D(9, 3, padding="same", **kw), (2, 9, 6, 11, 8), "channels_last"),
+    (lambda **kw: Conv3D(16, 3, groups=2, **kw), (1, 8, 7, 12, 16), "channels_first"),
+    (lambda **kw: Conv3DTranspose(8, 3, **kw), (1, 5, 9, 6, 10), "channels_last"),  # stride 1
+])
+def test_winograd_slabs_equal_reference(rng, monkeypatch, slab, dtype, case):
+    monkeypatch.setattr(winograd_mod, "SLAB_BYTES", 1)
+    monkeypatch.setattr(winograd_mod, "MIN_SLAB_TILES", slab)
+    make, shape, df = case
+    layer = make(dtype="float64" if dtype == np.float64 else "float32", data_format=df,
+                 bias_initializer="random_normal")
+    x = _x(rng, shape, df, dtype)
+    layer.build(x.shape)
+    if layer.kind == "conv":
+        expected = ref_conv3d(x, layer.kernel, layer.bias, padding=layer.padding,
+                              groups=layer.groups, data_format=df)
+    else:
+        expected = ref_conv3d_transpose(x, layer.kernel, layer.bias, layer.strides,
+                                        layer.padding, None, layer.dilation_rate, df)
+    for chunk in (None, (3, 5, 4)):  # odd tile sizes: the zero row of odd outputs
+        got = layer(x, method="winograd", workers=1, chunk_shape=chunk)
+        assert layer.last_stats.method == "winograd"
+        assert_close(got, expected, rtol=_rtol(dtype))
