@@ -24,6 +24,7 @@ from contextlib import contextmanager
 import h5py
 import numpy as np
 import pytest
+from pathlib import Path
 from click.testing import CliRunner
 
 from conftest import FIXTURES
@@ -175,7 +176,7 @@ def _cases(tmp):
             if kind == "store":
                 cases += _store_cases(src, out, rng)
                 continue
-            data = open(src, "rb").read()
+            data = Path(src).read_bytes()
             blobs = list(mutants(data, rng, per_file[kind]))
             if zipfile.is_zipfile(src):
                 blobs += list(zip_member_mutants(src, rng, 10))
@@ -211,7 +212,7 @@ def _json_cases(sources, out, rng):
             for name, data in members.items():
                 z.writestr(name, json.dumps(config) if name == "config.json" else data)
         cases.append(("model", str(path)))
-    layer = json.load(open(os.path.join(SAMPLE, "smooth.json")))
+    layer = json.loads(Path(SAMPLE, "smooth.json").read_text())
     for i in range(16):
         path = out / f"j{i}_layer.json"
         path.write_text(json.dumps(json_mutant(layer, rng)))
@@ -228,7 +229,7 @@ def _store_cases(src, out, rng):
         rel = files[i % len(files)]
         store = out / f"s{i}_{os.path.basename(src)}"
         shutil.copytree(src, store)
-        data = open(os.path.join(src, rel), "rb").read()
+        data = Path(os.path.join(src, rel)).read_bytes()
         blob = list(mutants(data, rng, 4))[i % 4] if data else b"\xff"
         (store / rel).write_bytes(blob)
         cases.append(("store", str(store)))
