@@ -325,18 +325,37 @@ def existing_dataset(path, dataset, what):
     """What ``dataset`` is in the existing HDF5 file: "dataset", "group" or None.
 
     None too when the file cannot be read now because another process holds
-    it locked: the commit checks again.
+    it locked: the commit checks again. The file's structure is read in a
+    child process first (:func:`probe`), as an input's is: libhdf5 loops
+    forever on some damaged files, and an existing output must not hang the
+    run. The dataset's path is resolved link by link (:func:`lookup`): an
+    external link on it is refused rather than followed into another file.
     """
+    probe(lambda: _existing(path, dataset, what), what, VolumeError)
+    return _existing(path, dataset, what)
+
+
+def _existing(path, dataset, what):
+    """:func:`existing_dataset`'s reading: the structure the commit walks."""
     try:
         with h5py.File(path, "r") as f:
-            obj = f.get(dataset, getlink=True)
-            if obj is None:
+            parent_path, _, leaf = dataset.rstrip("/").rpartition("/")
+            parent = lookup(f, parent_path or "/", what)
+            if parent is None:  # the commit creates the groups
                 return None
-            return "dataset" if isinstance(f.get(dataset), h5py.Dataset) else "group"
+            if not isinstance(parent[1], h5py.Group):
+                raise VolumeError(f"{what}: {parent_path} is a dataset, not a group")
+            list(parent[1])  # the commit lists it (for datasets left by killed runs)
+            found = lookup(f, f"{parent[0].rstrip('/')}/{leaf}", what)
+            if found is None:
+                return None
+            return "dataset" if isinstance(found[1], h5py.Dataset) else "group"
     except OSError as exc:
         if is_lock_error(exc):
             return None
         raise VolumeError(f"{what}: an HDF5 file that cannot be read ({exc})") from None
+    except (KeyError, RuntimeError, ValueError) as exc:  # a corrupt file's structure
+        raise VolumeError(f"{what}: corrupt HDF5 file ({_reason(exc)})") from None
 
 
 def copy_dataset_into(src_path, dataset, dst_path, overwrite, what):
