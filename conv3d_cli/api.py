@@ -137,9 +137,11 @@ def build_layer(layer=None, config=None, overrides=None, weights=None, seed=None
                             "random generator takes non-negative seeds).")
     w = weights
     wlabel = "--weights" if kernel is None else f"--kernel {kernel}"
-    if isinstance(weights, (str, os.PathLike)):
+    from_path = isinstance(weights, (str, os.PathLike))
+    # what a weights file declares, or a named kernel makes, must fit the limit
+    max_bytes = parse_memory(memory_limit) if from_path or kernel is not None else None
+    if from_path:
         wlabel = f"--weights {os.fspath(weights)}"
-        max_bytes = parse_memory(memory_limit)
         if is_model_file(weights):
             entry, w = _from_model_file(weights, layer_name, max_bytes)
             wlabel = f"--weights {os.fspath(weights)} (layer {entry.name})"
@@ -164,7 +166,7 @@ def build_layer(layer=None, config=None, overrides=None, weights=None, seed=None
         class_name, source = infer_class(cfg, where)
     try:
         lyr, w, named = _layer_from(layer, class_name, cfg, overrides, w, wlabel, seed, keras2,
-                                    kernel, voxel_size, input_channels)
+                                    kernel, voxel_size, input_channels, max_bytes)
     except WeightsError:
         raise
     except ArgumentError as exc:
@@ -184,7 +186,7 @@ def build_layer(layer=None, config=None, overrides=None, weights=None, seed=None
 
 
 def _layer_from(layer, class_name, cfg, overrides, w, wlabel, seed, keras2, kernel=None,
-                voxel_size=None, input_channels=None):
+                voxel_size=None, input_channels=None, max_bytes=None):
     """(layer, weights or None, NamedKernel or None): the class, arguments, a named
     kernel and the weights' shape merged."""
     if layer is not None and class_name is not None and \
@@ -202,7 +204,7 @@ def _layer_from(layer, class_name, cfg, overrides, w, wlabel, seed, keras2, kern
         if callable(channels):
             channels = channels(standardize_data_format(args.get("data_format")))
         w, named = layer_weights(kernel, args, cls is convmod.Conv3DTranspose, voxel_size,
-                                 channels)
+                                 channels, max_bytes)
     if w is not None:
         args.pop("weights", None)  # --weights wins over a config's initial weights
     f_axis = -1 if cls is convmod.Conv3D else -2  # filters axis of the kernel
