@@ -1,8 +1,11 @@
-"""An existing HDF5 OUTPUT file is read as an input is: its structure in a child
-process first (libhdf5 loops forever on some damaged files), and the links on
-the dataset's path resolved one by one (an external link is not followed)."""
+"""The libhdf5 probe (a file's structure read in a child process first, with a
+timeout: libhdf5 loops forever on some damaged files) where it meets the output
+side: an existing HDF5 OUTPUT file is read as an input is, the links on the
+dataset's path resolved one by one (an external link is not followed); a
+stopped probe of a .keras archive leaves no unpacked weights behind."""
 
 import os
+import tempfile
 import time
 
 import h5py
@@ -10,8 +13,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from conftest import FIXTURES
 from conv3d_cli.cli.main import cli
-from conv3d_cli.io import hdf5
+from conv3d_cli.errors import WeightsError
+from conv3d_cli.io import hdf5, keras_files
+
+MODELS = os.path.join(FIXTURES, "models")
 
 
 @pytest.fixture
@@ -73,3 +80,20 @@ def test_an_existing_output_is_still_written_beside_its_datasets(tmp):
     with h5py.File(tmp / "out.h5", "r") as f:
         assert f["grp/y"].shape == (4, 4, 4)
         np.testing.assert_array_equal(f["keep"][...], np.arange(3.0))
+
+
+def test_a_stopped_probe_of_a_keras_archive_leaves_nothing_unpacked(tmp_path, monkeypatch):
+    real = keras_files.LayerEntry.weight_shapes
+
+    def loops_in_the_child(self):  # after the child unpacked model.weights.h5
+        while hdf5._IN_PROBE:
+            time.sleep(0.1)
+        return real(self)
+
+    monkeypatch.setattr(keras_files.LayerEntry, "weight_shapes", loops_in_the_child)
+    monkeypatch.setenv("CONV3D_HDF5_TIMEOUT", "1")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with pytest.raises(WeightsError, match="keras3.keras: reading its HDF5 structure did not "
+                                           "finish within 1 s"):
+        keras_files.ModelFile(os.path.join(MODELS, "keras3.keras"))
+    assert os.listdir(tmp_path) == []

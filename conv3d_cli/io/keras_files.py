@@ -114,7 +114,11 @@ class ModelFile:
         self.layers: list[LayerEntry] = []
         self.kind = ""
         check_input_path(self.path, self.path, WeightsError)
-        probe(lambda: _list_all(self.path), self.path, WeightsError)
+        try:
+            probe(lambda: _list_all(self.path), self.path, WeightsError)
+        except WeightsError:  # the child was stopped: remove what it had unpacked
+            remove_stale(tempfile.gettempdir())
+            raise
         try:
             if zipfile.is_zipfile(self.path):
                 self._read_keras_zip()
