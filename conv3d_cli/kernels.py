@@ -158,8 +158,9 @@ def _arguments(spec, name, positional, keyword, allowed):
     return args
 
 
-def named_kernel(spec, voxel_size=None) -> NamedKernel:
-    """The filters ``spec`` names, with lengths in the (D, H, W) ``voxel_size`` (mm) given."""
+def named_kernel(spec, voxel_size=None, max_bytes=None) -> NamedKernel:
+    """The filters ``spec`` names, with lengths in the (D, H, W) ``voxel_size`` (mm)
+    given; a filter larger than ``max_bytes`` is refused before it is made."""
     name, positional, keyword = parse_spec(spec)
     voxel_size = None if voxel_size is None else parse_voxel_size(voxel_size)
     build, allowed = _BUILDERS[name]
@@ -167,7 +168,7 @@ def named_kernel(spec, voxel_size=None) -> NamedKernel:
     if allowed and allowed[0] not in args:
         raise ArgumentError(f"--kernel {spec}: {name} needs its {allowed[0]} "
                             f"(e.g. {_EXAMPLES[name]})")
-    filters, details = build(spec, args, voxel_size)
+    filters, details = build(spec, args, voxel_size, max_bytes)
     details = {"name": name, **details}
     if voxel_size is not None:
         details["voxel_size_mm"] = list(voxel_size)
@@ -179,7 +180,7 @@ _EXAMPLES = {"gauss": "gauss:sigma=2mm", "box": "box:3", "mean": "mean:5",
 
 
 # ------------------------------------------------------------------ the kernels
-def _gauss(spec, args, voxel_size):
+def _gauss(spec, args, voxel_size, max_bytes=None):
     sigma = _parse_length(args["sigma"], spec, "sigma")
     if sigma.unit == "":
         raise ArgumentError(f"--kernel {spec}: give sigma a unit: {sigma.text}mm or "
@@ -192,6 +193,8 @@ def _gauss(spec, args, voxel_size):
         raise ArgumentError(f"--kernel {spec}: truncate must be a positive number. "
                             f"Received: {args.get('truncate')!r}")
     sigmas = sigma.in_voxels(voxel_size, "sigma", spec)
+    _check_fits(spec, [2 * int(truncate * s + 0.5) + 1 if s > 1e-15 else 1 for s in sigmas],
+                max_bytes)
     axes = [_gauss1d(s, truncate) for s in sigmas]
     return [_outer(axes)], {"sigma_vox": list(sigmas), "truncate": truncate,
                             "radius_vox": [len(a) // 2 for a in axes]}
@@ -208,7 +211,7 @@ def _gauss1d(sigma, truncate):
     return phi / phi.sum()
 
 
-def _box(spec, args, voxel_size):
+def _box(spec, args, voxel_size, max_bytes=None):
     size = _parse_length(args["size"], spec, "the box size")
     if size.unit in ("", "vox"):
         counts = size.in_voxels(voxel_size, "the size", spec)
@@ -222,17 +225,19 @@ def _box(spec, args, voxel_size):
     else:
         half = (n / 2 for n in size.in_voxels(voxel_size, "the size", spec))
         counts = tuple(2 * int(math.floor(h + _EPS)) + 1 for h in half)
+    _check_fits(spec, counts, max_bytes)
     box = np.full(counts, 1.0 / math.prod(counts))
     return [box], {"size_vox": list(counts)}
 
 
-def _sphere(spec, args, voxel_size):
+def _sphere(spec, args, voxel_size, max_bytes=None):
     radius = _parse_length(args["radius"], spec, "the radius")
     if radius.unit == "":
         raise ArgumentError(f"--kernel {spec}: give the radius a unit: {radius.text}mm or "
                             f"{radius.text}vox")
     radii = radius.in_voxels(voxel_size, "the radius", spec)
     extent = [int(math.floor(r + _EPS)) for r in radii]
+    _check_fits(spec, [2 * e + 1 for e in extent], max_bytes)
     grids = np.meshgrid(*[np.arange(-e, e + 1, dtype=np.float64) for e in extent],
                         indexing="ij")
     # sum over axes of (i / r)^2 <= 1: the voxel centre lies in the ellipsoid; an
@@ -242,14 +247,14 @@ def _sphere(spec, args, voxel_size):
     return [mask / mask.sum()], {"radius_vox": list(radii), "voxels": int(mask.sum())}
 
 
-def _sobel(spec, args, voxel_size):
+def _sobel(spec, args, voxel_size, max_bytes=None):
     derivative, smooth = np.array([-1.0, 0.0, 1.0]), np.array([1.0, 2.0, 1.0])
     filters = [_outer([derivative if a == axis else smooth for a in range(3)])
                for axis in range(3)]
     return filters, {"filters": [f"d/d(spatial axis {a}: NIfTI {x})" for a, x in enumerate("XYZ")]}
 
 
-def _laplace(spec, args, voxel_size):
+def _laplace(spec, args, voxel_size, max_bytes=None):
     kernel = np.zeros((3, 3, 3))
     for axis in range(3):
         index = [1, 1, 1]
@@ -257,6 +262,17 @@ def _laplace(spec, args, voxel_size):
             index[axis] = i
             kernel[tuple(index)] += w
     return [kernel], {}
+
+
+def _check_fits(spec, shape, max_bytes, what="its filter"):
+    """Refuse, before it is allocated, a float64 array of ``shape`` larger than
+    ``max_bytes`` (a sigma or radius of a few characters can ask for terabytes)."""
+    need = math.prod(shape) * 8
+    if max_bytes is not None and need > max_bytes:
+        raise ArgumentError(
+            f"--kernel {spec}: {what} ({'x'.join(map(str, shape))}) takes "
+            f"{need / (1 << 20):.0f} MiB, more than the memory limit of "
+            f"{max_bytes / (1 << 20):.0f} MiB (--memory-limit); give a smaller size")
 
 
 def _outer(vectors):
@@ -275,7 +291,7 @@ _BUILDERS = {
 
 
 # ------------------------------------------------------------- Keras weights
-def keras_kernel(named, channels=1, transpose=False):
+def keras_kernel(named, channels=1, transpose=False, max_bytes=None):
     """(kernel, filters, groups): ``named`` as a Keras kernel for ``channels`` input channels.
 
     Every channel is filtered on its own, into filters ``c * n .. c * n + n - 1``
@@ -286,8 +302,10 @@ def keras_kernel(named, channels=1, transpose=False):
     convolution), so the filters are stored mirrored and mean the same filter
     in both layers.
     """
+    n = len(named.filters)
+    shape = named.kernel_size + ((channels * n, channels) if transpose else (1, channels * n))
+    _check_fits(named.spec, shape, max_bytes, f"the kernel for {channels} input channels")
     stack = np.stack(named.filters, axis=-1)   # (kd, kh, kw, n)
-    n = stack.shape[-1]
     if transpose:
         stack = stack[::-1, ::-1, ::-1]
         kernel = np.zeros(stack.shape[:3] + (channels * n, channels))
@@ -297,17 +315,18 @@ def keras_kernel(named, channels=1, transpose=False):
     return np.tile(stack[:, :, :, None, :], (1, 1, 1, 1, channels)), channels * n, channels
 
 
-def layer_weights(spec, args, transpose, voxel_size=None, channels=1):
+def layer_weights(spec, args, transpose, voxel_size=None, channels=1, max_bytes=None):
     """Set the layer arguments the kernel fixes in ``args``; (weights dict, NamedKernel).
 
     ``filters``, ``kernel_size`` and (Conv3D) ``groups`` come from the kernel
     and must agree with any given; ``use_bias`` is False unless given (then the
     bias is zeros); ``padding`` is 'same' unless given: the output on the
-    input's grid, as every filtering tool gives it.
+    input's grid, as every filtering tool gives it. A kernel larger than
+    ``max_bytes`` is refused before it is allocated.
     """
     from .layers.args import standardize_tuple
-    named = named_kernel(spec, voxel_size)
-    kernel, filters, groups = keras_kernel(named, channels, transpose)
+    named = named_kernel(spec, voxel_size, max_bytes)
+    kernel, filters, groups = keras_kernel(named, channels, transpose, max_bytes)
     fixed = {"filters": filters, "kernel_size": named.kernel_size}
     if not transpose:
         fixed["groups"] = groups
@@ -377,11 +396,13 @@ def volume_voxel_size(vol):
     return None
 
 
-def volume_channels(shape, data_format, is_nifti=False):
-    """Input channels of a file of this shape (NIfTI: (X, Y, Z[, C]) whatever the data_format)."""
+def volume_channels(shape, data_format, is_nifti=False, is_ome=False):
+    """Input channels of a file of this shape (NIfTI: (X, Y, Z[, C]) and OME-Zarr:
+    ([t,] c, z, y, x) whatever the data_format)."""
     from .layout import Layout
+    data_format = "channels_last" if is_nifti else "channels_first" if is_ome else data_format
     try:
-        return Layout(tuple(shape), "channels_last" if is_nifti else data_format).canonical_shape[4]
+        return Layout(tuple(shape), data_format).canonical_shape[4]
     except ShapeError as exc:
         raise ShapeError(f"INPUT: {exc}") from None
 
@@ -394,12 +415,13 @@ def input_context(input=None, input_shape=None, input_channels=None, voxel_size=
         from .io import open_volume
         vol = open_volume(input, header_only=True)
         try:
-            shape, nifti = vol.shape, vol.is_nifti
+            shape, nifti, ome = vol.shape, vol.is_nifti, vol.is_ome
             own = volume_voxel_size(vol)
         finally:
             vol.close()
         return {"voxel_size": voxel_size if voxel_size is not None else own,
-                "input_channels": lambda data_format: volume_channels(shape, data_format, nifti)}
+                "input_channels": lambda data_format: volume_channels(shape, data_format, nifti,
+                                                                      ome)}
     if input_shape is not None:
         return {"voxel_size": voxel_size,
                 "input_channels": lambda data_format: volume_channels(input_shape, data_format)}

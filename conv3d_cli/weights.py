@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import lzma
+import math
 import os
 import zipfile
+import zlib
 
 import numpy as np
+from numpy.lib import format as npformat
 
 from .errors import WeightsError
+from .io.paths import check_input_path
 from .layers.args import BFLOAT16
 
+MAX_HEADER_BYTES = 1 << 20
+# What reading a corrupt .npz member can raise.
+_CORRUPT = (OSError, EOFError, zipfile.BadZipFile, zlib.error, lzma.LZMAError, RuntimeError,
+            NotImplementedError, ValueError)
 
-def load_weights(path):
+
+def load_weights(path, max_bytes=None):
     """``{"kernel": array, "bias": array or None}`` from a ``.npz``, ``.npy`` or NIfTI file.
 
     A ``.npz`` holds ``kernel`` and optionally ``bias`` (``arr_0`` / ``arr_1``,
@@ -23,52 +33,124 @@ def load_weights(path):
     (``out[i] = sum_k in[i + k - c] w[k]``), as fslmaths does; Convert3D's
     ``-conv`` convolves (mirrors the kernel), so flip an asymmetric one to
     match it.
+
+    Each array's header is read first: the dtype must be real numbers
+    (nothing is unpickled) and the declared sizes together must fit
+    ``max_bytes`` (a few compressed megabytes can declare gigabytes) before
+    any data is read.
     """
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise WeightsError(f"--weights {path}: no such file")
+    where = f"--weights {path}"
+    check_input_path(path, where, WeightsError)
     low = path.lower()
     if low.endswith((".nii", ".nii.gz")):
-        return {"kernel": _nifti_kernel(path), "bias": None}
-    if not low.endswith((".npy", ".npz")):
+        return {"kernel": _nifti_kernel(path, max_bytes), "bias": None}
+    if low.endswith(".npy"):
+        with _open(path, where) as fh:
+            header = _header(fh, where, "kernel")
+            _check_size([header], where, max_bytes)
+            kernel = _read_array(fh, header, where, "kernel")
+        return {"kernel": _kernel_array(kernel, path), "bias": None}
+    if not low.endswith(".npz"):
         raise WeightsError(
-            f"--weights {path}: expected a .npz (kernel, bias) or .npy (kernel) file, or a "
+            f"{where}: expected a .npz (kernel, bias) or .npy (kernel) file, or a "
             "NIfTI kernel image (.nii, .nii.gz)")
-    # np.load is given an open file, not the path: given a path it leaks its
-    # handle when a .npz is not a valid zip archive.
+    if not zipfile.is_zipfile(path):
+        raise WeightsError(f"{where}: not a zip archive (a .npz is a zip of .npy files, "
+                           "as numpy.savez writes)")
     try:
-        fh = open(path, "rb")
-    except OSError as exc:
-        raise WeightsError(f"--weights {path}: cannot be read ({exc.strerror})") from None
-    with fh:
-        return _load(fh, path, low.endswith(".npy"))
-
-
-def _load(fh, path, is_npy):
-    """The arrays of the open file ``fh``; every failure as a WeightsError."""
-    try:
-        if is_npy:
-            return {"kernel": _kernel_array(np.load(fh, allow_pickle=False), path), "bias": None}
-        with np.load(fh, allow_pickle=False) as data:
-            names = list(data.files)
-            if "kernel" in names:
-                kernel, bias = data["kernel"], data["bias"] if "bias" in names else None
-            elif "arr_0" in names and set(names) <= {"arr_0", "arr_1"}:
-                kernel, bias = data["arr_0"], data["arr_1"] if "arr_1" in names else None
-            else:
-                raise WeightsError(
-                    f"--weights {path}: expected arrays named 'kernel' and optionally "
-                    f"'bias'; the file holds: {', '.join(names) or 'nothing'}")
-            return {"kernel": _real(kernel, path, "kernel"),
-                    "bias": None if bias is None else _real(bias, path, "bias")}
+        with zipfile.ZipFile(path) as z:
+            members = _members(z, where)
+            picked = _pick(members, where)
+            headers = {}
+            for label, info in picked.items():
+                with z.open(info) as fh:
+                    headers[label] = _header(fh, where, label)
+            _check_size(headers.values(), where, max_bytes)
+            arrays = {}
+            for label, info in picked.items():
+                with z.open(info) as fh:
+                    _header(fh, where, label)
+                    arrays[label] = _read_array(fh, headers[label], where, label)
     except WeightsError:
         raise
-    except ValueError as exc:
-        if "pickle" in str(exc).lower():
-            raise WeightsError(f"--weights {path}: holds pickled objects, which are refused") from None
-        raise WeightsError(f"--weights {path}: not a valid NumPy file ({exc})") from None
-    except (OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise WeightsError(f"--weights {path}: corrupt or truncated ({exc})") from None
+    except _CORRUPT as exc:
+        raise WeightsError(f"{where}: corrupt or truncated ({exc})") from None
+    return {"kernel": arrays["kernel"], "bias": arrays.get("bias")}
+
+
+def _open(path, where):
+    try:
+        return open(path, "rb")
+    except OSError as exc:
+        raise WeightsError(f"{where}: cannot be read ({exc.strerror})") from None
+
+
+def _members(z, where):
+    """{array name: ZipInfo} of the archive's ``.npy`` members."""
+    members = {}
+    for info in z.infolist():
+        if info.flag_bits & 0x1:
+            raise WeightsError(f"{where}: archive member {info.filename} is encrypted; "
+                               "numpy.savez does not encrypt")
+        name = info.filename
+        members[name[:-4] if name.endswith(".npy") else name] = info
+    return members
+
+
+def _pick(members, where):
+    """{"kernel": info, "bias": info} by numpy.savez's names."""
+    names = list(members)
+    if "kernel" in names:
+        keys = {"kernel": "kernel", "bias": "bias"}
+    elif "arr_0" in names and set(names) <= {"arr_0", "arr_1"}:
+        keys = {"kernel": "arr_0", "bias": "arr_1"}
+    else:
+        shown = ", ".join(n[:60] for n in names[:20]) + (", ..." if len(names) > 20 else "")
+        raise WeightsError(
+            f"{where}: expected arrays named 'kernel' and optionally "
+            f"'bias'; the file holds: {shown or 'nothing'}")
+    return {label: members[key] for label, key in keys.items() if key in members}
+
+
+def _header(fh, where, name):
+    """(shape, fortran order, dtype) of the .npy stream ``fh``, positioned at its data."""
+    try:
+        version = npformat.read_magic(fh)
+        read = npformat.read_array_header_1_0 if version == (1, 0) else \
+            npformat.read_array_header_2_0
+        shape, fortran, dtype = read(fh, max_header_size=MAX_HEADER_BYTES)
+    except Exception as exc:  # the header is parsed as a Python literal: any parse error
+        raise WeightsError(f"{where}: '{name}' is not a valid .npy array ({exc})") from None
+    shape = tuple(int(n) for n in shape)
+    if any(n < 0 for n in shape):
+        raise WeightsError(f"{where}: '{name}' is not a valid .npy array (negative dimension "
+                           f"in {shape})")
+    if dtype.hasobject:
+        raise WeightsError(f"{where}: '{name}' holds pickled objects, which are refused")
+    if dtype.fields is not None or dtype.kind not in "biuf":
+        raise WeightsError(f"{where}: '{name}' must hold real numbers, got dtype {dtype}")
+    return shape, fortran, dtype
+
+
+def _check_size(headers, where, max_bytes):
+    declared = sum(math.prod(shape) * dtype.itemsize for shape, _, dtype in headers)
+    if max_bytes is not None and declared > max_bytes:
+        arrays = " and ".join(f"{shape} {dtype}" for shape, _, dtype in headers)
+        raise WeightsError(
+            f"{where}: the arrays ({arrays}) take {declared / (1 << 20):.0f} MiB, more than "
+            f"the memory limit of {max_bytes / (1 << 20):.0f} MiB (--memory-limit)")
+
+
+def _read_array(fh, header, where, name):
+    """The data after the header, exactly as many bytes as the header declares."""
+    shape, fortran, dtype = header
+    count = math.prod(shape)
+    data = fh.read(count * dtype.itemsize)
+    if len(data) != count * dtype.itemsize:
+        raise WeightsError(f"{where}: '{name}' is truncated: its header says {shape} {dtype}")
+    a = np.frombuffer(data, dtype=dtype, count=count)
+    return a.reshape(shape[::-1]).T if fortran else a.reshape(shape)
 
 
 def _kernel_array(a, path):
@@ -82,19 +164,25 @@ def _kernel_array(a, path):
     return a
 
 
-def _nifti_kernel(path):
-    """A NIfTI kernel image (X, Y, Z), scaled by scl_slope/scl_inter, in voxel order as stored."""
+def _nifti_kernel(path, max_bytes=None):
+    """A NIfTI kernel image (X, Y, Z), scaled by scl_slope/scl_inter, in voxel order as
+    stored; the size its header declares is checked against ``max_bytes`` first."""
     import nibabel as nib
+    where = f"--weights {path}"
     try:
         img = nib.load(path)
+        declared = (tuple(int(n) for n in img.shape), False, np.dtype(img.get_data_dtype()))
+        _check_size([declared], where, max_bytes)
         data = np.asanyarray(img.dataobj)
+    except WeightsError:
+        raise
     except Exception as exc:  # nibabel raises many types for bad files
-        raise WeightsError(f"--weights {path}: not a valid NIfTI file ({exc})") from None
+        raise WeightsError(f"{where}: not a valid NIfTI file ({exc})") from None
     shape = data.shape
     while data.ndim > 3 and data.shape[-1] == 1:  # (X, Y, Z, 1): one volume
         data = data[..., 0]
     if data.ndim != 3:
-        raise WeightsError(f"--weights {path}: a NIfTI kernel image must be 3-D (X, Y, Z); "
+        raise WeightsError(f"{where}: a NIfTI kernel image must be 3-D (X, Y, Z); "
                            f"got shape {shape}")
     data = _real(np.asarray(data), path, "kernel")
     return data.reshape(data.shape + (1, 1))

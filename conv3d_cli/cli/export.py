@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from ..api import check_kernel_fits
 from ..errors import ArgumentError
 from ..io.keras_export import export_keras
 from .options import layer_from_kwargs, layer_options
@@ -34,6 +35,7 @@ def export(output, input_channels, overwrite, **kwargs):
             raise ArgumentError("give --input-channels (or --weights) so the kernel can be built")
         shape = ((None, None, None, None, input_channels) if layer.data_format == "channels_last"
                  else (None, input_channels, None, None, None))
+        check_kernel_fits(layer, input_channels)
         layer.build(shape)
     elif input_channels is not None and input_channels != layer.input_channels:
         raise ArgumentError(f"--input-channels {input_channels} does not match the weights "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import click
 
@@ -24,14 +25,15 @@ def layers(model, as_json):
     rows = []
     with ModelFile(model) as mf:
         for entry in mf.layers:
-            w = entry.load_weights()
+            w = entry.weight_shapes()  # headers only: no weights are read
             cfg = entry.config or {}
             rows.append({
                 "name": entry.name, "class_name": entry.class_name,
-                "kernel_shape": list(w["kernel"].shape),
+                "kernel_shape": list(w["kernel"]),
                 "strides": cfg.get("strides"), "padding": cfg.get("padding"),
                 "dilation_rate": cfg.get("dilation_rate"), "activation": _act(cfg.get("activation")),
-                "params": int(w["kernel"].size + (w["bias"].size if w["bias"] is not None else 0)),
+                "params": math.prod(w["kernel"]) + (math.prod(w["bias"])
+                                                    if w["bias"] is not None else 0),
                 "dtype": _policy(cfg.get("dtype")),
                 "keras_version": 2 if entry.keras2 else 3,
             })

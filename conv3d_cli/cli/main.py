@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import traceback
@@ -101,6 +102,8 @@ def cli(debug):
       conv3d preview scan.nii.gz out.nii.gz -o slices.png
       conv3d layers model.keras
     """
+    if debug:  # libraries' own logs (Dask's) are kept only when debugging
+        logging.getLogger("conv3d").setLevel(logging.DEBUG)
 
 
 def _register():

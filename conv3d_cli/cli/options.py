@@ -32,13 +32,27 @@ def shape_tuple(ctx, param, value):
     return result
 
 
+def chunk_shape(ctx, param, value):
+    """``64`` -> (64, 64, 64), ``32,64,64`` -> (32, 64, 64): one size per spatial axis."""
+    result = shape_tuple(ctx, param, value)
+    if result is None:
+        return None
+    if len(result) == 1:
+        return result * 3
+    if len(result) != 3:
+        raise click.BadParameter(f"expected 3 sizes D,H,W (or one for all three), got {value!r}",
+                                 ctx=ctx, param=param)
+    return result
+
+
 def memory_size(ctx, param, value):
     if value is None:
         return None
     try:
         return parse_memory(value)
     except ArgumentError as exc:
-        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+        raise click.BadParameter(str(exc).replace("Invalid `memory_limit`: ", ""),
+                                 ctx=ctx, param=param) from None
 
 
 # Every Keras argument of the two layers, in kebab-case, mapped to its keyword.
@@ -73,8 +87,8 @@ LAYER_OPTIONS = [
                  help="Keras dtype policy: float32 (default: keras.json floatx), float64, "
                       "float16, bfloat16, mixed_float16 or mixed_bfloat16 (float32 weights, "
                       "float16/bfloat16 computation and result)."),
-    click.option("--seed", type=int, default=None,
-                 help="Seed for random initializers that have none."),
+    click.option("--seed", type=click.IntRange(min=0), default=None,
+                 help="Seed (>= 0) for random initializers that have none."),
     click.option("--config", "config", type=click.Path(dir_okay=False), default=None,
                  help="A Keras layer config (JSON); options given here override it."),
     click.option("--weights", type=click.Path(dir_okay=False), default=None,
@@ -104,7 +118,7 @@ ENGINE_OPTIONS = [
                  help="Worker processes. Default: the cores this process may use."),
     click.option("--memory-limit", callback=memory_size, default=None, metavar="SIZE",
                  help="Peak memory to stay under, e.g. 512M, 4G. Default: half the available RAM."),
-    click.option("--chunk-shape", callback=shape_tuple, default=None, metavar="D,H,W",
+    click.option("--chunk-shape", callback=chunk_shape, default=None, metavar="D,H,W",
                  help="Force the output tile shape."),
 ]
 
@@ -127,11 +141,13 @@ layer_options = apply_options(LAYER_OPTIONS)
 engine_options = apply_options(ENGINE_OPTIONS)
 
 
-def layer_from_kwargs(kwargs, input=None, input_shape=None, input_channels=None):
+def layer_from_kwargs(kwargs, input=None, input_shape=None, input_channels=None,
+                      memory_limit=None):
     """Build the layer from the parsed options (pops them from ``kwargs``).
 
     INPUT (its header), ``--input-shape`` or ``--input-channels`` give a
-    ``--kernel`` its voxel size and input channels."""
+    ``--kernel`` its voxel size and input channels; weights files (and named
+    kernels) declaring more than ``memory_limit`` bytes are refused unread."""
     from ..api import build_layer
     overrides = {k: kwargs.pop(k) for k in KERAS_KEYS}
     kernel, voxel_size = kwargs.pop("kernel"), kwargs.pop("voxel_size")
@@ -145,5 +161,6 @@ def layer_from_kwargs(kwargs, input=None, input_shape=None, input_channels=None)
                        overrides=overrides, weights=kwargs.pop("weights"),
                        seed=kwargs.pop("seed"),
                        apply_constraints=kwargs.pop("apply_constraints"),
-                       layer_name=kwargs.pop("layer_name"), kernel=kernel, **context)
+                       layer_name=kwargs.pop("layer_name"), kernel=kernel,
+                       memory_limit=memory_limit, **context)
 

@@ -68,7 +68,7 @@ def run(input, output, save_weights, output_dtype, report, overwrite, scheduler,
     # Every output path is checked before any work; the small files are written
     # under temporary names and put in place only once OUTPUT is (_SideFiles).
     side = _SideFiles(output, save_weights, report, overwrite)
-    layer = layer_from_kwargs(kwargs, input=input)
+    layer = layer_from_kwargs(kwargs, input=input, memory_limit=memory_limit)
     try:
         result = apply_to_file(layer, input, output, overwrite=overwrite, method=method.lower(),
                                workers=workers, memory_limit=memory_limit,

@@ -31,7 +31,8 @@ def shape(input, input_shape, as_json, **kwargs):
         raise ArgumentError("give either INPUT or --input-shape (not both)")
     method, workers = kwargs.pop("method"), kwargs.pop("workers")
     memory_limit, chunk_shape = kwargs.pop("memory_limit"), kwargs.pop("chunk_shape")
-    layer = layer_from_kwargs(kwargs, input=input, input_shape=input_shape)
+    layer = layer_from_kwargs(kwargs, input=input, input_shape=input_shape,
+                              memory_limit=memory_limit)
     vol = open_volume(input, header_only=True) if input is not None else None
     try:
         info, _, _ = describe(layer, input_shape=input_shape, volume=vol, method=method.lower(),

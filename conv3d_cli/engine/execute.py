@@ -11,10 +11,12 @@ opens its own file handles (the sources reopen lazily after a fork).
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from concurrent.futures import (FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor,
+                                as_completed, wait)
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
 
@@ -214,6 +216,10 @@ def out_ranges(job, tile):
     return ranges
 
 
+# Tasks submitted to the process pool per worker at a time (one running, one
+# queued so a worker never waits for the parent).
+IN_FLIGHT = 2
+
 # State of a forked worker (inherited from the parent at fork time).
 _CTX: dict = {}
 
@@ -313,17 +319,29 @@ def execute(job, plan, source, sink, want_sums=False, progress=None, executor="p
         _CTX.update(job=job, plan=plan, source=source, sink=sink, want_sums=want_sums)
         ctx = multiprocessing.get_context("fork")
         try:
-            with signals.blocked():  # the first submit forks the workers
-                pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                                           initargs=(threads, os.getpid()))
-                futures = [pool.submit(_run_in_worker, i) for i in indices]
+            pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                                       initargs=(threads, os.getpid()))
+            # At most IN_FLIGHT tasks per worker are submitted at a time, and a
+            # finished one is dropped once written: blocks a single-writer sink
+            # gets back wait in this process, and must not pile up there.
+            todo = iter(indices)
+            pending = set()
             try:
-                for fut in as_completed(futures):
-                    index, y, sums = fut.result()
-                    tile = plan.tiles[index]
-                    if y is not None:
-                        sink.write(tile.b0, tile.b1, out_ranges(job, tile), y)
-                    done(index, sums)
+                while True:
+                    with signals.blocked():  # a submit may fork a worker
+                        for index in itertools.islice(todo, IN_FLIGHT * workers - len(pending)):
+                            pending.add(pool.submit(_run_in_worker, index))
+                    if not pending:
+                        break
+                    ready, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for fut in ready:
+                        index, y, sums = fut.result()
+                        tile = plan.tiles[index]
+                        if y is not None:
+                            sink.write(tile.b0, tile.b1, out_ranges(job, tile), y)
+                        del y
+                        done(index, sums)
+                    del ready, fut
             except BaseException:
                 with signals.shielded():
                     stop_pool(pool)

@@ -16,6 +16,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
+import numpy as np
 from scipy import fft as sfft
 
 from ..errors import ArgumentError
@@ -31,6 +32,11 @@ JIT_MARGIN = 48 << 20
 WORKER_PRIVATE = 64 << 20
 # Work below this many FLOPs is not worth splitting for parallelism.
 MIN_PARALLEL_FLOPS = 2e8
+# A plan is a list of tiles held in memory: more than this many is a volume
+# far too large for the memory limit (a 4 TB volume in 64 MiB tiles needs 2^16).
+MAX_TILES = 1 << 18
+# Larger --memory-limit values are typing errors, not memory (1 EiB).
+MAX_MEMORY_LIMIT = 1 << 60
 
 
 @dataclass(frozen=True)
@@ -74,17 +80,29 @@ def parse_memory(text) -> int:
     """``"512M"``, ``"4G"``, ``"1.5GiB"``, ``"1000000"`` -> bytes."""
     if text is None:
         return default_memory_limit()
+    shown = repr(text) if len(repr(text)) <= 40 else repr(text)[:37] + "..."
+    if isinstance(text, bool):
+        raise ArgumentError(f"Invalid `memory_limit`: {shown}. Expected a size in bytes.")
     if isinstance(text, (int, float)):
+        if not math.isfinite(text):
+            raise ArgumentError(f"Invalid `memory_limit`: {shown}. Expected a finite size.")
         value = int(text)
     else:
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b)?\s*", str(text), re.I)
+        m = re.fullmatch(r"\s*([0-9]{0,30}\.?[0-9]{1,30})\s*([kmgt]?)(i?b)?\s*", str(text), re.I)
         if not m:
             raise ArgumentError(
-                f"Invalid `memory_limit`: {text!r}. Expected a size like 512M, 4G or 2.5GiB.")
+                f"Invalid `memory_limit`: {shown}. Expected a size like 512M, 4G or 2.5GiB.")
         value = int(float(m.group(1)) * 1024 ** "_kmgt".index((m.group(2) or "_").lower()))
     if value <= 0:
-        raise ArgumentError(f"Invalid `memory_limit`: {text!r}. Expected a positive size.")
+        raise ArgumentError(f"Invalid `memory_limit`: {shown}. Expected a positive size.")
+    if value > MAX_MEMORY_LIMIT:
+        raise ArgumentError(f"Invalid `memory_limit`: {shown}. Expected at most 1 EiB.")
     return value
+
+
+def format_bytes(n) -> str:
+    """``123456789`` -> ``"118 MiB"`` (what the messages print)."""
+    return _mib(n)
 
 
 def default_memory_limit() -> int:
@@ -157,14 +175,15 @@ def make_plan(job, method, memory_limit=None, workers=1, chunk_shape=None,
     limit = parse_memory(memory_limit)
     out = job.out_spatial
     whole = job.whole_axis
+    asked = workers
     forked = workers if processes and workers > 1 else 0
-    base = process_baseline() + forked * WORKER_PRIVATE
+    base = _baseline(job, forked)
     budget = (limit - base) // max(workers, 1)
     min_len = [max(4, 2 * (g.ke - 1)) for g in job.geoms]
     nb = 1
     notes = []
     if chunk_shape is not None:
-        tile = [min(c, n) for c, n in zip(chunk_shape, out)]
+        tile = [min(c, n) for c, n in zip(_chunk_shape(chunk_shape), out)]
         if whole is not None and tile[whole] < out[whole]:
             # The activation needs whole rows along W: widen the tile rather
             # than refuse the run.
@@ -172,6 +191,11 @@ def make_plan(job, method, memory_limit=None, workers=1, chunk_shape=None,
                 f"chunk_shape W widened from {tile[whole]} to the whole axis ({out[whole]}): "
                 f"the '{job.activation.name}' activation acts along W under channels_first")
             tile[whole] = out[whole]
+        workers, note = _workers_for_forced_tile(job, tile, method, limit, workers, processes,
+                                                 chunk_shape)
+        notes += [note] if note else []
+        forked = workers if processes and workers > 1 else 0
+        base = _baseline(job, forked)
     else:
         tile = list(out)
         while tile_bytes(job, 1, tile, method) > budget:
@@ -202,13 +226,59 @@ def make_plan(job, method, memory_limit=None, workers=1, chunk_shape=None,
                 if axis is None:
                     break
                 tile[axis] = -(-out[axis] // (-(-out[axis] // tile[axis]) * 2))  # even pieces
+    count = _count(job.batch, nb, out, tile)
+    if count > MAX_TILES:
+        raise ArgumentError(
+            f"this job would need {count} tiles of {tuple(tile)} x {nb} batch, more than "
+            f"{MAX_TILES}: the volume ({job.batch} x {'x'.join(map(str, out))} output voxels) "
+            f"is too large for `memory_limit` {_mib(limit)}. Raise --memory-limit.")
     tiles = [Tile(b, min(b + nb, job.batch), box)
              for b in range(0, job.batch, nb) for box in _boxes(out, tile)]
     return Plan(method=method, tile_shape=tuple(tile), batch_per_tile=nb, tiles=tiles,
                 tile_bytes=tile_bytes(job, nb, tile, method),
                 workers=max(1, min(workers, len(tiles))),
-                threads=max(1, workers // max(1, min(workers, len(tiles)))),
+                threads=max(1, asked // max(1, min(workers, len(tiles)))),
                 memory_limit=limit, process_bytes=base, notes=tuple(notes))
+
+
+def _baseline(job, forked):
+    """Bytes besides the tiles: this process now, each forked worker's private
+    pages, and each computing process's copy of the kernel as per-tap matrices
+    (``Job.taps``, made where tiles are computed: once here, or once per worker)."""
+    taps = math.prod(job.kernel.shape) * job.work_dtype.itemsize if job.kernel is not None else 0
+    return process_baseline() + forked * WORKER_PRIVATE + max(forked, 1) * taps
+
+
+def _chunk_shape(chunk_shape):
+    """Three positive tile sizes (D, H, W), or an error saying what was received."""
+    try:
+        sizes = tuple(chunk_shape)
+    except TypeError:
+        sizes = None
+    if sizes is None or len(sizes) != 3 or any(
+            isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n <= 0 for n in sizes):
+        raise ArgumentError(f"Invalid `chunk_shape`: {chunk_shape!r}. Expected 3 positive "
+                            "integers D,H,W (--chunk-shape 32,64,64).")
+    return [int(n) for n in sizes]
+
+
+def _workers_for_forced_tile(job, tile, method, limit, workers, processes, asked):
+    """(tiles computed at once, note): a forced tile shape is kept; as many
+    tiles run at once as fit ``limit``, none if one does not fit."""
+    per = tile_bytes(job, 1, tile, method)
+    for n in range(workers, 0, -1):
+        forked = n if processes and n > 1 else 0
+        if _baseline(job, forked) + n * per <= limit:
+            if n == workers:
+                return workers, ""
+            return n, (f"{n} of the {workers} workers run at once: each "
+                       f"{'x'.join(map(str, tile))} tile (--chunk-shape) needs about "
+                       f"{_mib(per)} and the memory limit is {_mib(limit)}")
+    need = _baseline(job, 0) + per
+    raise ArgumentError(
+        f"--chunk-shape {','.join(map(str, asked))}: a {'x'.join(map(str, tile))} tile needs "
+        f"about {_mib(per)} ({_mib(need)} with the process itself), more than "
+        f"`memory_limit` {_mib(limit)}. Give a smaller --chunk-shape or raise --memory-limit.")
 
 
 def _axis_to_split(tile, whole, order, min_len):
@@ -229,7 +299,7 @@ def _mib(n):
 
 
 def _count(batch, nb, out, tile):
-    return -(-batch // nb) * math.prod(-(-n // t) for n, t in zip(out, tile))
+    return -(-batch // nb) * math.prod(-(-n // max(t, 1)) for n, t in zip(out, tile))
 
 
 def _boxes(out, tile):

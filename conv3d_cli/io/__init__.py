@@ -23,7 +23,7 @@ from .hdf5 import (DEFAULT_DATASET, H5Writer, copy_dataset_into, existing_datase
                    has_hdf5_signature, open_hdf5)
 from .nifti import create_nifti, gzip_file, open_nifti
 from .npy import create_npy, open_npy
-from .paths import VolumeSpec, parse_spec, refuse_input
+from .paths import VolumeSpec, check_input_path, parse_spec, refuse_input
 from .tempfiles import FolderLock, check_writable_dir, place, remove_stale, temp_path
 
 log = logging.getLogger("conv3d_cli")
@@ -76,6 +76,7 @@ def open_volume(spec, role="INPUT", header_only=False, tmp_dir=None) -> InputVol
     """
     if not isinstance(spec, VolumeSpec):
         spec = parse_spec(spec, role)
+    check_input_path(spec.path, spec.path, directory=spec.format == "zarr")
     if spec.format == "npy":
         return InputVolume(spec, open_npy(spec.path))
     if spec.format == "hdf5":

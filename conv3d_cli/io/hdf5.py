@@ -3,13 +3,18 @@
 Reads slice the dataset (h5py reads only the chunks a region touches);
 worker processes reopen the file after a fork. Writes go through a single
 writer (HDF5 files do not take concurrent writers); the output dataset is
-chunked and compressed and its parent groups are created. External links,
-external storage and virtual datasets are not followed.
+chunked and compressed and its parent groups are created. Links out of the
+file (external links, anywhere on a dataset's path), external storage and
+virtual datasets are not followed (:func:`lookup`).
 """
 
 from __future__ import annotations
 
+import faulthandler
+import math
 import os
+import select
+import signal
 
 import h5py
 import numpy as np
@@ -17,22 +22,106 @@ import numpy as np
 from .. import signals
 from ..errors import VolumeError
 from .npy import check_dtype
+from .paths import check_input_path
 
 DEFAULT_DATASET = "/data"
+
+
+# Soft links followed while resolving one path before it is taken for a loop.
+MAX_SOFT_LINKS = 40
+# A region read decompresses whole chunks: larger ones are refused.
+MAX_CHUNK_BYTES = 1 << 30
+# Seconds a file's structure may take to read before it is taken for a loop.
+DEFAULT_PROBE_SECONDS = 30.0
 
 
 def _datasets(f):
     found = []
 
-    def visit(name, obj):
+    def visit(name, obj):  # visits objects reached through hard links only
         if isinstance(obj, h5py.Dataset):
             found.append("/" + name)
     f.visititems(visit)
     return found
 
 
+def _parts(path):
+    return [p for p in path.split("/") if p not in ("", ".")]
+
+
+def lookup(f, path, where, error=VolumeError):
+    """``(hard path, object)`` at ``path`` in the open file ``f``, or None if there is none.
+
+    Opening a path makes HDF5 follow every link on it silently, external links
+    into any file on the machine included. So each component is looked at as a
+    link first, from the root: an external (or user-defined) link anywhere is
+    refused; a soft link is replaced by its target path (absolute, or relative to
+    the group holding it), whose components are checked the same way; a soft
+    link to nothing is reported. The object is then opened by the path of hard
+    links found. ``where`` names the file in messages.
+    """
+    pending, current, hops, via = _parts(path), "/", 0, None
+    while pending:
+        name = pending.pop(0)
+        group = f[current]
+        shown = current.rstrip("/") + "/" + name
+        if not isinstance(group, h5py.Group):
+            raise error(f"{where}: {path}: {current} is a dataset, not a group")
+        link = group.get(name, getlink=True)
+        if link is None:
+            if via is not None:
+                raise error(f"{where}: {path}: the soft link {via[0]} points to {via[1]}, "
+                            f"which does not exist (a dangling link; {shown} is missing)")
+            return None
+        if isinstance(link, h5py.ExternalLink):
+            raise error(f"{where}: {shown} is an external link (to {link.filename}:{link.path}); "
+                        "external links are not followed")
+        if isinstance(link, h5py.SoftLink):
+            hops += 1
+            if hops > MAX_SOFT_LINKS:
+                raise error(f"{where}: {path}: more than {MAX_SOFT_LINKS} soft links on the way "
+                            "(a loop?)")
+            via = (shown, link.path)
+            if link.path.startswith("/"):
+                current = "/"
+            pending = _parts(link.path) + pending
+            continue
+        if not isinstance(link, h5py.HardLink):
+            raise error(f"{where}: {shown} is a user-defined link; only hard and soft links "
+                        "inside the file are followed")
+        current = shown
+    return current, f[current]
+
+
+def resolve(f, path, where, error=VolumeError, what="object", holds=None):
+    """Like :func:`lookup`, but a missing object is an error (``holds()`` lists what is there)."""
+    found = lookup(f, path, where, error)
+    if found is None:
+        listing = holds() if holds is not None else ""
+        raise error(f"{where}: no {what} {path}{listing}")
+    return found
+
+
+def check_plain_dataset(obj, where, error=VolumeError):
+    """Refuse what is not a plain dataset of this file: groups, virtual datasets
+    (whose data live in other files) and external raw storage."""
+    if isinstance(obj, h5py.Group):
+        raise error(f"{where} is a group, not a dataset; it holds: "
+                    f"{', '.join(sorted(obj.keys())) or 'nothing'}")
+    if not isinstance(obj, h5py.Dataset):
+        raise error(f"{where} is a named datatype, not a dataset")
+    if obj.is_virtual or obj.external:
+        raise error(f"{where} is a virtual or externally stored dataset; these are not followed")
+    if obj.shape is None:
+        raise error(f"{where} is an empty (null) dataset: it holds no array")
+    return obj
+
+
 class H5Array:
-    """A dataset opened lazily (per process) for region reads."""
+    """A dataset opened lazily (per process) for region reads.
+
+    ``dataset`` is the dataset's path through hard links (see :func:`lookup`),
+    so reopening it in a worker follows no link."""
 
     def __init__(self, path, dataset):
         self.path, self.dataset = path, dataset
@@ -48,7 +137,11 @@ class H5Array:
         return self._file[self.dataset]
 
     def __getitem__(self, idx):
-        return self._ds()[idx]
+        try:
+            return self._ds()[idx]
+        except (OSError, KeyError, RuntimeError) as exc:  # corrupt chunks, filters, I/O
+            raise VolumeError(f"{self.path}:{self.dataset}: cannot read the data "
+                              f"({_reason(exc)})") from None
 
     def close(self):
         if self._file is not None and self._pid == os.getpid():
@@ -61,37 +154,117 @@ class H5Array:
         return state
 
 
+def _reason(exc):
+    """An h5py/HDF5 error message without its Python class or 'synchronously'."""
+    text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+    return text.replace("Unable to synchronously ", "unable to ").replace(
+        "Can't synchronously ", "can't ")
+
+
 def open_hdf5(path, dataset=None) -> H5Array:
-    if not os.path.exists(path):
-        raise VolumeError(f"{path}: no such file")
+    check_input_path(path, path)
+    probe(lambda: _inspect(path, dataset, corner=True), path, VolumeError)
+    return H5Array(path, _inspect(path, dataset))
+
+
+def _inspect(path, dataset, corner=False):
+    """The hard path of the input dataset, after every check (``corner``: and read
+    one voxel, which walks the chunk index once)."""
     try:
         f = h5py.File(path, "r")
-    except OSError as exc:
-        raise VolumeError(f"{path}: not a valid HDF5 file ({exc})") from None
-    with f:
-        if dataset is None:
-            names = _datasets(f)
-            if len(names) != 1:
+    except (OSError, ValueError) as exc:
+        raise VolumeError(f"{path}: not a valid HDF5 file ({_reason(exc)})") from None
+    try:
+        with f:
+            if dataset is None:
+                names = _datasets(f)
+                if len(names) != 1:
+                    raise VolumeError(
+                        f"{path}: name the dataset as {path}:/path; the file holds "
+                        f"{len(names)} datasets{': ' + ', '.join(names) if names else ''}")
+                dataset = names[0]
+
+            def holds():
+                return f"; the file holds: {', '.join(_datasets(f)) or 'no datasets'}"
+            hard, obj = resolve(f, dataset, path, what="dataset", holds=holds)
+            check_plain_dataset(obj, f"{path}:{dataset}")
+            check_dtype(obj.dtype, f"{path}:{dataset}")
+            if obj.chunks is not None and \
+                    math.prod(obj.chunks) * obj.dtype.itemsize > MAX_CHUNK_BYTES:
                 raise VolumeError(
-                    f"{path}: name the dataset as {path}:/path; the file holds "
-                    f"{len(names)} datasets{': ' + ', '.join(names) if names else ''}")
-            dataset = names[0]
-        link = f.get(dataset, getlink=True)
-        if link is None:
-            names = _datasets(f)
-            raise VolumeError(f"{path}: no dataset {dataset}; the file holds: "
-                              f"{', '.join(names) or 'no datasets'}")
-        if isinstance(link, h5py.ExternalLink):
-            raise VolumeError(f"{path}:{dataset} is an external link; external links are not followed")
-        obj = f[dataset]
-        if not isinstance(obj, h5py.Dataset):
-            raise VolumeError(f"{path}:{dataset} is a group, not a dataset; it holds: "
-                              f"{', '.join(sorted(obj.keys()))}")
-        if obj.is_virtual or obj.external:
-            raise VolumeError(f"{path}:{dataset} is a virtual or externally stored dataset; "
-                              "these are not followed")
-        check_dtype(obj.dtype, f"{path}:{dataset}")
-    return H5Array(path, dataset)
+                    f"{path}:{dataset}: chunks of {obj.chunks} take more than "
+                    f"{MAX_CHUNK_BYTES >> 20} MiB each; a region read decompresses whole "
+                    "chunks, so rechunk the dataset (h5repack -l CHUNK=...)")
+            if corner and obj.size:
+                obj[(0,) * obj.ndim]
+    except (OSError, KeyError, RuntimeError, ValueError) as exc:  # a corrupt file's structure
+        raise VolumeError(f"{path}: corrupt HDF5 file ({_reason(exc)})") from None
+    return hard
+
+
+def probe_timeout() -> float:
+    text = os.environ.get("CONV3D_HDF5_TIMEOUT")
+    try:
+        value = float(text) if text is not None else DEFAULT_PROBE_SECONDS
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 1e6:
+        raise VolumeError(f"CONV3D_HDF5_TIMEOUT={str(text)[:40]!r}: expected a number of "
+                          "seconds greater than 0")
+    return value
+
+
+_IN_PROBE = False
+
+
+def probe(work, where, error, timeout=None):
+    """Run ``work()`` once in a forked child first, and refuse the file if the
+    child does not finish within ``timeout`` seconds or crashes.
+
+    libhdf5 loops forever on some damaged files (reading an attribute or a
+    B-tree whose links form a cycle: HDFGroup/hdf5 issue 1707) and no signal
+    interrupts it; only a separate process can be stopped. The child's own
+    errors are ignored: the caller runs ``work`` again and reports them."""
+    global _IN_PROBE
+    if _IN_PROBE or not hasattr(os, "fork"):
+        return
+    timeout = probe_timeout() if timeout is None else timeout
+    done_r, done_w = os.pipe()  # closed by the child's exit, however it exits
+    pid = os.fork()
+    if pid == 0:  # the child: no cleanup handlers, no output
+        _IN_PROBE = True
+        os.close(done_r)
+        faulthandler.disable()  # a crash is reported by the parent, in one line
+        try:
+            work()
+        except BaseException:
+            pass
+        os._exit(0)
+    os.close(done_w)
+    status = _wait(pid, done_r, timeout)
+    if status is None:
+        raise error(f"{where}: reading its HDF5 structure did not finish within "
+                    f"{timeout:g} s; the file is corrupt (libhdf5 loops on some damaged "
+                    "files; CONV3D_HDF5_TIMEOUT sets the wait)")
+    if os.WIFSIGNALED(status):
+        raise error(f"{where}: libhdf5 crashed reading the file "
+                    f"({signal.Signals(os.WTERMSIG(status)).name}); the file is corrupt")
+
+
+def _wait(pid, done, timeout):
+    """The child's exit status, or None (and the child killed) after ``timeout``
+    seconds; the child is killed too if this wait is interrupted. ``done`` reads
+    end-of-file when the child has exited."""
+    status = None
+    try:
+        if select.select([done], [], [], timeout)[0]:
+            status = os.waitpid(pid, 0)[1]
+        return status
+    finally:
+        os.close(done)
+        if status is None:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
 
 
 class H5Writer:
@@ -152,18 +325,37 @@ def existing_dataset(path, dataset, what):
     """What ``dataset`` is in the existing HDF5 file: "dataset", "group" or None.
 
     None too when the file cannot be read now because another process holds
-    it locked: the commit checks again.
+    it locked: the commit checks again. The file's structure is read in a
+    child process first (:func:`probe`), as an input's is: libhdf5 loops
+    forever on some damaged files, and an existing output must not hang the
+    run. The dataset's path is resolved link by link (:func:`lookup`): an
+    external link on it is refused rather than followed into another file.
     """
+    probe(lambda: _existing(path, dataset, what), what, VolumeError)
+    return _existing(path, dataset, what)
+
+
+def _existing(path, dataset, what):
+    """:func:`existing_dataset`'s reading: the structure the commit walks."""
     try:
         with h5py.File(path, "r") as f:
-            obj = f.get(dataset, getlink=True)
-            if obj is None:
+            parent_path, _, leaf = dataset.rstrip("/").rpartition("/")
+            parent = lookup(f, parent_path or "/", what)
+            if parent is None:  # the commit creates the groups
                 return None
-            return "dataset" if isinstance(f.get(dataset), h5py.Dataset) else "group"
+            if not isinstance(parent[1], h5py.Group):
+                raise VolumeError(f"{what}: {parent_path} is a dataset, not a group")
+            list(parent[1])  # the commit lists it (for datasets left by killed runs)
+            found = lookup(f, f"{parent[0].rstrip('/')}/{leaf}", what)
+            if found is None:
+                return None
+            return "dataset" if isinstance(found[1], h5py.Dataset) else "group"
     except OSError as exc:
         if is_lock_error(exc):
             return None
         raise VolumeError(f"{what}: an HDF5 file that cannot be read ({exc})") from None
+    except (KeyError, RuntimeError, ValueError) as exc:  # a corrupt file's structure
+        raise VolumeError(f"{what}: corrupt HDF5 file ({_reason(exc)})") from None
 
 
 def copy_dataset_into(src_path, dataset, dst_path, overwrite, what):

@@ -14,17 +14,23 @@
 
 Nothing in a file is executed: configs are JSON read as data, only the two
 convolution classes are built, zip members are checked (no path traversal,
-bounded sizes), and HDF5 external links and virtual datasets are refused.
+bounded sizes, no encryption), HDF5 paths are resolved link by link (an
+external link anywhere on a path, or a virtual dataset, is refused), and the
+size a weights dataset declares is checked before it is read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import lzma
+import math
 import os
 import re
 import shutil
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 
 import h5py
@@ -32,6 +38,8 @@ import numpy as np
 
 from ..errors import WeightsError
 from ..layers.args import BFLOAT16
+from .hdf5 import check_plain_dataset, lookup, probe, resolve
+from .paths import check_input_path
 from .tempfiles import remove_stale, temp_path
 
 CONV_CLASSES = {"Conv3D": "Conv3D", "Convolution3D": "Conv3D",
@@ -41,6 +49,11 @@ MODEL_CLASSES = {"Functional", "Sequential", "Model"}
 MAX_JSON_BYTES = 64 << 20
 MAX_WEIGHTS_BYTES = 64 << 30
 MAX_COMPRESSION_RATIO = 200
+# Models nested in models deeper than this are taken for a malicious config.
+MAX_MODEL_DEPTH = 64
+# What a .zip member or an HDF5 file can raise when it is corrupt.
+CORRUPT = (OSError, EOFError, KeyError, RuntimeError, TypeError, zipfile.BadZipFile,
+           zlib.error, lzma.LZMAError, NotImplementedError)
 
 
 def to_snake_case(name: str) -> str:
@@ -58,16 +71,38 @@ class LayerEntry:
     class_name: str | None        # "Conv3D", "Conv3DTranspose", None if the file does not say
     config: dict | None           # the layer's get_config(), None in a weights-only file
     keras2: bool
-    _weights: tuple = field(repr=False, default=None)  # (h5 file path, dataset paths)
+    # (h5 file path, dataset paths, the user's file as named in messages)
+    _weights: tuple = field(repr=False, default=None)
 
-    def load_weights(self):
-        """{"kernel": array, "bias": array or None} read from the file."""
-        path, datasets = self._weights
-        with _open_h5(path) as f:
-            arrays = [_read_dataset(f, p, path) for p in datasets]
-        if not arrays:
-            raise WeightsError(f"{path}: layer {self.name} has no weights in the file")
+    def load_weights(self, max_bytes=None):
+        """{"kernel": array, "bias": array or None} read from the file.
+
+        The datasets' declared sizes are checked against ``max_bytes`` first:
+        a few compressed megabytes can declare gigabytes."""
+        path, datasets, label = self._weights
+        with _corrupt_is_an_error(label), _open_h5(path, label) as f:
+            found = [_weights_dataset(f, p, label) for p in datasets]
+            if not found:
+                raise WeightsError(f"{label}: layer {self.name} has no weights in the file")
+            declared = sum(_nbytes(ds) for _, ds in found)
+            if max_bytes is not None and declared > max_bytes:
+                shapes = " and ".join(f"{ds.shape} {ds.dtype}" for _, ds in found)
+                raise WeightsError(
+                    f"{label}: the weights of layer {self.name} ({shapes}) take "
+                    f"{_mib(declared)}, more than the memory limit of {_mib(max_bytes)} "
+                    "(--memory-limit)")
+            arrays = [_read(ds, p, label) for p, ds in found]
         return {"kernel": arrays[0], "bias": arrays[1] if len(arrays) > 1 else None}
+
+    def weight_shapes(self):
+        """{"kernel": shape, "bias": shape or None}, read from the headers only."""
+        path, datasets, label = self._weights
+        with _corrupt_is_an_error(label), _open_h5(path, label) as f:
+            shapes = [tuple(ds.shape) for _, ds in (_weights_dataset(f, p, label)
+                                                    for p in datasets)]
+        if not shapes:
+            raise WeightsError(f"{label}: layer {self.name} has no weights in the file")
+        return {"kernel": shapes[0], "bias": shapes[1] if len(shapes) > 1 else None}
 
 
 class ModelFile:
@@ -78,13 +113,17 @@ class ModelFile:
         self._temp = None
         self.layers: list[LayerEntry] = []
         self.kind = ""
-        if not os.path.exists(self.path):
-            raise WeightsError(f"{self.path}: no such file")
+        check_input_path(self.path, self.path, WeightsError)
+        try:
+            probe(lambda: _list_all(self.path), self.path, WeightsError)
+        except WeightsError:  # the child was stopped: remove what it had unpacked
+            remove_stale(tempfile.gettempdir())
+            raise
         try:
             if zipfile.is_zipfile(self.path):
                 self._read_keras_zip()
             elif h5py.is_hdf5(self.path):
-                self._read_h5(self.path)
+                self._read_h5(self.path, self.path)
             else:
                 raise WeightsError(f"{self.path}: neither a Keras .keras archive nor an HDF5 file")
         except BaseException:  # no `with` block will close it: remove the unpacked weights now
@@ -131,6 +170,9 @@ class ModelFile:
                     name = info.filename
                     if name.startswith(("/", "\\")) or ".." in name.replace("\\", "/").split("/"):
                         raise WeightsError(f"{self.path}: unsafe path in archive: {name!r}")
+                    if info.flag_bits & 0x1:
+                        raise WeightsError(f"{self.path}: archive member {name} is encrypted; "
+                                           "Keras archives are not")
                     if info.file_size > MAX_WEIGHTS_BYTES or (
                             info.compress_size and info.file_size > 1 << 20
                             and info.file_size / info.compress_size > MAX_COMPRESSION_RATIO):
@@ -148,112 +190,202 @@ class ModelFile:
                 weights = os.path.join(self._temp, "model.weights.h5")
                 with z.open(members["model.weights.h5"]) as src, open(weights, "wb") as dst:
                     _copy_bounded(src, dst, MAX_WEIGHTS_BYTES, self.path)
-        except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        except WeightsError:
+            raise
+        except (*CORRUPT, ValueError) as exc:
             raise WeightsError(f"{self.path}: corrupt or truncated Keras archive ({exc})") from None
-        keras2 = str(meta.get("keras_version", "3")).startswith("2")
-        self._from_config(config, weights, keras2, legacy=False)
+        if not isinstance(config, dict):
+            raise WeightsError(f"{self.path}: config.json is not a JSON object "
+                               "(a Keras model config)")
+        version = meta.get("keras_version", "3") if isinstance(meta, dict) else "3"
+        keras2 = str(version).startswith("2")
+        label = f"{self.path} (its model.weights.h5)"
+        if not h5py.is_hdf5(weights):
+            raise WeightsError(f"{label}: not an HDF5 file")
+        self._guarded(lambda: self._from_config(config, weights, keras2, legacy=False,
+                                                label=label,
+                                                config_label=f"{self.path} (config.json)"),
+                      label)
 
     # ---------------------------------------------------------------- HDF5
-    def _read_h5(self, path):
-        with _open_h5(path) as f:
-            attrs = dict(f.attrs)
+    def _guarded(self, read, label):
+        with _corrupt_is_an_error(label):
+            return read()
+
+    def _read_h5(self, path, label):
+        self._guarded(lambda: self._read_h5_unguarded(path, label), label)
+
+    def _read_h5_unguarded(self, path, label):
+        with _open_h5(path, label) as f:
+            attrs = f.attrs
             version = _text(attrs.get("keras_version", ""))
             keras2 = version.startswith("2")
+            layers = lookup(f, "/layers", label, WeightsError)
             if "model_config" in attrs:
                 self.kind = "legacy_h5"
-                config = json.loads(_text(attrs["model_config"]))
-                self._from_config(config, path, keras2, legacy=True)
-            elif "layers" in f and isinstance(f["layers"], h5py.Group):
+                config = _parse_json(_text(attrs["model_config"]), f"{label}: model_config")
+                if not isinstance(config, dict):
+                    raise WeightsError(f"{label}: model_config is not a JSON object "
+                                       "(a Keras model config)")
+                self._from_config(config, path, keras2, legacy=True, label=label)
+            elif layers is not None and isinstance(layers[1], h5py.Group):
                 self.kind = "weights_h5"
-                self._from_weights_only(f, path)
-            elif "layer_names" in attrs or "model_weights" in f:
+                self._from_weights_only(f, path, label)
+            elif "layer_names" in attrs or lookup(f, "/model_weights", label, WeightsError):
                 self.kind = "legacy_weights_h5"
-                self._from_legacy_weights_only(f, path, keras2)
+                self._from_legacy_weights_only(f, path, keras2, label)
             else:
-                raise WeightsError(f"{path}: an HDF5 file, but not one Keras wrote "
+                raise WeightsError(f"{label}: an HDF5 file, but not one Keras wrote "
                                    "(no model_config, layers or layer_names)")
 
-    def _from_config(self, config, weights_path, keras2, legacy):
+    def _from_config(self, config, weights_path, keras2, legacy, label, config_label=None):
         if legacy:
-            with _open_h5(weights_path) as f:
-                root = f["model_weights"] if "model_weights" in f else f
-                index = {name: [_text(n) for n in root[name].attrs.get("weight_names", [])]
-                         for name in root if isinstance(root[name], h5py.Group)}
-                root_name = root.name
-        for entry, path in _walk_config(config):
+            with _open_h5(weights_path, label) as f:
+                root = _legacy_root(f, label)
+                index = {name: [_text(n) for n in _names(group.attrs.get("weight_names", []))]
+                         for name, group in _groups(f, root, label)}
+        for entry, path in _walk_config(config, config_label or label):
             if legacy:
                 top = entry["path"][0]
                 names = [n for n in index.get(top, [])
                          if _strip(n).split("/")[:-1][-1:] == [entry["path"][-1]]]
-                datasets = [f"{root_name}/{top}/{n}".replace("//", "/") for n in names]
+                datasets = [f"{root}/{top}/{n}".replace("//", "/") for n in names]
                 datasets = _order_kernel_bias(datasets)
             else:
                 datasets = [f"{path}/vars/0", f"{path}/vars/1"]
             self.layers.append(LayerEntry("/".join(entry["path"]), entry["class_name"],
-                                          entry["config"], keras2, (weights_path, datasets)))
+                                          entry["config"], keras2,
+                                          (weights_path, datasets, label)))
         if not legacy:
             # Keras >= 3.6 records each layer's name on its vars group: where it
             # does, that name decides; the class-name path is the fallback.
-            with _open_h5(weights_path) as f:
+            with _open_h5(weights_path, label) as f:
                 by_name = {}
 
-                def visit(name, obj):
+                def visit(name, obj):  # objects reached through hard links only
                     if isinstance(obj, h5py.Group) and name.endswith("vars") and "name" in obj.attrs:
                         by_name.setdefault(_text(obj.attrs["name"]), []).append("/" + name)
                 f.visititems(visit)
                 for e in self.layers:
                     found = by_name.get(e.name.split("/")[-1], [])
                     base = found[0] if len(found) == 1 else e._weights[1][0].rsplit("/", 1)[0]
-                    e._weights = (weights_path, [d for d in (f"{base}/0", f"{base}/1") if d in f])
+                    e._weights = (weights_path, [d for d in (f"{base}/0", f"{base}/1")
+                                                 if _listed(f, d, label)], label)
 
-    def _from_weights_only(self, f, path):
+    def _from_weights_only(self, f, path, label):
         """Keras 3 .weights.h5 without a config: layers known by their vars' name."""
-        def visit(name, obj):
+        def visit(name, obj):  # objects reached through hard links only
             if isinstance(obj, h5py.Group) and name.endswith("/vars") and "0" in obj:
-                kernel = obj["0"]
-                if isinstance(kernel, h5py.Dataset) and kernel.ndim == 5:
+                kernel = lookup(f, f"/{name}/0", label, WeightsError)
+                if kernel is not None and isinstance(kernel[1], h5py.Dataset) \
+                        and kernel[1].ndim == 5:
                     cls = "Conv3DTranspose" if name.split("/")[-2].startswith("conv3d_transpose") else "Conv3D"
-                    label = _text(obj.attrs.get("name", name[:-len("/vars")]))
+                    layer = _text(obj.attrs.get("name", name[:-len("/vars")]))
                     datasets = [f"/{name}/0"] + ([f"/{name}/1"] if "1" in obj else [])
-                    self.layers.append(LayerEntry(label, cls, None, False, (path, datasets)))
+                    self.layers.append(LayerEntry(layer, cls, None, False,
+                                                  (path, datasets, label)))
         f.visititems(visit)
 
-    def _from_legacy_weights_only(self, f, path, keras2):
-        root = f["model_weights"] if "model_weights" in f else f
-        for top in root:
-            group = root[top]
-            if not isinstance(group, h5py.Group):
-                continue
-            names = [_text(n) for n in group.attrs.get("weight_names", [])]
+    def _from_legacy_weights_only(self, f, path, keras2, label):
+        root = _legacy_root(f, label)
+        for top, group in _groups(f, root, label):
+            names = [_text(n) for n in _names(group.attrs.get("weight_names", []))]
             by_layer = {}
             for n in names:
                 layer = "/".join(_strip(n).split("/")[:-1])
                 by_layer.setdefault(layer, []).append(f"{group.name}/{n}")
             for layer, datasets in by_layer.items():
                 datasets = _order_kernel_bias(datasets)
-                shape = f[datasets[0]].shape if datasets and datasets[0] in f else ()
-                if len(shape) == 5:  # the class is not recorded: --layer tells it
-                    self.layers.append(LayerEntry(layer, None, None, keras2, (path, datasets)))
+                found = lookup(f, datasets[0], label, WeightsError) if datasets else None
+                shape = found[1].shape if found and isinstance(found[1], h5py.Dataset) else ()
+                # the class is not recorded: --layer tells it
+                if shape is not None and len(shape) == 5:
+                    self.layers.append(LayerEntry(layer, None, None, keras2,
+                                                  (path, datasets, label)))
 
 
-def _walk_config(config, prefix=(), weights_prefix=""):
+@contextlib.contextmanager
+def _corrupt_is_an_error(label):
+    """Errors h5py raises on a corrupt file (KeyError, RuntimeError, OSError...)
+    become one WeightsError naming the user's file."""
+    try:
+        yield
+    except WeightsError:
+        raise
+    except (*CORRUPT, ValueError, AttributeError) as exc:
+        reason = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        raise WeightsError(f"{label}: corrupt HDF5 file ({reason})") from None
+
+
+def _list_all(path):
+    """Everything the readers do with a model file's structure (the probe's work)."""
+    with ModelFile(path) as model:
+        for entry in model.layers:
+            entry.weight_shapes()
+
+
+def _listed(f, path, label):
+    """Whether ``path`` is there to be read; a refused link is kept, so that
+    reading this layer (not listing the file) reports it."""
+    try:
+        return lookup(f, path, label, WeightsError) is not None
+    except WeightsError:
+        return True
+
+
+def _legacy_root(f, label):
+    """Path of the group holding a legacy file's layer groups."""
+    found = lookup(f, "/model_weights", label, WeightsError)
+    return found[0] if found is not None and isinstance(found[1], h5py.Group) else "/"
+
+
+def _groups(f, root, label):
+    """(name, group) of the groups directly under ``root``, links checked."""
+    for name in f[root]:
+        found = lookup(f, f"{root.rstrip('/')}/{name}", label, WeightsError)
+        if found is not None and isinstance(found[1], h5py.Group):
+            yield name, found[1]
+
+
+def _names(value):
+    """An attribute holding a list of names (an array, or one string)."""
+    if isinstance(value, (str, bytes)):
+        return [value]
+    try:
+        return list(value)
+    except TypeError:
+        return [value]
+
+
+def _walk_config(config, label, prefix=(), weights_prefix=""):
     """Yield ({path, class_name, config}, weights path) for every convolution layer.
 
     The weights path follows saving_lib: a Functional model's ``layers`` (the
     InputLayer included) or a Sequential's (without it), each named by its
-    snake_case class with ``_N`` for repeats."""
-    if "class_name" not in config:
-        raise WeightsError("model config without a class_name")
+    snake_case class with ``_N`` for repeats. ``label`` names the file in errors."""
+    where = "/".join(prefix) or "the model"
+    if len(prefix) > MAX_MODEL_DEPTH:
+        raise WeightsError(f"{label}: models nested more than {MAX_MODEL_DEPTH} deep")
+    if not isinstance(config, dict) or "class_name" not in config:
+        raise WeightsError(f"{label}: the config of {where} is not a Keras object "
+                           "(a JSON object with a class_name)")
     cls = config["class_name"]
-    cfg = config.get("config") or {}
+    cfg = _object(config.get("config"), label, where)
     layers = cfg.get("layers") or []
+    if not isinstance(layers, list):
+        raise WeightsError(f"{label}: the layers of {where} are not a JSON list")
+    for layer in layers:
+        if not isinstance(layer, dict):
+            raise WeightsError(f"{label}: a layer of {where} is not a JSON object")
     if cls == "Sequential":
         layers = [layer for layer in layers if layer.get("class_name") != "InputLayer"]
     used = {}
     for layer in layers:
         lcls = layer.get("class_name", "")
-        lcfg = layer.get("config") or {}
+        lcls = lcls if isinstance(lcls, str) else ""
+        lcfg = _object(layer.get("config"), label, where)
         name = lcfg.get("name") or layer.get("name") or to_snake_case(lcls)
+        name = name if isinstance(name, str) else str(name)
         snake = to_snake_case(lcls)
         n = used.get(snake, 0)
         used[snake] = n + 1
@@ -262,7 +394,15 @@ def _walk_config(config, prefix=(), weights_prefix=""):
             yield ({"path": list(prefix) + [name], "class_name": CONV_CLASSES[lcls],
                     "config": lcfg}, wpath)
         elif lcls in MODEL_CLASSES or "layers" in lcfg:
-            yield from _walk_config(layer, prefix + (name,), wpath)
+            yield from _walk_config(layer, label, prefix + (name,), wpath)
+
+
+def _object(value, label, where):
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise WeightsError(f"{label}: a layer config in {where} is not a JSON object")
+    return value
 
 
 def _order_kernel_bias(datasets):
@@ -280,13 +420,23 @@ def _text(value):
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _parse_json(text, where):
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise WeightsError(f"{where} is nested too deeply to be a Keras config") from None
+    except ValueError as exc:
+        raise WeightsError(f"{where} is not valid JSON ({exc})") from None
+
+
 def _json(z, info, path):
     if info.file_size > MAX_JSON_BYTES:
         raise WeightsError(f"{path}: {info.filename} is too large")
     try:
-        return json.loads(z.read(info).decode("utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
+        text = z.read(info).decode("utf-8")
+    except UnicodeDecodeError as exc:
         raise WeightsError(f"{path}: {info.filename} is not valid JSON ({exc})") from None
+    return _parse_json(text, f"{path}: {info.filename}")
 
 
 def _copy_bounded(src, dst, limit, path):
@@ -301,27 +451,41 @@ def _copy_bounded(src, dst, limit, path):
         dst.write(chunk)
 
 
-def _open_h5(path):
+def _open_h5(path, label):
     try:
         return h5py.File(path, "r")
-    except OSError as exc:
-        raise WeightsError(f"{path}: not a readable HDF5 file ({exc})") from None
+    except (OSError, ValueError) as exc:
+        raise WeightsError(f"{label}: not a readable HDF5 file ({exc})") from None
 
 
-def _read_dataset(f, dataset, path):
-    parent, _, leaf = dataset.rpartition("/")
-    link = f[parent or "/"].get(leaf, getlink=True) if leaf else None
-    if link is None:
-        raise WeightsError(f"{path}: missing weights dataset {dataset}")
-    if isinstance(link, (h5py.ExternalLink, h5py.SoftLink)):
-        raise WeightsError(f"{path}: {dataset} is a link; links are not followed")
-    obj = f[dataset]
-    if not isinstance(obj, h5py.Dataset) or obj.is_virtual or obj.external:
-        raise WeightsError(f"{path}: {dataset} is not a plain dataset")
-    if obj.dtype.kind == "V" and obj.dtype.itemsize == 2 \
-            and _text(obj.attrs.get("dtype", "")) == "bfloat16":
-        # Keras 3 saves bfloat16 variables as opaque 2-byte values marked so.
-        return np.asarray(obj[...]).view(BFLOAT16)
+def _weights_dataset(f, dataset, label):
+    """(path, dataset) of a weights dataset, every link on its path checked."""
+    hard, obj = resolve(f, dataset, label, WeightsError, what="weights dataset")
+    check_plain_dataset(obj, f"{label}: {dataset}", WeightsError)
+    if _is_bfloat16(obj):
+        return hard, obj
     if obj.dtype.kind not in "biuf":
-        raise WeightsError(f"{path}: {dataset} does not hold real numbers ({obj.dtype})")
-    return np.asarray(obj[...])
+        raise WeightsError(f"{label}: {dataset} does not hold real numbers ({obj.dtype})")
+    return hard, obj
+
+
+def _nbytes(ds):
+    return math.prod(ds.shape) * ds.dtype.itemsize
+
+
+def _is_bfloat16(ds):
+    """Keras 3 saves bfloat16 variables as opaque 2-byte values marked so."""
+    return ds.dtype.kind == "V" and ds.dtype.itemsize == 2 \
+        and _text(ds.attrs.get("dtype", "")) == "bfloat16"
+
+
+def _read(ds, dataset, label):
+    try:
+        data = np.asarray(ds[...])
+    except (OSError, KeyError, RuntimeError) as exc:
+        raise WeightsError(f"{label}: cannot read {dataset} ({exc})") from None
+    return data.view(BFLOAT16) if _is_bfloat16(ds) else data
+
+
+def _mib(n):
+    return f"{n / (1 << 20):.0f} MiB"

@@ -8,6 +8,7 @@ import numpy as np
 from numpy.lib import format as npformat
 
 from ..errors import VolumeError
+from .paths import check_input_path
 from .rawfile import RawArrayFile
 
 
@@ -21,6 +22,7 @@ def check_dtype(dtype, where):
 
 
 def open_npy(path) -> RawArrayFile:
+    check_input_path(path, path)
     try:
         with open(path, "rb") as fh:
             version = npformat.read_magic(fh)
@@ -31,9 +33,12 @@ def open_npy(path) -> RawArrayFile:
             offset = fh.tell()
     except FileNotFoundError:
         raise VolumeError(f"{path}: no such file") from None
-    except (ValueError, EOFError, OSError, SyntaxError) as exc:
+    except Exception as exc:  # the header is parsed as a Python literal: any parse error
         raise VolumeError(f"{path}: not a valid .npy file ({exc})") from None
     check_dtype(dtype, path)
+    shape = tuple(int(n) for n in shape)
+    if any(n < 0 for n in shape):
+        raise VolumeError(f"{path}: not a valid .npy file (negative dimension in {shape})")
     arr = RawArrayFile(path, offset, shape, dtype, fortran_order=fortran)
     if os.path.getsize(path) < offset + arr.nbytes:
         raise VolumeError(f"{path}: file is truncated: header says {tuple(shape)} {dtype} "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 
 from ..errors import VolumeError
@@ -66,3 +67,24 @@ def parse_spec(text: str, role: str = "INPUT") -> VolumeSpec:
     if dataset is not None and not dataset.startswith("/"):
         dataset = "/" + dataset
     return VolumeSpec(path, FORMATS[ext], dataset)
+
+
+def check_input_path(path, where, error=VolumeError, directory=False):
+    """Refuse an input that cannot be read: missing, a directory where a file is
+    expected (or a file where a directory store is), or not a regular file (a FIFO
+    would block until someone writes to it, a device never ends). ``where`` names
+    the file or option in the message."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise error(f"{where}: no such {'store' if directory else 'file'}") from None
+    except OSError as exc:
+        raise error(f"{where}: cannot be read ({exc.strerror or exc})") from None
+    if directory:
+        if not stat.S_ISDIR(st.st_mode):
+            raise error(f"{where}: expected a directory (a Zarr store), found a file")
+    elif stat.S_ISDIR(st.st_mode):
+        raise error(f"{where}: is a directory, expected a file")
+    elif not stat.S_ISREG(st.st_mode):
+        raise error(f"{where}: not a regular file (a pipe, socket or device cannot be read "
+                    "as a volume or weights)")

@@ -6,8 +6,9 @@ store without locks as long as each chunk has one writer. Output arrays are
 therefore chunked exactly like the engine's tiles.
 
 An OME-Zarr image (a group with ``multiscales`` metadata, NGFF 0.4 in Zarr v2
-or 0.5 in Zarr v3) is read at level 0; its axes are ``[t,] [c,] z, y, x``, so
-it is a channels-first volume. The output is written as an OME-Zarr image with
+or 0.5 in Zarr v3) is read at level 0 by its ``axes``: ``[t,] [c,] z, y, x``,
+t a batch axis, so it is a channels-first volume whatever the layer's
+data_format; other axes are refused. The output is written as an OME-Zarr image with
 one level whose ``coordinateTransformations`` (scale, translation) are
 updated the way the NIfTI affine is (``geometry.voxel_map``).
 
@@ -22,6 +23,7 @@ OUTPUT when every tile is done. A failed run keeps it and says so.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 
@@ -29,6 +31,8 @@ import numpy as np
 
 from .. import signals
 from ..errors import ArgumentError, OutputExistsError, VolumeError
+from .npy import check_dtype
+from .paths import check_input_path
 from .tempfiles import check_writable_dir, is_stale, place, remove_stale, temp_path
 
 
@@ -43,51 +47,213 @@ def require_zarr():
 
 
 def _multiscales(attrs):
+    """(multiscales, NGFF version) of a group's attributes, or (None, None); the
+    multiscales are checked by :func:`_ome_image`."""
     attrs = dict(attrs)
     if "ome" in attrs:  # NGFF 0.5 (Zarr v3)
-        return attrs["ome"].get("multiscales"), attrs["ome"].get("version", "0.5")
+        ome = attrs["ome"] if isinstance(attrs["ome"], dict) else {}
+        return ome.get("multiscales", "missing"), ome.get("version", "0.5")
     if "multiscales" in attrs:  # NGFF 0.4 (Zarr v2)
         ms = attrs["multiscales"]
-        return ms, (ms[0].get("version", "0.4") if ms else "0.4")
+        first = ms[0] if isinstance(ms, list) and ms and isinstance(ms[0], dict) else {}
+        return ms, first.get("version", "0.4")
     return None, None
 
 
+# NGFF axis types; an axis without a type is known by its name.
+_ROLES = {"time": "t", "channel": "c", "space": "s"}
+_NAMED = {"t": "t", "time": "t", "c": "c", "channel": "c", "z": "s", "y": "s", "x": "s"}
+# NGFF 0.1-0.2 images have no axes: they are always 5-D.
+_DEFAULT_AXES = [{"name": "t", "type": "time"}, {"name": "c", "type": "channel"}] + \
+    [{"name": n, "type": "space"} for n in "zyx"]
+
+
+def _ome_image(multiscales, version, where):
+    """{axes, version, transforms, name, path} of an OME-Zarr image's level 0."""
+    if not isinstance(multiscales, list) or not multiscales or \
+            not isinstance(multiscales[0], dict):
+        raise VolumeError(f"{where}: bad OME-Zarr metadata: 'multiscales' is not a list of images")
+    image = multiscales[0]
+    datasets = image.get("datasets")
+    if not isinstance(datasets, list) or not datasets or not isinstance(datasets[0], dict) \
+            or not isinstance(datasets[0].get("path"), str):
+        raise VolumeError(f"{where}: bad OME-Zarr metadata: no 'datasets' with a 'path' "
+                          "for level 0")
+    axes = image.get("axes")
+    if axes is not None:
+        if not isinstance(axes, list):
+            raise VolumeError(f"{where}: bad OME-Zarr metadata: 'axes' is not a list")
+        axes = [{"name": a} if isinstance(a, str) else a for a in axes]  # NGFF 0.3: names
+        if not all(isinstance(a, dict) and isinstance(a.get("name"), str) for a in axes):
+            raise VolumeError(f"{where}: bad OME-Zarr metadata: an axis has no name")
+    transforms = datasets[0].get("coordinateTransformations") or []
+    if not isinstance(transforms, list) or not all(isinstance(t, dict) for t in transforms):
+        raise VolumeError(f"{where}: bad OME-Zarr metadata: level 0's "
+                          "'coordinateTransformations' is not a list of objects")
+    name = image.get("name", "image")
+    return {"axes": axes, "version": str(version), "transforms": transforms,
+            "name": name if isinstance(name, str) else "image", "path": datasets[0]["path"]}
+
+
+def _axis_roles(axes, ndim, where):
+    """Each axis as t (time: a batch axis), c (channel) or s (space); refuses what
+    is not ``[t,] [c,] z, y, x``, the order NGFF prescribes."""
+    if axes is None:
+        if ndim != 5:
+            raise VolumeError(f"{where}: OME-Zarr image without 'axes' and of rank {ndim}; "
+                              "without axes only the 5-D (t, c, z, y, x) of NGFF 0.1-0.2 "
+                              "is understood")
+        axes = _DEFAULT_AXES
+    if len(axes) != ndim:
+        raise VolumeError(f"{where}: bad OME-Zarr metadata: {len(axes)} axes for an array "
+                          f"of rank {ndim}")
+    roles = []
+    for a in axes:
+        kind = a.get("type")
+        role = _ROLES.get(kind) if isinstance(kind, str) else None
+        if role is None:
+            role = _NAMED.get(a["name"].lower())
+        if role is None:
+            raise VolumeError(f"{where}: OME-Zarr axis {a['name']!r} (type {kind!r}) cannot "
+                              "be mapped; expected time, channel and space axes")
+        roles.append(role)
+    text = "".join(roles)
+    if text not in ("sss", "csss", "tsss", "tcsss"):
+        names = ", ".join(a["name"] for a in axes)
+        raise VolumeError(f"{where}: OME-Zarr axes ({names}) cannot be mapped to a 3-D "
+                          "volume; expected [t,] [c,] z, y, x (three space axes)")
+    return axes, text
+
+
+def _refuse_pickle(node, where):
+    """Refuse arrays whose codecs unpickle chunks (numcodecs' Pickle runs code)."""
+    try:
+        meta = json.dumps(node.metadata.to_dict(), default=str)
+    except Exception:  # metadata that does not serialize carries no codec to check
+        return
+    if "pickle" in meta.lower():
+        raise VolumeError(f"{where}: the array's codecs unpickle data; refused")
+
+
+def _check_links(root, where):
+    """Refuse symbolic links inside the store that lead out of it: Zarr reads a
+    chunk or metadata file wherever its link points, so a store could carry any
+    file on the machine into the output (as an HDF5 external link would)."""
+    top = os.path.realpath(root)
+    todo = [root]
+    while todo:
+        with os.scandir(todo.pop()) as entries:
+            for entry in entries:
+                if entry.is_symlink():
+                    target = os.path.realpath(entry.path)
+                    if os.path.commonpath([top, target]) != top:
+                        raise VolumeError(
+                            f"{where}: {os.path.relpath(entry.path, root)} is a link to "
+                            f"{target}, outside the store; links out of a store are not "
+                            "followed")
+                elif entry.is_dir(follow_symlinks=False):
+                    todo.append(entry.path)
+
+
+def _check_chunks(node, where):
+    """A region read decodes whole chunks: refuse chunks larger than the HDF5 bound."""
+    from .hdf5 import MAX_CHUNK_BYTES
+    try:
+        nbytes = math.prod(int(n) for n in node.chunks) * np.dtype(node.dtype).itemsize
+    except (TypeError, ValueError, AttributeError):
+        return
+    if nbytes > MAX_CHUNK_BYTES:
+        raise VolumeError(f"{where}: chunks of {tuple(node.chunks)} take more than "
+                          f"{MAX_CHUNK_BYTES >> 20} MiB each; a region read decodes whole "
+                          "chunks, so rechunk the array")
+
+
 class ZarrVolume:
-    """An input Zarr array (or OME-Zarr level 0) read by region."""
+    """An input Zarr array (or OME-Zarr level 0) read by region.
+
+    An OME-Zarr image is read by its axes: ``(z, y, x)``, ``(c, z, y, x)``,
+    ``(t, z, y, x)`` and ``(t, c, z, y, x)``, with t as the batch axis; the
+    volume is then channels-first whatever the layer's data_format, and a
+    ``(t, z, y, x)`` image gets a channel axis of one (``shape`` and reads are
+    ``(t, 1, z, y, x)``)."""
 
     def __init__(self, path, array_path=None):
         zarr = require_zarr()
-        if not os.path.exists(path):
-            raise VolumeError(f"{path}: no such Zarr store")
+        where = f"{path}{':' + array_path if array_path else ''}"
+        check_input_path(path, path, directory=True)
+        _check_links(path, path)
         self.path, self.ome = path, None
         try:
             node = zarr.open(store=path, mode="r", path=(array_path or "").lstrip("/") or None)
         except Exception as exc:
-            raise VolumeError(f"{path}{':' + array_path if array_path else ''}: not a readable "
-                              f"Zarr array or group ({exc})") from None
+            raise VolumeError(f"{where}: not a readable Zarr array or group ({exc})") from None
         if not hasattr(node, "shape"):  # a group: OME-Zarr image, or the only array
-            multiscales, version = _multiscales(node.attrs)
-            if multiscales:
-                level = multiscales[0]["datasets"][0]
-                self.ome = {"axes": multiscales[0].get("axes"), "version": version,
-                            "transforms": level.get("coordinateTransformations", []),
-                            "name": multiscales[0].get("name", "image")}
-                array_path = "/".join(p for p in ((array_path or "").strip("/"), level["path"]) if p)
-                node = zarr.open_array(store=path, mode="r", path=array_path)
+            try:
+                multiscales, version = _multiscales(node.attrs)
+            except (AttributeError, TypeError, KeyError, IndexError, ValueError):
+                raise VolumeError(f"{where}: bad OME-Zarr metadata (no readable "
+                                  "'multiscales')") from None
+            if multiscales is not None:
+                self.ome = _ome_image(multiscales, version, where)
+                array_path = "/".join(p for p in ((array_path or "").strip("/"),
+                                                  self.ome["path"].strip("/")) if p)
             else:
-                arrays = [name for name, _ in node.arrays()]
+                try:
+                    arrays = [name for name, _ in node.arrays()]
+                except Exception as exc:
+                    raise VolumeError(f"{where}: cannot list the group's arrays ({exc})") from None
                 if len(arrays) != 1:
                     raise VolumeError(f"{path}: name the array as {path}:/path; the group holds "
                                       f"{len(arrays)} arrays{': ' + ', '.join(arrays) if arrays else ''}")
                 array_path = "/".join(p for p in ((array_path or "").strip("/"), arrays[0]) if p)
+            try:
                 node = zarr.open_array(store=path, mode="r", path=array_path)
+            except Exception as exc:
+                raise VolumeError(f"{path}:/{array_path}: not a readable Zarr array "
+                                  f"({exc})") from None
+        where = f"{path}:/{array_path}" if array_path else path
         self.array_path = array_path
         self._array = node
-        self.shape, self.dtype = tuple(node.shape), np.dtype(node.dtype)
+        self.where = where
+        check_dtype(node.dtype, where)
+        _refuse_pickle(node, where)
+        _check_chunks(node, where)
+        shape = tuple(int(n) for n in node.shape)
+        self._insert = None  # position of an added channel axis of one
+        if self.ome is not None:
+            axes, roles = _axis_roles(self.ome["axes"], len(shape), where)
+            self.ome["file_axes"] = axes
+            self.ome["scale"], self.ome["translation"] = _transforms(self.ome["transforms"],
+                                                                     len(shape), where)
+            if roles == "tsss":  # a batch of one-channel volumes
+                self._insert = 1
+                shape = shape[:1] + (1,) + shape[1:]
+                axes = axes[:1] + [{"name": "c", "type": "channel"}] + axes[1:]
+            self.ome["axes"] = axes
+        self.shape, self.dtype = shape, np.dtype(node.dtype)
         self.zarr_format = node.metadata.zarr_format
 
+    @property
+    def channels_first(self):
+        """True for an OME-Zarr image (its channel axis precedes z, y, x)."""
+        return self.ome is not None
+
     def __getitem__(self, idx):
-        return self._array[idx]
+        if self._insert is None:
+            return self._read(idx)
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        idx = idx + (slice(None),) * (len(self.shape) - len(idx))
+        out = self._read(idx[:self._insert] + idx[self._insert + 1:])
+        if isinstance(idx[self._insert], slice):  # keep the added axis
+            out = np.expand_dims(out, sum(isinstance(i, slice) for i in idx[:self._insert]))
+        return out
+
+    def _read(self, idx):
+        try:
+            return self._array[idx]
+        except Exception as exc:  # codecs raise their own types for corrupt chunks
+            raise VolumeError(f"{self.where}: cannot read the data (corrupt chunk? "
+                              f"{exc})") from None
 
     def __getstate__(self):  # reopened in each process
         state = dict(self.__dict__)
@@ -102,14 +268,27 @@ class ZarrVolume:
         """(scale, translation) of the spatial axes (z, y, x) at level 0, or None."""
         if not self.ome:
             return None
-        n = len(self.shape)
-        scale, trans = [1.0] * n, [0.0] * n
-        for t in self.ome["transforms"]:
-            if t.get("type") == "scale":
-                scale = list(t["scale"])
-            elif t.get("type") == "translation":
-                trans = list(t["translation"])
-        return scale[-3:], trans[-3:]
+        return self.ome["scale"][-3:], self.ome["translation"][-3:]
+
+
+def _transforms(transforms, ndim, where):
+    """Level 0's (scale, translation), one finite number per axis."""
+    scale, trans = [1.0] * ndim, [0.0] * ndim
+    for t in transforms:
+        kind = t.get("type")
+        if kind not in ("scale", "translation"):
+            continue
+        values = t.get(kind)
+        if not isinstance(values, list) or len(values) != ndim or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+                for v in values):
+            raise VolumeError(f"{where}: bad OME-Zarr metadata: the {kind} of level 0 is not "
+                              f"{ndim} finite numbers (got {str(values)[:80]})")
+        if kind == "scale":
+            scale = [float(v) for v in values]
+        else:
+            trans = [float(v) for v in values]
+    return scale, trans
 
 
 class ZarrOutput:
@@ -191,14 +370,18 @@ class ZarrOutput:
         if ome is not None:  # an OME-Zarr image: metadata on the group, level 0 at "data"
             self.array_path = "/".join(p for p in (self.node, "data") if p)
         if self.resume and os.path.exists(record_path):
-            with open(record_path) as fh:
-                old = json.load(fh)
+            old = _read_record(record_path, self.partial)
             if {k: v for k, v in old.items() if k != "tiles"} != same:
                 raise ArgumentError(
                     f"--resume: {self.partial} was written by another job (input, layer, "
                     "weights or output differ); remove it or run without --resume")
-            self._array = zarr.open_array(store=self.root, mode="r+", path=self.array_path)
-            return {int(n) for n in os.listdir(self.done_dir)}, old["tiles"]
+            try:
+                self._array = zarr.open_array(store=self.root, mode="r+", path=self.array_path)
+                done = {int(n) for n in os.listdir(self.done_dir) if n.isdigit()}
+            except Exception as exc:
+                raise ArgumentError(f"--resume: {self.partial} cannot be reopened ({exc}); "
+                                    "remove it or run without --resume") from None
+            return done, old["tiles"]
         _empty_folder(self.partial)
         if self.in_store:
             zarr_format = zarr.open_group(store=self.root, mode="r").metadata.zarr_format
@@ -332,6 +515,25 @@ def _recover_aside(final):
         if name.startswith(f".{base[:100]}.conv3d-") and is_stale(name):
             os.rename(os.path.join(folder, name), final)
             return
+
+
+def _read_record(path, partial):
+    """The plan record of a partial store, checked enough to be compared and reused."""
+    junk = ArgumentError(f"--resume: {path} is not a plan record this tool wrote; remove "
+                         f"{partial} or run without --resume")
+    try:
+        with open(path, "rb") as fh:
+            record = json.loads(fh.read(64 << 20).decode("utf-8"))
+    except (OSError, ValueError, RecursionError):
+        raise junk from None
+    tiles = record.get("tiles") if isinstance(record, dict) else None
+    if not isinstance(tiles, list) or not all(
+            isinstance(t, list) and len(t) == 3 and all(isinstance(v, int) for v in t[:2])
+            and isinstance(t[2], list) and len(t[2]) == 3
+            and all(isinstance(r, list) and len(r) == 2 and all(isinstance(v, int) for v in r)
+                    for r in t[2]) for t in tiles):
+        raise junk
+    return record
 
 
 def ome_output_attrs(volume, geoms, shape, version=None):

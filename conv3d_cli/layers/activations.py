@@ -156,6 +156,37 @@ _KERAS2 = {"hard_sigmoid": lambda x: np.clip(0.2 * x + 0.5, 0, 1)}
 NAMES = sorted(set(_ELEMENTWISE) | set(_AXISWISE) | {"swish", "hard_swish"})
 
 
+def _json_object(text, shown):
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise ArgumentError(f"Invalid JSON in `activation`: nested too deeply in "
+                            f"{shown[:80]!r}") from None
+    except json.JSONDecodeError as exc:
+        raise ArgumentError(f"Invalid JSON in `activation`: {exc.msg} in {shown!r}") from None
+    if not isinstance(value, dict):
+        raise ArgumentError(f"Invalid `activation`: expected a JSON object, got {shown!r}")
+    return value
+
+
+def _from_serialized(config):
+    """(name, arguments) of a serialized activation. Keras 3 serializes a function
+    as ``{"module": ..., "class_name": "function", "config": "relu",
+    "registered_name": "function"}``; this module serializes an activation with
+    arguments as ``{"class_name": "relu", "config": {...}}``."""
+    name, args = config.get("class_name"), config.get("config")
+    if name == "function":
+        if isinstance(args, dict):  # some versions nest the name
+            args = args.get("name")
+        return args, {}
+    if args is None:
+        args = {}
+    if not isinstance(args, dict):
+        raise ArgumentError(f"Invalid `activation`: its \"config\" must be a JSON object of "
+                            f"arguments. Received: {config}")
+    return name, args
+
+
 class Activation:
     """A named activation with fixed arguments."""
 
@@ -204,7 +235,10 @@ class Activation:
 
 
 def get(identifier, keras2: bool = False) -> Activation:
-    """An :class:`Activation` from a name, ``NAME:{json}``, dict or callable."""
+    """An :class:`Activation` from a name, ``NAME:{json}``, a dict or JSON object
+    (Keras-serialized: ``{"class_name": "function", "config": "relu", ...}`` as
+    Keras 3 writes a function, or ``{"class_name": "relu", "config": {...}}``),
+    or a callable."""
     if isinstance(identifier, Activation):
         return identifier
     if identifier is None:
@@ -213,16 +247,13 @@ def get(identifier, keras2: bool = False) -> Activation:
         return Activation(getattr(identifier, "__name__", "custom"), fn=identifier)
     kwargs = {}
     name = identifier
+    if isinstance(identifier, str) and identifier.strip().startswith("{"):
+        identifier = _json_object(identifier.strip(), identifier)
     if isinstance(identifier, dict):
-        name, kwargs = identifier.get("class_name"), identifier.get("config") or {}
+        name, kwargs = _from_serialized(identifier)
     elif isinstance(identifier, str) and ":" in identifier:
         name, _, args = identifier.partition(":")
-        try:
-            kwargs = json.loads(args)
-        except json.JSONDecodeError as exc:
-            raise ArgumentError(f"Invalid JSON in `activation`: {exc.msg} in {args!r}") from None
-        if not isinstance(kwargs, dict):
-            raise ArgumentError(f"Invalid `activation`: arguments after ':' must be a JSON object, got {args!r}")
+        kwargs = _json_object(args, args)
     if not isinstance(name, str):
         raise ArgumentError(f"Could not interpret activation function identifier: {identifier!r}")
     key = name.strip().lower()
@@ -238,6 +269,6 @@ def get(identifier, keras2: bool = False) -> Activation:
     act = Activation(key, kwargs, keras2=keras2)
     try:  # validate the arguments once on a tiny array
         act(np.zeros((1, 2), np.float32), -1)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise ArgumentError(f"Invalid arguments for activation {key!r}: {kwargs}. {exc}") from None
     return act

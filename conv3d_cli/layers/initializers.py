@@ -77,8 +77,9 @@ class Constant(Initializer):
 
 class RandomInitializer(Initializer):
     def __init__(self, seed=None):
-        if seed is not None and not isinstance(seed, int):
-            raise ArgumentError(f"`seed` argument should be an integer or None. Received: seed={seed}")
+        if seed is not None and (not isinstance(seed, int) or seed < 0):  # NumPy needs >= 0
+            raise ArgumentError("`seed` argument should be an integer >= 0 or None. "
+                                f"Received: seed={seed}")
         self.seed = seed
 
     def get_config(self):

@@ -51,6 +51,12 @@ class Registry:
         return sorted({k for k in self._factories if k == snake_case(k)})
 
     def _build(self, name: str, config: dict, argument: str):
+        if not isinstance(name, str):
+            raise ArgumentError(f"Invalid `{argument}`: the {self.family}'s class_name must be "
+                                f"a string. Received: {name!r}")
+        if not isinstance(config, dict):
+            raise ArgumentError(f"Invalid `{argument}`: the {self.family}'s config must be a "
+                                f"JSON object of arguments. Received: {config!r}")
         key = name.lower()
         if key not in self._factories:
             key = snake_case(name)
@@ -62,7 +68,9 @@ class Registry:
         kwargs = {**defaults, **(config or {})}
         try:
             return cls(**kwargs)
-        except TypeError as exc:
+        except ArgumentError:
+            raise
+        except (TypeError, ValueError, AttributeError) as exc:  # arguments of the wrong type
             raise ArgumentError(
                 f"Invalid arguments for {self.family} {name!r} in `{argument}`: "
                 f"{kwargs}. {exc}") from None
@@ -107,5 +115,7 @@ class Registry:
 def _load_json(text: str, argument: str):
     try:
         return json.loads(text)
+    except RecursionError:
+        raise ArgumentError(f"Invalid JSON in `{argument}`: nested too deeply") from None
     except json.JSONDecodeError as exc:
         raise ArgumentError(f"Invalid JSON in `{argument}`: {exc.msg} in {text!r}") from None
