@@ -114,24 +114,7 @@ class ZarrVolume:
         except Exception as exc:
             raise VolumeError(f"{where}: not a readable Zarr array or group ({exc})") from None
         if not hasattr(node, "shape"):  # a group: OME-Zarr image, or the only array
-            try:
-                multiscales, version = ome.multiscales_of(node.attrs)
-            except (AttributeError, TypeError, KeyError, IndexError, ValueError):
-                raise VolumeError(f"{where}: bad OME-Zarr metadata (no readable "
-                                  "'multiscales')") from None
-            if multiscales is not None:
-                self.ome = ome.image_of(multiscales, version, where)
-                array_path = "/".join(p for p in ((array_path or "").strip("/"),
-                                                  self.ome["path"].strip("/")) if p)
-            else:
-                try:
-                    arrays = [name for name, _ in node.arrays()]
-                except Exception as exc:
-                    raise VolumeError(f"{where}: cannot list the group's arrays ({exc})") from None
-                if len(arrays) != 1:
-                    raise VolumeError(f"{path}: name the array as {path}:/path; the group holds "
-                                      f"{len(arrays)} arrays{': ' + ', '.join(arrays) if arrays else ''}")
-                array_path = "/".join(p for p in ((array_path or "").strip("/"), arrays[0]) if p)
+            array_path = self._array_in_group(node, array_path, where)
             try:
                 node = zarr.open_array(store=path, mode="r", path=array_path)
             except Exception as exc:
@@ -158,6 +141,29 @@ class ZarrVolume:
             self.ome["axes"] = axes
         self.shape, self.dtype = shape, np.dtype(node.dtype)
         self.zarr_format = node.metadata.zarr_format
+
+    def _array_in_group(self, group, array_path, where):
+        """The path of the array a group stands for: an OME-Zarr image's level 0
+        (``self.ome`` set), else the group's only array."""
+        path = self.path
+        try:
+            multiscales, version = ome.multiscales_of(group.attrs)
+        except (AttributeError, TypeError, KeyError, IndexError, ValueError):
+            raise VolumeError(f"{where}: bad OME-Zarr metadata (no readable "
+                              "'multiscales')") from None
+        if multiscales is not None:
+            self.ome = ome.image_of(multiscales, version, where)
+            inner = self.ome["path"].strip("/")
+        else:
+            try:
+                arrays = [name for name, _ in group.arrays()]
+            except Exception as exc:
+                raise VolumeError(f"{where}: cannot list the group's arrays ({exc})") from None
+            if len(arrays) != 1:
+                raise VolumeError(f"{path}: name the array as {path}:/path; the group holds "
+                                  f"{len(arrays)} arrays{': ' + ', '.join(arrays) if arrays else ''}")
+            inner = arrays[0]
+        return "/".join(p for p in ((array_path or "").strip("/"), inner) if p)
 
     @property
     def channels_first(self):
