@@ -26,10 +26,13 @@ provides:
     files to remove on ``close()``. ``header_only`` reads no voxels.
 
 ``Writer``, a :class:`~conv3d_cli.io.base.VolumeWriter`
-    Created with the output's shape, dtype, the tiles' chunk shape and the
-    moved geometry; turns the geometry into the format's own metadata (and
-    ignores a ``geometry.header`` of another format); refuses shapes it
-    cannot hold in one line; writes regions (``writer[region] = block``);
+    ``Writer(spec, *, shape, dtype, chunks, geometry, description, overwrite,
+    inputs, resume_record, resume, tmp_dir)`` (keywords it has no use for are
+    taken and ignored: ``**_``), as :func:`~conv3d_cli.io.create_output`
+    documents them. It checks OUTPUT in the classmethod ``check`` (also
+    called before any work), turns the moved geometry into the format's own
+    metadata (ignoring a ``geometry.header`` of another format), refuses
+    shapes it cannot hold in one line, writes regions (``writer[region] = block``);
     ``commit()`` puts the output in place atomically and ``abort()`` removes
     what the run made. Most single-file formats subclass
     :class:`~conv3d_cli.io.base.FileWriter`, which writes under a temporary
