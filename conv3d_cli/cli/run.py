@@ -83,7 +83,7 @@ def run(input, output, save_weights, output_dtype, report, overwrite, scheduler,
     if report == "-":
         click.echo(json.dumps(result, indent=2))
     if not quiet and report != "-":
-        for note in result["plan"].get("notes", []):
+        for note in result["plan"].get("notes", []) + result.get("output_notes", []):
             click.echo(f"note: {note}", err=True)
         if result["output_dtype_note"]:
             click.echo(f"note: {result['output_dtype_note']}", err=True)

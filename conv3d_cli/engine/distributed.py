@@ -131,7 +131,7 @@ def _tile_task(job, plan, source, sink, index, want_sums):
 def run_on_dask(scheduler, job, plan, source, sink, indices, want_sums, done, workers):
     """Run ``indices`` of ``plan`` on the cluster; returns the number of workers used."""
     distributed = require_distributed()
-    if getattr(sink, "single_writer", False):
+    if not getattr(sink, "parallel_writes", True):
         raise ArgumentError("--scheduler writes from many workers: use a Zarr OUTPUT "
                             "(store.zarr), .npy or .nii, not HDF5")
     if scheduler != "local":

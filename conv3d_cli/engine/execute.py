@@ -3,7 +3,7 @@
 A tile task reads its own input region (zeros outside the volume), computes
 the convolution by the plan's method, adds the bias, applies the activation
 and writes its block straight into the output. Sinks that cannot take writes
-from several processes (HDF5) say so with ``single_writer = True``; their
+from several processes (HDF5) say so with ``parallel_writes = False``; their
 blocks come back to this process to be written. Workers are forked, so the
 job, the source and the sink are inherited rather than pickled; each worker
 opens its own file handles (the sources reopen lazily after a fork).
@@ -253,7 +253,7 @@ def run_tile(job, plan, index, source, sink, cache, threads=1, want_sums=False):
 
 def _run_in_worker(index):
     job, plan, source, sink, want_sums = (_CTX[k] for k in ("job", "plan", "source", "sink", "want_sums"))
-    if getattr(sink, "single_writer", False):  # the parent writes this block
+    if not getattr(sink, "parallel_writes", True):  # the parent writes this block
         y, sums = compute_tile(job, plan.tiles[index], source, plan.method, _CTX["cache"],
                                fft_workers=_CTX["threads"], want_sums=want_sums)
         return index, y, sums
