@@ -1,0 +1,410 @@
+"""Fit the cost model of ``conv3d_cli/engine/choose.py`` on this machine.
+
+    python tools/fit_cost_model.py [--quick] [--rounds N] [--output FILE] [--data FILE]
+
+For each path (stencil, im2col GEMM, scatter-transposed, Winograd, FFT) the
+script times the engine's own tile task (``execute.compute_tile``: read, pad,
+compute, bias) on a set of layers and tile shapes chosen to separate the
+path's unit-operation counts (short and long W rows, few and many channels,
+strides, transposed phases, groups, tiny tiles), at one thread; the paths
+that call BLAS or the FFT again at all cores; the kernel spectra on their
+own; and each path with one tile per core running at once. Then:
+
+- the seconds per operation of each path by non-negative least squares on
+  the relative error (``sum ((predicted - measured) / measured)^2``), from the
+  counts of ``choose.tile_counts``: the model and the fit share one
+  definition of what is counted;
+- the parallel fraction ``p`` of BLAS and of the FFT from the all-core
+  timings (Amdahl: ``t_n = serial + threaded * ((1 - p) + p / n)``), and of
+  each path's tiles running side by side (the slow-down of ``cores`` tiles
+  at once).
+
+It writes the constants to ``conv3d_cli/engine/cost_model.json`` (read by
+``choose.py``) and every measurement with its counts to
+``tools/cost_model_data.json``, and prints the constants and each path's fit
+error. About two minutes; ``--quick`` (tiny tiles, one repeat: for tests)
+takes a second or two and should not replace the committed fit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import pprint
+import statistics
+import sys
+import threading
+import time
+from datetime import date
+from itertools import product
+from pathlib import Path
+
+import numpy as np
+from scipy.optimize import lsq_linear, nnls
+from threadpoolctl import threadpool_limits
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from conv3d_cli import Conv3D, Conv3DTranspose  # noqa: E402
+from conv3d_cli.engine import choose  # noqa: E402
+from conv3d_cli.engine.execute import compute_tile  # noqa: E402
+from conv3d_cli.engine.fft import SpectrumCache  # noqa: E402
+from conv3d_cli.engine.plan import Tile  # noqa: E402
+from conv3d_cli.engine.winograd import kernel_transform  # noqa: E402
+from conv3d_cli.layout import CanonicalView, Layout  # noqa: E402
+
+DATA_FILE = ROOT / "tools" / "cost_model_data.json"
+CORES = len(os.sched_getaffinity(0))
+# The speed-up of tiles on all cores is measured on every THREAD_EVERY-th
+# configuration of a path that calls BLAS or the FFT; tiles side by side on
+# CROWD_CASES configurations per path.
+THREAD_EVERY = 3
+CROWD_CASES = 3
+
+
+def _conv(path, k, c, f, n, s=1, g=1, padding="valid"):
+    return {"path": path, "layer": "Conv3D", "k": k, "s": s, "c": c, "f": f, "g": g,
+            "n": n if isinstance(n, tuple) else (n, n, n), "padding": padding}
+
+
+def _tconv(path, k, c, f, n, s=1, padding="valid"):
+    return {"path": path, "layer": "Conv3DTranspose", "k": k, "s": s, "c": c, "f": f, "g": 1,
+            "n": n if isinstance(n, tuple) else (n, n, n), "padding": padding}
+
+
+# Layers and input sizes per path; the whole output is one tile. Each list
+# varies what the path's counts depend on, so that the fit can tell them apart,
+# from tiny tiles (the per-tile and per-call overheads) to tiles whose working
+# set is far beyond the caches, as the planner's are.
+CONFIGS = {
+    "stencil": [
+        _conv("stencil", 1, 1, 1, 8), _conv("stencil", 1, 1, 1, 128),
+        _conv("stencil", 3, 1, 1, 6), _conv("stencil", 3, 1, 1, 66),
+        _conv("stencil", 3, 1, 1, (34, 34, 258)), _conv("stencil", 3, 1, 1, (130, 130, 10)),
+        _conv("stencil", 5, 1, 1, 132), _conv("stencil", 5, 1, 1, (20, 20, 200)),
+        _conv("stencil", 7, 1, 1, (69, 262, 262)), _conv("stencil", 7, 1, 1, (70, 70, 14)),
+        _conv("stencil", 3, 4, 4, 34), _conv("stencil", 3, 4, 4, 98),
+        _conv("stencil", 3, 1, 16, 98), _conv("stencil", 3, 16, 1, 40),
+        _conv("stencil", 3, 16, 1, 98), _conv("stencil", 5, 2, 8, 30),
+        _conv("stencil", 3, 1, 1, 129, s=2), _conv("stencil", 7, 1, 1, 128, s=2, padding="same"),
+        _conv("stencil", 5, 4, 4, 64, s=2, padding="same"),
+        _tconv("stencil", 3, 1, 1, 64, s=2), _tconv("stencil", 5, 2, 2, 32, s=2),
+        _tconv("stencil", 9, 2, 2, 48, s=2), _tconv("stencil", 3, 4, 4, 32),
+        _tconv("stencil", 7, 1, 1, 96),
+    ],
+    "gemm": [
+        _conv("gemm", 3, 8, 8, 34), _conv("gemm", 3, 16, 16, 66), _conv("gemm", 3, 16, 16, 6),
+        _conv("gemm", 3, 32, 32, 26), _conv("gemm", 3, 64, 64, 18), _conv("gemm", 3, 32, 64, 48),
+        _conv("gemm", 3, 4, 64, 34), _conv("gemm", 3, 64, 4, 26), _conv("gemm", 3, 32, 8, 34),
+        _conv("gemm", 3, 64, 64, 34, padding="same"),
+        _conv("gemm", 1, 64, 64, 64), _conv("gemm", 1, 8, 8, 64),
+        _conv("gemm", 5, 16, 16, 48), _conv("gemm", 5, 4, 8, 64), _conv("gemm", 7, 8, 8, 24),
+        _conv("gemm", 3, 16, 32, 64, s=2, padding="same"),
+        _conv("gemm", 5, 32, 32, 48, s=2, padding="same"),
+        _conv("gemm", 3, 32, 32, 26, g=2), _conv("gemm", 3, 64, 64, 20, g=4),
+        _tconv("gemm", 3, 16, 16, 48), _tconv("gemm", 3, 32, 64, 32),
+    ],
+    "scatter": [
+        _tconv("scatter", 3, 64, 32, 32, s=2), _tconv("scatter", 3, 16, 16, 32, s=2),
+        _tconv("scatter", 2, 32, 32, 32, s=2), _tconv("scatter", 4, 16, 16, 32, s=2, padding="same"),
+        _tconv("scatter", 5, 8, 8, 40, s=2, padding="same"), _tconv("scatter", 1, 8, 8, 48, s=2),
+        _tconv("scatter", 3, 8, 64, 24, s=2), _tconv("scatter", 3, 16, 16, 4, s=2),
+        _tconv("scatter", 3, 64, 8, 24, s=2),
+    ],
+    "winograd": [
+        _conv("winograd", 3, 8, 8, 34), _conv("winograd", 3, 16, 16, 66),
+        _conv("winograd", 3, 16, 16, 50), _conv("winograd", 3, 32, 64, 48),
+        _conv("winograd", 3, 64, 64, 34, padding="same"), _conv("winograd", 3, 16, 16, 8),
+        _conv("winograd", 3, 32, 32, 26, g=2), _conv("winograd", 3, 64, 8, 26),
+        _conv("winograd", 3, 8, 64, 26), _tconv("winograd", 3, 16, 16, 48, padding="same"),
+    ],
+    "fft": [
+        _conv("fft", 3, 1, 1, 34), _conv("fft", 7, 1, 1, 70), _conv("fft", 15, 1, 1, 96),
+        _conv("fft", 9, 1, 1, 128), _conv("fft", 5, 1, 1, 20), _conv("fft", 7, 1, 1, 256),
+        _conv("fft", 7, 1, 1, 128, s=2, padding="same"),
+        _tconv("fft", 7, 1, 1, 96), _tconv("fft", 11, 1, 1, 48, s=2, padding="same"),
+        _tconv("fft", 3, 1, 1, 32, s=2),
+        _conv("fft", 5, 4, 8, 64), _conv("fft", 7, 4, 8, 36), _conv("fft", 9, 8, 8, 32),
+        _conv("fft", 5, 16, 16, 48), _conv("fft", 7, 2, 2, 96), _conv("fft", 7, 1, 16, 40),
+        _conv("fft", 3, 16, 1, 96, padding="same"), _conv("fft", 3, 32, 32, 24),
+        _conv("fft", 5, 8, 8, 32, g=2), _conv("fft", 1, 16, 16, 24),
+        _tconv("fft", 5, 8, 8, 40, s=2, padding="same"),
+    ],
+}
+QUICK = {  # tiny tiles, a few per path: checks that the script runs, fits nothing useful
+    "stencil": [_conv("stencil", 3, 1, 1, 10), _conv("stencil", 1, 1, 1, 8),
+                _tconv("stencil", 3, 1, 1, 6, s=2)],
+    "gemm": [_conv("gemm", 3, 8, 8, 8), _conv("gemm", 1, 8, 8, 8)],
+    "scatter": [_tconv("scatter", 3, 8, 8, 4, s=2), _tconv("scatter", 2, 8, 8, 4, s=2)],
+    "winograd": [_conv("winograd", 3, 8, 8, 8), _conv("winograd", 3, 8, 8, 12)],
+    "fft": [_conv("fft", 5, 1, 1, 12), _conv("fft", 3, 2, 2, 10)],
+}
+METHOD = {"stencil": "direct", "gemm": "direct", "scatter": "direct", "winograd": "winograd",
+          "fft": "fft"}
+
+
+# ------------------------------------------------------------------ measuring
+def config_job(config):
+    """(job, tile) of a configuration: the whole output as one tile."""
+    kwargs = {"groups": config["g"]} if config["layer"] == "Conv3D" else {}
+    cls = Conv3D if config["layer"] == "Conv3D" else Conv3DTranspose
+    layer = cls(config["f"], config["k"], strides=config["s"], padding=config["padding"],
+                **kwargs)
+    shape = (1,) + tuple(config["n"]) + (config["c"],)
+    layer.build(shape)
+    job = layer.job(shape)
+    path = choose.path_of(job, METHOD[config["path"]])
+    if path != config["path"]:
+        raise SystemExit(f"configuration {config} runs the {path} path, not {config['path']}")
+    return job, Tile(0, 1, tuple((0, n) for n in job.out_spatial))
+
+
+def build(config, rng):
+    """(job, tile, source): the configuration with random input."""
+    job, tile = config_job(config)
+    x = rng.standard_normal((1,) + tuple(config["n"]) + (config["c"],), dtype=np.float32)
+    return job, tile, CanonicalView(x, Layout(x.shape, "channels_last"))
+
+
+class Timing:
+    """One thing to time: ``run()`` once per round, the best round kept.
+
+    A tile on one thread is timed by the thread's CPU time, which other
+    processes on the machine inflate less (they take the core away, which
+    the wall clock would count); speed-ups (several threads, tiles side by
+    side) by the wall clock, against a wall-clock time on one thread.
+    """
+
+    def __init__(self, row, run, threads=1, clock=None):
+        self.row, self.run, self.threads = row, run, threads
+        self.clock = clock or (time.thread_time if threads == 1 else time.perf_counter)
+        self.best = math.inf
+
+    def once(self):
+        with threadpool_limits(limits=self.threads):
+            start = self.clock()
+            self.run()
+            return self.clock() - start
+
+
+def tile_task(job, tile, source, method, threads):
+    cache = SpectrumCache()  # filled by the warm-up round, as after a run's first tile
+    return lambda: compute_tile(job, tile, source, method, cache, fft_workers=threads)
+
+
+def crowd_task(job, tile, source, method):
+    """``CORES`` copies of the tile at once, one thread each (as the workers of a
+    plan run their tiles)."""
+    caches = [SpectrumCache() for _ in range(CORES)]
+
+    def together():
+        threads = [threading.Thread(target=compute_tile, args=(job, tile, source, method, c))
+                   for c in caches]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    return together
+
+
+def setup_task(job, tile, path):
+    """The kernel transforms of the tile (FFT spectra of every term combination,
+    or Winograd's), from an empty cache."""
+    axes = choose.tile_axes(job, tile.out)
+    combos = list(product(*[terms for _, _, terms in axes]))
+
+    def spectra():
+        cache = SpectrumCache()
+        for combo in combos:
+            cache.get(job.taps, combo, choose.fft_shape(combo)[1], job.work_dtype)
+
+    def winograd():
+        kernel_transform(job.taps, combos[0])
+    return spectra if path == "fft" else winograd
+
+
+def timings(configs):
+    """Everything to time: each configuration's tile at one thread (and at all
+    cores when it calls BLAS or the FFT), FFT kernel spectra, and a few tiles per
+    path side by side."""
+    rng = np.random.default_rng(0)
+    out = []
+    for path, cases in configs.items():
+        for i, config in enumerate(cases):
+            job, tile, source = build(config, rng)
+            method = METHOD[path]
+            counts = dict(choose.tile_counts(job, path, tile))
+            threaded = any((path, name) in choose.THREADED for name in counts)
+            out.append(Timing({"kind": "tile", "path": path, "config": config, "threads": 1,
+                               "counts": counts}, tile_task(job, tile, source, method, 1)))
+            if threaded and CORES > 1 and i % THREAD_EVERY == 0:  # speed-up on all cores
+                out.append(Timing({"kind": "wall", "path": path, "config": config, "threads": 1},
+                                  tile_task(job, tile, source, method, 1), clock=time.perf_counter))
+                out.append(Timing({"kind": "wall", "path": path, "config": config,
+                                   "threads": CORES, "counts": counts},
+                                  tile_task(job, tile, source, method, CORES), CORES))
+            if path in choose.SETUP:
+                counts = dict(choose.setup_counts(job, path, choose.tile_axes(job, tile.out)))
+                out.append(Timing({"kind": "tile", "path": choose.SETUP[path], "config": config,
+                                   "threads": 1, "counts": counts}, setup_task(job, tile, path)))
+            if CORES > 1 and i % max(1, len(cases) // CROWD_CASES) == 0:
+                out.append(Timing({"kind": "alone", "path": path, "config": config},
+                                  tile_task(job, tile, source, method, 1),
+                                  clock=time.perf_counter))
+                out.append(Timing({"kind": "crowd", "path": path, "config": config},
+                                  crowd_task(job, tile, source, method), clock=time.perf_counter))
+    return out
+
+
+def measure(configs, rounds, log):
+    """Time everything once to warm up, then in ``rounds`` rounds (each one time
+    of each), keeping each one's best: a burst of other load on the machine
+    then spoils one round of many timings rather than all rounds of one."""
+    todo = timings(configs)
+    for t in todo:
+        t.once()
+    for r in range(rounds):
+        for t in todo:
+            t.best = min(t.best, t.once())
+        print(f"  round {r + 1}/{rounds} done", file=log)
+    rows = [dict(t.row, seconds=t.best) for t in todo if t.row["kind"] == "tile"]
+    walls = [t for t in todo if t.row["kind"] == "wall"]
+    for one, many in zip(walls[::2], walls[1::2]):
+        rows.append(dict(many.row, seconds=many.best, seconds_1=one.best))
+    crowd = []
+    for alone, together in zip(*[[t for t in todo if t.row["kind"] == k]
+                                 for k in ("alone", "crowd")]):
+        crowd.append({"path": alone.row["path"], "config": alone.row["config"],
+                      "alone": alone.best, "together": together.best,
+                      "ratio": together.best / alone.best})
+    return rows, crowd
+
+
+# -------------------------------------------------------------------- fitting
+def fit_constants(rows):
+    """Seconds per operation of each path: non-negative least squares on the
+    relative error of the one-thread timings."""
+    constants, errors = {}, {}
+    for path in dict.fromkeys(r["path"] for r in rows):
+        mine = [r for r in rows if r["path"] == path and r["threads"] == 1]
+        names = sorted({n for r in mine for n in r["counts"]})
+        a = np.array([[r["counts"].get(n, 0.0) / r["seconds"] for n in names] for r in mine])
+        scale = np.maximum(a.max(axis=0), 1e-300)  # columns of equal size for the solver
+        coef, _ = nnls(a / scale, np.ones(len(mine)))
+        constants[path] = {n: float(c) for n, c in zip(names, coef / scale)}
+        rel = a @ (coef / scale) - 1
+        errors[path] = {"median": float(np.median(np.abs(rel))),
+                        "max": float(np.max(np.abs(rel)))}
+    return constants, errors
+
+
+def fit_threads(rows, constants):
+    """Parallel fractions ``p`` of BLAS and of the FFT, from tiles timed on one
+    thread and on ``n`` (wall clock both): with ``f_lib`` the library's share of
+    the tile by the fitted constants, ``t_n / t_1 = 1 - (1 - 1/n) sum f_lib p_lib``."""
+    libraries = sorted(set(choose.THREADED.values()))
+    a, b = [], []
+    for r in rows:
+        n = r["threads"]
+        if n == 1:
+            continue
+        c = constants[r["path"]]
+        share = {lib: 0.0 for lib in libraries}
+        total = sum(c.get(name, 0.0) * count for name, count in r["counts"].items())
+        for name, count in r["counts"].items():
+            lib = choose.THREADED.get((r["path"], name))
+            if lib:
+                share[lib] += c.get(name, 0.0) * count / total
+        a.append([(1 - 1 / n) * share[lib] for lib in libraries])
+        b.append(1 - r["seconds"] / r["seconds_1"])
+    if not a:
+        return {lib: 0.0 for lib in libraries}
+    res = lsq_linear(np.array(a), np.array(b), bounds=(0.0, 1.0))
+    return {lib: float(p) for lib, p in zip(libraries, res.x)}
+
+
+def fit_workers(crowd, paths):
+    """Per path, the fraction ``p`` with ``ratio = n / amdahl(p, n)`` (``n = CORES``)."""
+    out = {}
+    for path in paths:
+        ratios = [c["ratio"] for c in crowd if c["path"] == path]
+        if not ratios or CORES == 1:
+            out[path] = 1.0
+            continue
+        ratio = statistics.median(ratios)
+        out[path] = float(min(1.0, max(0.0, (CORES - ratio) / (CORES - 1))))
+    return out
+
+
+def machine():
+    import numba
+    import scipy
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"date": date.today().isoformat(), "cpu": cpu, "cores": CORES,
+            "python": platform.python_version(), "numpy": np.__version__,
+            "scipy": scipy.__version__, "numba": numba.__version__,
+            "command": "python tools/fit_cost_model.py"}
+
+
+def report(model, errors, out=sys.stdout):
+    print(f"# cost model fitted {model['fitted']['date']} on {model['fitted']['cpu']}, "
+          f"{model['fitted']['cores']} cores (seconds per operation)", file=out)
+    print("CONSTANTS = " + pprint.pformat(model["constants"], width=100), file=out)
+    print("THREADS = " + pprint.pformat(model["threads"]), file=out)
+    print("WORKERS = " + pprint.pformat(model["workers"]), file=out)
+    for path, e in errors.items():
+        print(f"# {path}: relative error median {e['median']:.1%}, max {e['max']:.1%}", file=out)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny tiles, one repeat (for tests)")
+    ap.add_argument("--rounds", type=int, default=None, help="timings of each tile (the best kept)")
+    ap.add_argument("--output", default=str(choose.MODEL_FILE), help="the constants (JSON)")
+    ap.add_argument("--data", default=str(DATA_FILE), help="the measurements (JSON)")
+    args = ap.parse_args(argv)
+    rounds = args.rounds or (1 if args.quick else 5)
+    start = time.perf_counter()
+    load = os.getloadavg()[0]
+    rows, crowd = measure(QUICK if args.quick else CONFIGS, rounds, sys.stderr)
+    constants, errors = fit_constants(rows)
+    info = machine()
+    info["fit_error"] = errors
+    info["quick"] = args.quick
+    info["load_before"] = load
+    info["load_after"] = os.getloadavg()[0]
+    model = {"fitted": info,
+             "constants": {p: {n: float(f"{v:.4g}") for n, v in c.items()}
+                           for p, c in constants.items()},
+             "threads": {k: round(v, 3) for k, v in fit_threads(rows, constants).items()},
+             "workers": {k: round(v, 3) for k, v in fit_workers(crowd, constants).items()}}
+    with open(args.output, "w") as fh:
+        json.dump(model, fh, indent=1, sort_keys=True)
+        fh.write("\n")
+    with open(args.data, "w") as fh:
+        json.dump({"fitted": info, "rows": rows, "crowd": crowd}, fh, indent=1)
+        fh.write("\n")
+    report(model, errors)
+    if max(load, info["load_after"]) > CORES / 2:
+        print(f"# warning: the machine was busy (load average {load:.1f} before, "
+              f"{info['load_after']:.1f} after, {CORES} cores): timings are noisy; "
+              "re-fit when it is quieter", file=sys.stderr)
+    print(f"# {len(rows)} timings in {time.perf_counter() - start:.0f} s; wrote {args.output} "
+          f"and {args.data}", file=sys.stderr)
+    return model
+
+
+if __name__ == "__main__":
+    main()
