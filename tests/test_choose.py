@@ -1,6 +1,7 @@
-"""The method choice: the cost model's counts and picks, and the fitting script
-(tools/fit_cost_model.py). Nothing here depends on timing: counts are checked
-against the work they describe, and picks on cases far from any crossover."""
+"""The method choice: the cost model's counts and picks, ``--method measure``, and
+the fitting script (tools/fit_cost_model.py). Nothing here depends on timing:
+counts are checked against the work they describe, picks on cases far from
+any crossover, and measured timings are replaced by fixed ones."""
 
 import ast
 import importlib.util
@@ -11,9 +12,12 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
+from conftest import assert_close
 from conv3d_cli import Conv3D, Conv3DTranspose
-from conv3d_cli.engine import choose, plan_job
+from conv3d_cli.cli.main import cli
+from conv3d_cli.engine import choose, measure, plan_job
 from conv3d_cli.engine.plan import Tile
 from conv3d_cli.errors import ArgumentError
 
@@ -194,6 +198,68 @@ def test_threads_speed_up_the_fft_part():
 def test_amdahl():
     assert choose.amdahl(1.0, 4) == 4 and choose.amdahl(0.0, 4) == 1
     assert choose.amdahl(0.5, 2) == pytest.approx(4 / 3)
+
+
+# ----------------------------------------------------------------- measuring
+def test_measure_runs_the_fastest_timing(monkeypatch):
+    job = _job(Conv3D(16, 3), (1, 20, 20, 20, 16))
+    seen = {}
+
+    def fake(job, plan, tile, clock=None):
+        seen[plan.method] = tile
+        return {"direct": 3.0, "fft": 1.0, "winograd": 2.0}[plan.method]
+
+    monkeypatch.setattr(measure, "time_tile", fake)
+    plan = plan_job(job, "measure", workers=2, processes=False)
+    assert plan.method == "fft"
+    summary = plan.summary(job)
+    assert summary["method_timings"] == {"direct": 3.0, "fft": 1.0, "winograd": 2.0}
+    assert set(summary["method_estimates"]) == {"direct", "fft", "winograd"}
+    for method, tile in seen.items():  # each candidate's largest tile
+        other = plan_job(job, method, workers=2, processes=False)
+        assert math.prod(tile.shape) == max(math.prod(t.shape) for t in other.tiles)
+    monkeypatch.setattr(measure, "time_tile",
+                        lambda job, plan, tile, clock=None: 1.0 if plan.method == "winograd" else 5.0)
+    assert plan_job(job, "measure", workers=1).method == "winograd"
+
+
+def test_measure_computes_the_same_result(rng):
+    layer = Conv3D(3, 3, padding="same", bias_initializer="random_normal")
+    x = rng.standard_normal((2, 9, 8, 7, 2)).astype(np.float32)
+    layer.build(x.shape)
+    expected = layer(x, method="direct")
+    assert_close(layer(x, method="measure", workers=2), expected)
+    assert layer.last_stats.method in ("direct", "fft")
+
+
+def test_measure_times_a_zeros_tile_with_the_plans_threads():
+    job = _job(Conv3D(2, 3), (1, 12, 10, 9, 2))
+    plan = plan_job(job, "fft", workers=1)
+    ticks = iter([10.0, 12.5])
+    assert measure.time_tile(job, plan, plan.tiles[0], clock=lambda: next(ticks)) == 2.5
+    block = measure.ZerosSource(job).read(0, 1, [(-1, 3), (0, 2), (5, 9)])
+    assert block.shape == (1, 4, 2, 4, 2) and not block.any()
+
+
+def test_cli_measure_records_the_timings(tmp_path, rng):
+    x = rng.standard_normal((12, 11, 10)).astype(np.float32)
+    np.save(tmp_path / "in.npy", x)
+    r = CliRunner().invoke(cli, ["run", str(tmp_path / "in.npy"), str(tmp_path / "out.npy"),
+                                 "--filters", "1", "--kernel-size", "3", "--seed", "0",
+                                 "--method", "measure", "--report", "-", "-q"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.output)
+    timings = report["plan"]["method_timings"]
+    assert set(timings) == {"direct", "fft"} and all(t > 0 for t in timings.values())
+    assert report["method"] in timings
+    r = CliRunner().invoke(cli, ["run", str(tmp_path / "in.npy"), str(tmp_path / "ref.npy"),
+                                 "--filters", "1", "--kernel-size", "3", "--seed", "0",
+                                 "--method", "direct", "-q"])
+    assert_close(np.load(tmp_path / "out.npy"), np.load(tmp_path / "ref.npy"))
+    r = CliRunner().invoke(cli, ["shape", "--input-shape", "1,12,11,10,1", "--filters", "1",
+                                 "--kernel-size", "3", "--method", "measure"])
+    assert r.exit_code == 0, r.output
+    assert "measured       direct" in r.output and "(the largest tile, zeros)" in r.output
 
 
 # ------------------------------------------------------ the model and its fit

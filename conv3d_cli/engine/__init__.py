@@ -27,9 +27,11 @@ def plan_job(job, method="auto", memory_limit=None, workers=None, chunk_shape=No
     """The tiles of ``job`` and the method that computes them.
 
     ``method`` ``"auto"`` plans every candidate method and takes the plan the
-    cost model estimates fastest (:mod:`conv3d_cli.engine.choose`). A
-    candidate whose tiles cannot fit the memory limit is left out. The plan's
-    ``choice`` records the estimates behind the pick.
+    cost model estimates fastest (:mod:`conv3d_cli.engine.choose`);
+    ``"measure"`` times each candidate plan's largest tile instead
+    (:mod:`conv3d_cli.engine.measure`). A candidate whose tiles cannot fit
+    the memory limit is left out. The plan's ``choice`` records the
+    estimates (and timings) behind the pick.
     """
     workers = default_workers() if workers is None else workers
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
@@ -40,7 +42,7 @@ def plan_job(job, method="auto", memory_limit=None, workers=None, chunk_shape=No
         return make_plan(job, m, memory_limit=memory_limit, workers=workers,
                          chunk_shape=chunk_shape, split_order=split_order, processes=processes)
 
-    if method != "auto":
+    if method not in ("auto", "measure"):
         return plan_for(method)
     plans, refused = {}, None
     for m in candidates(job):
@@ -50,9 +52,15 @@ def plan_job(job, method="auto", memory_limit=None, workers=None, chunk_shape=No
             refused = refused or exc
     if not plans:
         raise refused
-    seconds = estimate_plans(job, plans)
+    choice = {}
+    if method == "measure":
+        from .measure import measure_plans
+        choice["method_timings"], seconds = measure_plans(job, plans)
+    else:
+        seconds = estimate_plans(job, plans)
+    choice["method_estimates"] = seconds
     best = min(seconds, key=seconds.get)
-    return replace(plans[best], choice={"method_estimates": seconds})
+    return replace(plans[best], choice=choice)
 
 
 def run(job, source, sink, plan, want_sums=False, progress=None, executor="processes",

@@ -1,7 +1,9 @@
 """Choose the convolution path for a job: a cost model with fitted constants.
 
 Like SciPy's ``choose_conv_method``, ``--method auto`` compares estimated
-times built from operation counts weighted by constants fitted on a machine.
+times built from operation counts weighted by constants fitted on a machine;
+``--method measure`` (SciPy's ``measure=True``) times the candidates instead
+(:mod:`conv3d_cli.engine.measure`).
 
 **Per tile, per plan.** Each candidate method gets its own plan (FFT tiles are
 larger and pay their halo once; the other paths split for the workers), and
@@ -85,7 +87,7 @@ from ..shapes import CONV
 from .stencil import stencil_suits
 from .winograd import winograd_suits
 
-METHODS = ("auto", "direct", "fft", "winograd")
+METHODS = ("auto", "measure", "direct", "fft", "winograd")
 MODEL_FILE = Path(__file__).with_name("cost_model.json")
 # Which counts run on the tile's BLAS or FFT threads.
 THREADED = {("gemm", "mac"): "blas", ("gemm", "stream"): "blas",
@@ -362,14 +364,19 @@ def check_method(job, method) -> str:
 
 def choose_method(job, method="auto", plan_for=None) -> str:
     """The method ``method`` names; for ``"auto"`` the one whose plan the model
-    estimates fastest. ``plan_for(method)`` makes a candidate's plan (default: the whole output as
+    estimates fastest, for ``"measure"`` the one whose plan measures fastest.
+    ``plan_for(method)`` makes a candidate's plan (default: the whole output as
     one tile on one worker; :func:`conv3d_cli.engine.plan_job` passes the
     planner's)."""
     method = check_method(job, method)
-    if method != "auto":
+    if method not in ("auto", "measure"):
         return method
     plans = {m: (plan_for or _whole_plan(job))(m) for m in candidates(job)}
-    estimates = estimate_plans(job, plans)
+    if method == "measure":
+        from .measure import measure_plans
+        _, estimates = measure_plans(job, plans)
+    else:
+        estimates = estimate_plans(job, plans)
     return min(estimates, key=estimates.get)
 
 
