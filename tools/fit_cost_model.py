@@ -94,7 +94,8 @@ CONFIGS = {
         _conv("stencil", 5, 4, 4, 64, s=2, padding="same"),
         _tconv("stencil", 3, 1, 1, 64, s=2), _tconv("stencil", 5, 2, 2, 32, s=2),
         _tconv("stencil", 9, 2, 2, 48, s=2), _tconv("stencil", 3, 4, 4, 32),
-        _tconv("stencil", 7, 1, 1, 96),
+        _tconv("stencil", 7, 1, 1, 96), _tconv("stencil", 3, 1, 1, 8, s=2),
+        _tconv("stencil", 3, 1, 1, 16, s=2, padding="same"), _tconv("stencil", 5, 1, 1, 12, s=2),
     ],
     "gemm": [
         _conv("gemm", 3, 8, 8, 34), _conv("gemm", 3, 16, 16, 66), _conv("gemm", 3, 16, 16, 6),
@@ -125,9 +126,12 @@ CONFIGS = {
     "fft": [
         _conv("fft", 3, 1, 1, 34), _conv("fft", 7, 1, 1, 70), _conv("fft", 15, 1, 1, 96),
         _conv("fft", 9, 1, 1, 128), _conv("fft", 5, 1, 1, 20), _conv("fft", 7, 1, 1, 256),
+        _conv("fft", 9, 1, 1, 200), _conv("fft", 5, 4, 4, 96),
         _conv("fft", 7, 1, 1, 128, s=2, padding="same"),
         _tconv("fft", 7, 1, 1, 96), _tconv("fft", 11, 1, 1, 48, s=2, padding="same"),
-        _tconv("fft", 3, 1, 1, 32, s=2),
+        _tconv("fft", 3, 1, 1, 32, s=2), _tconv("fft", 3, 1, 1, 8, s=2),
+        _tconv("fft", 3, 1, 1, 16, s=2, padding="same"), _conv("fft", 3, 1, 1, 10),
+        _tconv("fft", 5, 2, 2, 12, s=2),
         _conv("fft", 5, 4, 8, 64), _conv("fft", 7, 4, 8, 36), _conv("fft", 9, 8, 8, 32),
         _conv("fft", 5, 16, 16, 48), _conv("fft", 7, 2, 2, 96), _conv("fft", 7, 1, 16, 40),
         _conv("fft", 3, 16, 1, 96, padding="same"), _conv("fft", 3, 32, 32, 24),
