@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import ArgumentError
 from ..layout import CanonicalView, Layout
-from .choose import candidates, check_method, estimate_plans
+from .choose import candidates, check_method, estimate_plans, pick
 from .execute import Stats, execute
 from .plan import Plan, default_workers, make_plan, parse_memory
 
@@ -27,7 +27,8 @@ def plan_job(job, method="auto", memory_limit=None, workers=None, chunk_shape=No
     """The tiles of ``job`` and the method that computes them.
 
     ``method`` ``"auto"`` plans every candidate method and takes the plan the
-    cost model estimates fastest (:mod:`conv3d_cli.engine.choose`);
+    cost model estimates fastest (:func:`conv3d_cli.engine.choose.pick`: near
+    ties go to the direct path);
     ``"measure"`` times each candidate plan's largest tile instead
     (:mod:`conv3d_cli.engine.measure`). A candidate whose tiles cannot fit
     the memory limit is left out. The plan's ``choice`` records the
@@ -59,8 +60,7 @@ def plan_job(job, method="auto", memory_limit=None, workers=None, chunk_shape=No
     else:
         seconds = estimate_plans(job, plans)
     choice["method_estimates"] = seconds
-    best = min(seconds, key=seconds.get)
-    return replace(plans[best], choice=choice)
+    return replace(plans[pick(seconds)], choice=choice)
 
 
 def run(job, source, sink, plan, want_sums=False, progress=None, executor="processes",

@@ -49,6 +49,11 @@ their own (:func:`setup_counts`): ``spectra`` (FFT: ``C F / G`` kernels
 transformed axis by axis over their nonzero extent) and ``winograd_kernel``
 (``G g G^T``: ``pairs`` of channels).
 
+**The pick** is the plan with the fewest estimated seconds, except that FFT
+and Winograd must beat the direct path by more than ``TRANSFORM_MARGIN``
+(10%): direct summation rounds like Keras's own sums, so near ties stay
+direct (:func:`pick`).
+
 **Threads.** A tile's BLAS and FFT operations (``mac``/``stream`` of the
 GEMMs, ``fft``/``fmem``) run on ``plan.threads`` threads; their speed-up on
 ``t`` threads is Amdahl's ``1 / ((1 - p) + p / t)`` with ``p`` fitted per
@@ -346,6 +351,19 @@ def _makespan(costs, sizes, workers):
 
 
 # ------------------------------------------------------------------ the choice
+# Direct summation rounds like Keras's own sums (float32 products added tap by
+# tap); FFT and Winograd round differently (an FFT spreads its rounding over
+# the whole tile). A transform is picked only when it is estimated faster than
+# the direct path by more than this fraction, so near ties stay direct (and
+# a pick within it is still within 10% of the fastest).
+TRANSFORM_MARGIN = 0.1
+
+
+def pick(seconds) -> str:
+    """The method to run, from estimated (or measured) seconds per method."""
+    return min(seconds, key=lambda m: seconds[m] * (1 if m == "direct" else 1 + TRANSFORM_MARGIN))
+
+
 def candidates(job) -> list:
     """The methods that can compute ``job``."""
     return ["direct", "fft"] + (["winograd"] if winograd_suits(job) else [])
@@ -377,7 +395,7 @@ def choose_method(job, method="auto", plan_for=None) -> str:
         _, estimates = measure_plans(job, plans)
     else:
         estimates = estimate_plans(job, plans)
-    return min(estimates, key=estimates.get)
+    return pick(estimates)
 
 
 def estimate_plans(job, plans, model=None) -> dict:
