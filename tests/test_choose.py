@@ -170,8 +170,7 @@ def _model(workers_p=1.0, threads_p=1.0):
     """A model with every constant 1 ns (and the given parallel fractions)."""
     fitted = choose.load_model(choose.MODEL_FILE)
     return choose.CostModel({path: {k: 1e-9 for k in c} for path, c in fitted.constants.items()},
-                            {lib: threads_p for lib in fitted.threads},
-                            {path: workers_p for path in fitted.constants})
+                            {lib: threads_p for lib in fitted.threads}, workers_p)
 
 
 def test_more_tiles_cost_more_on_one_worker():
@@ -292,6 +291,23 @@ def test_committed_model_has_a_constant_for_every_count():
     assert set(model.threads) == set(choose.THREADED.values())
 
 
+def test_committed_constants_are_the_fit_of_the_committed_data(tmp_path, capsys):
+    """cost_model.json is what tools/fit_cost_model.py fits from the measurements
+    committed beside it, counted by the current model (``--refit``: no timing)."""
+    fit = _fit_script()
+    out = tmp_path / "model.json"
+    fit.main(["--refit", os.path.join(ROOT, "tools", "cost_model_data.json"),
+              "--output", str(out), "--data", str(tmp_path / "data.json")])
+    capsys.readouterr()
+    refitted = json.loads(out.read_text())
+    committed = json.loads(open(choose.MODEL_FILE).read())
+    assert refitted["constants"].keys() == committed["constants"].keys()
+    for path, values in committed["constants"].items():
+        assert refitted["constants"][path] == pytest.approx(values, rel=1e-3), path
+    assert refitted["threads"] == pytest.approx(committed["threads"], abs=1e-3)
+    assert refitted["workers"] == pytest.approx(committed["workers"], abs=1e-3)
+
+
 def test_fit_recovers_known_constants():
     fit = _fit_script()
     true = {"tile": 1e-4, "mac": 2e-11, "copy": 5e-10}
@@ -312,10 +328,10 @@ def test_fit_recovers_known_constants():
     assert errors["gemm"]["max"] < 1e-6
     assert fit.fit_threads(rows, constants)["blas"] == pytest.approx(0.8, abs=1e-6)
     cores = fit.CORES
-    if cores > 1:  # a tile side by side with others taking 1.25x as long
-        ratio = cores / choose.amdahl(0.75, cores)
-        assert fit.fit_workers([{"path": "gemm", "ratio": ratio}], ["gemm"])["gemm"] == \
-            pytest.approx(0.75)
+    if cores > 1:  # tiles side by side each taking 1.25x as long: the median of three
+        ratios = [cores / choose.amdahl(p, cores) for p in (0.75, 0.5, 1.0)]
+        crowd = [{"path": "gemm", "ratio": r} for r in ratios]
+        assert fit.fit_workers(crowd) == pytest.approx(0.75)
 
 
 @pytest.mark.slow

@@ -1,29 +1,38 @@
 """Fit the cost model of ``conv3d_cli/engine/choose.py`` on this machine.
 
     python tools/fit_cost_model.py [--quick] [--rounds N] [--output FILE] [--data FILE]
+    python tools/fit_cost_model.py --refit tools/cost_model_data.json   # no timing
 
 For each path (stencil, im2col GEMM, scatter-transposed, Winograd, FFT) the
 script times the engine's own tile task (``execute.compute_tile``: read, pad,
-compute, bias) on a set of layers and tile shapes chosen to separate the
-path's unit-operation counts (short and long W rows, few and many channels,
-strides, transposed phases, groups, tiny tiles), at one thread; the paths
-that call BLAS or the FFT again at all cores; the kernel spectra on their
-own; and each path with one tile per core running at once. Then:
+compute, bias) on layers and tile shapes chosen to separate the path's
+unit-operation counts (short and long W rows, few and many channels,
+strides, transposed phases, groups, tiles from tiny to beyond the caches) on
+one thread, by the thread's CPU time (which other processes inflate least);
+the kernel transforms (FFT spectra, Winograd's ``G g G^T``) on their own; a
+third of the tiles that call BLAS or the FFT on one thread and on all cores,
+and three tiles per path alone and one per core side by side, by the wall
+clock. Everything is timed once to warm up and then in rounds, keeping each
+timing's best. Then:
 
-- the seconds per operation of each path by non-negative least squares on
-  the relative error (``sum ((predicted - measured) / measured)^2``), from the
-  counts of ``choose.tile_counts``: the model and the fit share one
-  definition of what is counted;
-- the parallel fraction ``p`` of BLAS and of the FFT from the all-core
-  timings (Amdahl: ``t_n = serial + threaded * ((1 - p) + p / n)``), and of
-  each path's tiles running side by side (the slow-down of ``cores`` tiles
-  at once).
+- the seconds per operation of each path, by non-negative least squares on
+  the relative error (``sum ((predicted - measured) / measured)^2``) over the
+  counts of ``choose.tile_counts`` and ``choose.setup_counts``: the model and
+  the fit share one definition of what is counted;
+- the parallel fraction ``p`` of BLAS and of the FFT (Amdahl:
+  ``t_n = t_1 * (1 - (1 - 1/n) * p * share)``, the library's share of the
+  tile by the fitted constants), and that of tiles side by side
+  (``t_together / t_alone = n / amdahl(p, n)``, the median over the paths).
 
 It writes the constants to ``conv3d_cli/engine/cost_model.json`` (read by
 ``choose.py``) and every measurement with its counts to
 ``tools/cost_model_data.json``, and prints the constants and each path's fit
-error. About two minutes; ``--quick`` (tiny tiles, one repeat: for tests)
-takes a second or two and should not replace the committed fit.
+error. About two minutes on two cores. Run it on a quiet machine: other
+processes make the speed-ups look smaller than they are (the script warns
+when the load average is above half the cores). ``--quick`` (tiny tiles,
+one round: for tests) takes a second or two and fits nothing useful.
+``--refit DATA`` times nothing: it fits the measurements of a previous run,
+recounted by the current ``choose.py`` (after a change to the model only).
 """
 
 from __future__ import annotations
@@ -331,17 +340,15 @@ def fit_threads(rows, constants):
     return {lib: float(p) for lib, p in zip(libraries, res.x)}
 
 
-def fit_workers(crowd, paths):
-    """Per path, the fraction ``p`` with ``ratio = n / amdahl(p, n)`` (``n = CORES``)."""
-    out = {}
-    for path in paths:
-        ratios = [c["ratio"] for c in crowd if c["path"] == path]
-        if not ratios or CORES == 1:
-            out[path] = 1.0
-            continue
-        ratio = statistics.median(ratios)
-        out[path] = float(min(1.0, max(0.0, (CORES - ratio) / (CORES - 1))))
-    return out
+def fit_workers(crowd):
+    """The fraction ``p`` with ``t_together / t_alone = n / amdahl(p, n)`` (``n =
+    CORES``), from the median ratio over every path's tiles side by side (one
+    fraction for all paths: the differences between them are smaller than
+    what other load on the machine does to each)."""
+    if not crowd or CORES == 1:
+        return 1.0
+    ratio = statistics.median(c["ratio"] for c in crowd)
+    return float(min(1.0, max(0.0, (CORES - ratio) / (CORES - 1))))
 
 
 def machine():
@@ -367,33 +374,55 @@ def report(model, errors, out=sys.stdout):
           f"{model['fitted']['cores']} cores (seconds per operation)", file=out)
     print("CONSTANTS = " + pprint.pformat(model["constants"], width=100), file=out)
     print("THREADS = " + pprint.pformat(model["threads"]), file=out)
-    print("WORKERS = " + pprint.pformat(model["workers"]), file=out)
+    print(f"WORKERS = {model['workers']}", file=out)
     for path, e in errors.items():
         print(f"# {path}: relative error median {e['median']:.1%}, max {e['max']:.1%}", file=out)
 
 
+def recount(rows):
+    """The rows with their counts recomputed by the current ``choose`` (from each
+    row's configuration), to refit stored timings after a change to the model."""
+    out = []
+    for r in rows:
+        job, tile = config_job(r["config"])
+        path = r["path"]
+        if path in choose.SETUP.values():
+            kind = next(k for k, v in choose.SETUP.items() if v == path)
+            counts = choose.setup_counts(job, kind, choose.tile_axes(job, tile.out))
+        else:
+            counts = choose.tile_counts(job, path, tile)
+        out.append(dict(r, counts=dict(counts)))
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="tiny tiles, one repeat (for tests)")
+    ap.add_argument("--quick", action="store_true", help="tiny tiles, one round (for tests)")
     ap.add_argument("--rounds", type=int, default=None, help="timings of each tile (the best kept)")
     ap.add_argument("--output", default=str(choose.MODEL_FILE), help="the constants (JSON)")
     ap.add_argument("--data", default=str(DATA_FILE), help="the measurements (JSON)")
+    ap.add_argument("--refit", metavar="DATA", default=None,
+                    help="time nothing: fit the measurements of a previous run (its --data "
+                         "file), counted by the current model")
     args = ap.parse_args(argv)
     rounds = args.rounds or (1 if args.quick else 5)
     start = time.perf_counter()
-    load = os.getloadavg()[0]
-    rows, crowd = measure(QUICK if args.quick else CONFIGS, rounds, sys.stderr)
+    if args.refit:
+        with open(args.refit) as fh:
+            old = json.load(fh)
+        rows, crowd, info = recount(old["rows"]), old["crowd"], old["fitted"]
+    else:
+        load = os.getloadavg()[0]
+        rows, crowd = measure(QUICK if args.quick else CONFIGS, rounds, sys.stderr)
+        info = machine()
+        info.update(quick=args.quick, load_before=load, load_after=os.getloadavg()[0])
     constants, errors = fit_constants(rows)
-    info = machine()
     info["fit_error"] = errors
-    info["quick"] = args.quick
-    info["load_before"] = load
-    info["load_after"] = os.getloadavg()[0]
     model = {"fitted": info,
              "constants": {p: {n: float(f"{v:.4g}") for n, v in c.items()}
                            for p, c in constants.items()},
              "threads": {k: round(v, 3) for k, v in fit_threads(rows, constants).items()},
-             "workers": {k: round(v, 3) for k, v in fit_workers(crowd, constants).items()}}
+             "workers": round(fit_workers(crowd), 3)}
     with open(args.output, "w") as fh:
         json.dump(model, fh, indent=1, sort_keys=True)
         fh.write("\n")
@@ -401,9 +430,9 @@ def main(argv=None):
         json.dump({"fitted": info, "rows": rows, "crowd": crowd}, fh, indent=1)
         fh.write("\n")
     report(model, errors)
-    if max(load, info["load_after"]) > CORES / 2:
-        print(f"# warning: the machine was busy (load average {load:.1f} before, "
-              f"{info['load_after']:.1f} after, {CORES} cores): timings are noisy; "
+    if max(info.get("load_before", 0), info.get("load_after", 0)) > CORES / 2:
+        print(f"# warning: the machine was busy (load average {info['load_before']:.1f} "
+              f"before, {info['load_after']:.1f} after, {CORES} cores): timings are noisy; "
               "re-fit when it is quieter", file=sys.stderr)
     print(f"# {len(rows)} timings in {time.perf_counter() - start:.0f} s; wrote {args.output} "
           f"and {args.data}", file=sys.stderr)

@@ -58,7 +58,8 @@ direct (:func:`pick`).
 GEMMs, ``fft``/``fmem``) run on ``plan.threads`` threads; their speed-up on
 ``t`` threads is Amdahl's ``1 / ((1 - p) + p / t)`` with ``p`` fitted per
 library. Tiles running at once on several workers slow each other down
-(memory bandwidth): the same law per path, over the workers busy at once.
+(memory bandwidth, the interpreter lock between thread workers): the same law
+with one fraction ``p`` for all paths, over the workers busy at once.
 
 **Where the constants come from.** ``cost_model.json`` beside this module
 holds them, fitted on this machine by ``tools/fit_cost_model.py``, which
@@ -70,6 +71,9 @@ fit's error. Re-fit after a change to a kernel, or on another machine (a quiet
 one: other load makes the speed-ups look smaller than they are)::
 
     python tools/fit_cost_model.py          # about 2 minutes; rewrites both files
+    python tools/fit_cost_model.py --refit tools/cost_model_data.json
+                                            # after a change to the counts only:
+                                            # refits the stored timings, no timing
 
 ``CONV3D_COST_MODEL=/path/model.json`` (a file the script wrote with
 ``--output``) makes this module read another fit.
@@ -105,7 +109,8 @@ SCHEDULE_TILES = 4096
 
 class CostModel:
     """Fitted seconds per operation (``constants[path][count]``) and the
-    parallel fractions (``threads[library]``, ``workers[path]``)."""
+    parallel fractions (``threads[library]``, and ``workers`` of tiles side by
+    side)."""
 
     def __init__(self, constants, threads, workers, info=None):
         self.constants = constants
@@ -329,7 +334,7 @@ def plan_seconds(job, plan, model=None) -> float:
     busy = max(1, min(plan.workers, len(plan.tiles)))
     path = path_of(job, plan.method)
     # Each of `busy` workers runs slower by busy / amdahl(p, busy) while the others run.
-    crowd = busy / amdahl(model.workers.get(path, 1.0), busy)
+    crowd = busy / amdahl(model.workers, busy)
     total = _makespan(costs, sizes, busy) * crowd
     if path in SETUP:  # each process transforms the kernel once per tile shape
         total += sum(tile_seconds(job, plan.method, t, plan.threads, model, cold=True)
