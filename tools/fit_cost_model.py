@@ -45,8 +45,8 @@ import platform
 import pprint
 import statistics
 import sys
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import date
 from itertools import product
 from pathlib import Path
@@ -73,6 +73,11 @@ CORES = len(os.sched_getaffinity(0))
 # CROWD_CASES configurations per path.
 THREAD_EVERY = 3
 CROWD_CASES = 3
+# A wall-clock timing counts as quiet when this process's threads waited for a
+# core for at most this fraction of it; those without a quiet round get more
+# rounds for up to QUIET_WAIT seconds.
+QUIET_WAITED = 0.02
+QUIET_WAIT = 40.0
 
 
 def _conv(path, k, c, f, n, s=1, g=1, padding="valid"):
@@ -183,25 +188,60 @@ def build(config, rng):
     return job, tile, CanonicalView(x, Layout(x.shape, "channels_last"))
 
 
+def _waited():
+    """Seconds this process's threads have spent runnable but waiting for a core
+    (Linux ``/proc/self/task/*/schedstat``); 0 where that is not available."""
+    total = 0
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return 0.0
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/schedstat") as fh:
+                total += int(fh.read().split()[1])
+        except (OSError, ValueError, IndexError):
+            pass
+    return total / 1e9
+
+
 class Timing:
     """One thing to time: ``run()`` once per round, the best round kept.
 
     A tile on one thread is timed by the thread's CPU time, which other
-    processes on the machine inflate less (they take the core away, which
-    the wall clock would count); speed-ups (several threads, tiles side by
-    side) by the wall clock, against a wall-clock time on one thread.
+    processes on the machine inflate least (they take the core away, which
+    the wall clock would count). Speed-ups (several threads, tiles side by
+    side, and the one-thread times they are compared with) need the wall
+    clock and every core: their best is kept from the rounds in which this
+    process's threads waited for a core at most ``QUIET_WAITED`` of the time
+    (``quiet``: no other process took a core from them).
     """
 
     def __init__(self, row, run, threads=1, clock=None):
         self.row, self.run, self.threads = row, run, threads
         self.clock = clock or (time.thread_time if threads == 1 else time.perf_counter)
-        self.best = math.inf
+        self.best = self.quiet = math.inf
+
+    @property
+    def wall(self):
+        return self.clock is time.perf_counter
 
     def once(self):
         with threadpool_limits(limits=self.threads):
+            before = _waited()
             start = self.clock()
             self.run()
-            return self.clock() - start
+            seconds = self.clock() - start
+            waited = _waited() - before
+        self.best = min(self.best, seconds)
+        if waited <= QUIET_WAITED * seconds:
+            self.quiet = min(self.quiet, seconds)
+
+    def seconds(self):
+        """The best time, and whether it was measured with the machine to itself."""
+        if not self.wall:
+            return self.best, True
+        return (self.quiet, True) if self.quiet < math.inf else (self.best, False)
 
 
 def tile_task(job, tile, source, method, threads):
@@ -211,16 +251,14 @@ def tile_task(job, tile, source, method, threads):
 
 def crowd_task(job, tile, source, method):
     """``CORES`` copies of the tile at once, one thread each (as the workers of a
-    plan run their tiles)."""
+    plan run their tiles), on a pool whose threads live on (so that their waits
+    for a core are counted)."""
     caches = [SpectrumCache() for _ in range(CORES)]
+    pool = ThreadPoolExecutor(CORES)
 
     def together():
-        threads = [threading.Thread(target=compute_tile, args=(job, tile, source, method, c))
-                   for c in caches]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        for f in [pool.submit(compute_tile, job, tile, source, method, c) for c in caches]:
+            f.result()
     return together
 
 
@@ -273,28 +311,47 @@ def timings(configs):
     return out
 
 
-def measure(configs, rounds, log):
+def measure(configs, rounds, log, quiet_wait=QUIET_WAIT):
     """Time everything once to warm up, then in ``rounds`` rounds (each one time
     of each), keeping each one's best: a burst of other load on the machine
-    then spoils one round of many timings rather than all rounds of one."""
+    then spoils one round of many timings rather than all rounds of one. The
+    wall-clock timings not yet measured on a quiet machine get more rounds,
+    for up to ``quiet_wait`` seconds."""
     todo = timings(configs)
     for t in todo:
         t.once()
     for r in range(rounds):
         for t in todo:
-            t.best = min(t.best, t.once())
+            t.once()
         print(f"  round {r + 1}/{rounds} done", file=log)
-    rows = [dict(t.row, seconds=t.best) for t in todo if t.row["kind"] == "tile"]
+    deadline = time.perf_counter() + quiet_wait
+    waiting = [t for t in todo if t.wall and t.quiet == math.inf]
+    while waiting and time.perf_counter() < deadline:
+        for t in waiting:
+            t.once()
+        waiting = [t for t in waiting if t.quiet == math.inf]
+    if waiting:
+        print(f"  {len(waiting)} speed-up timings never had the machine to themselves",
+              file=log)
+    rows = [dict(t.row, seconds=t.seconds()[0]) for t in todo if t.row["kind"] == "tile"]
     walls = [t for t in todo if t.row["kind"] == "wall"]
     for one, many in zip(walls[::2], walls[1::2]):
-        rows.append(dict(many.row, seconds=many.best, seconds_1=one.best))
+        rows.append(dict(many.row, seconds=many.seconds()[0], seconds_1=one.seconds()[0],
+                         quiet=many.seconds()[1] and one.seconds()[1]))
     crowd = []
     for alone, together in zip(*[[t for t in todo if t.row["kind"] == k]
                                  for k in ("alone", "crowd")]):
         crowd.append({"path": alone.row["path"], "config": alone.row["config"],
-                      "alone": alone.best, "together": together.best,
-                      "ratio": together.best / alone.best})
+                      "alone": alone.seconds()[0], "together": together.seconds()[0],
+                      "ratio": together.seconds()[0] / alone.seconds()[0],
+                      "quiet": alone.seconds()[1] and together.seconds()[1]})
     return rows, crowd
+
+
+def _quiet_first(items):
+    """The items measured on a quiet machine, if any; else all of them."""
+    quiet = [i for i in items if i.get("quiet")]
+    return quiet or list(items)
 
 
 # -------------------------------------------------------------------- fitting
@@ -321,10 +378,8 @@ def fit_threads(rows, constants):
     the tile by the fitted constants, ``t_n / t_1 = 1 - (1 - 1/n) sum f_lib p_lib``."""
     libraries = sorted(set(choose.THREADED.values()))
     a, b = [], []
-    for r in rows:
+    for r in _quiet_first([r for r in rows if r["threads"] > 1]):
         n = r["threads"]
-        if n == 1:
-            continue
         c = constants[r["path"]]
         share = {lib: 0.0 for lib in libraries}
         total = sum(c.get(name, 0.0) * count for name, count in r["counts"].items())
@@ -347,7 +402,7 @@ def fit_workers(crowd):
     what other load on the machine does to each)."""
     if not crowd or CORES == 1:
         return 1.0
-    ratio = statistics.median(c["ratio"] for c in crowd)
+    ratio = statistics.median(c["ratio"] for c in _quiet_first(crowd))
     return float(min(1.0, max(0.0, (CORES - ratio) / (CORES - 1))))
 
 
@@ -413,9 +468,13 @@ def main(argv=None):
         rows, crowd, info = recount(old["rows"]), old["crowd"], old["fitted"]
     else:
         load = os.getloadavg()[0]
-        rows, crowd = measure(QUICK if args.quick else CONFIGS, rounds, sys.stderr)
+        rows, crowd = measure(QUICK if args.quick else CONFIGS, rounds, sys.stderr,
+                              0 if args.quick else QUIET_WAIT)
         info = machine()
-        info.update(quick=args.quick, load_before=load, load_after=os.getloadavg()[0])
+        quiet = [r.get("quiet", False) for r in rows if r["threads"] > 1]
+        quiet += [c["quiet"] for c in crowd]
+        info.update(quick=args.quick, load_before=load, load_after=os.getloadavg()[0],
+                    quiet_speedups=f"{sum(quiet)} of {len(quiet)}")
     constants, errors = fit_constants(rows)
     info["fit_error"] = errors
     model = {"fitted": info,
@@ -432,7 +491,8 @@ def main(argv=None):
     report(model, errors)
     if max(info.get("load_before", 0), info.get("load_after", 0)) > CORES / 2:
         print(f"# warning: the machine was busy (load average {info['load_before']:.1f} "
-              f"before, {info['load_after']:.1f} after, {CORES} cores): timings are noisy; "
+              f"before, {info['load_after']:.1f} after, {CORES} cores; speed-ups measured "
+              f"with every core free: {info.get('quiet_speedups')}): timings are noisy; "
               "re-fit when it is quieter", file=sys.stderr)
     print(f"# {len(rows)} timings in {time.perf_counter() - start:.0f} s; wrote {args.output} "
           f"and {args.data}", file=sys.stderr)
