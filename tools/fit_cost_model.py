@@ -4,16 +4,17 @@
     python tools/fit_cost_model.py --refit tools/cost_model_data.json   # no timing
 
 For each path (stencil, im2col GEMM, scatter-transposed, Winograd, FFT) the
-script times the engine's own tile task (``execute.compute_tile``: read, pad,
-compute, bias) on layers and tile shapes chosen to separate the path's
+script times the engine's own tile task (``execute.compute_tile``: read,
+pad, compute, bias) on layers and tile shapes chosen to separate the path's
 unit-operation counts (short and long W rows, few and many channels,
 strides, transposed phases, groups, tiles from tiny to beyond the caches) on
 one thread, by the thread's CPU time (which other processes inflate least);
 the kernel transforms (FFT spectra, Winograd's ``G g G^T``) on their own; a
 third of the tiles that call BLAS or the FFT on one thread and on all cores,
-and three tiles per path alone and one per core side by side, by the wall
-clock. Everything is timed once to warm up and then in rounds, keeping each
-timing's best. Then:
+and three mid-sized tiles per path alone and one per core side by side, by
+the wall clock (the speed-ups only from rounds in which no other process
+took a core). Everything is timed once to warm up and then in rounds,
+keeping each timing's best. Then:
 
 - the seconds per operation of each path, by non-negative least squares on
   the relative error (``sum ((predicted - measured) / measured)^2``) over the
@@ -70,9 +71,9 @@ DATA_FILE = ROOT / "tools" / "cost_model_data.json"
 CORES = len(os.sched_getaffinity(0))
 # The speed-up of tiles on all cores is measured on every THREAD_EVERY-th
 # configuration of a path that calls BLAS or the FFT; tiles side by side on
-# CROWD_CASES configurations per path.
+# the configurations marked ``crowd`` (tiles of 10-150 ms: shorter ones
+# measure the thread hand-off instead).
 THREAD_EVERY = 3
-CROWD_CASES = 3
 # A wall-clock timing counts as quiet when this process's threads waited for a
 # core for at most this fraction of it; those without a quiet round get more
 # rounds for up to QUIET_WAIT seconds.
@@ -80,14 +81,15 @@ QUIET_WAITED = 0.02
 QUIET_WAIT = 40.0
 
 
-def _conv(path, k, c, f, n, s=1, g=1, padding="valid"):
+def _conv(path, k, c, f, n, s=1, g=1, padding="valid", crowd=False):
+    """A Conv3D configuration; ``crowd``: also time one tile per core side by side."""
     return {"path": path, "layer": "Conv3D", "k": k, "s": s, "c": c, "f": f, "g": g,
-            "n": n if isinstance(n, tuple) else (n, n, n), "padding": padding}
+            "n": n if isinstance(n, tuple) else (n, n, n), "padding": padding, "crowd": crowd}
 
 
-def _tconv(path, k, c, f, n, s=1, padding="valid"):
+def _tconv(path, k, c, f, n, s=1, padding="valid", crowd=False):
     return {"path": path, "layer": "Conv3DTranspose", "k": k, "s": s, "c": c, "f": f, "g": 1,
-            "n": n if isinstance(n, tuple) else (n, n, n), "padding": padding}
+            "n": n if isinstance(n, tuple) else (n, n, n), "padding": padding, "crowd": crowd}
 
 
 # Layers and input sizes per path; the whole output is one tile. Each list
@@ -100,46 +102,46 @@ CONFIGS = {
         _conv("stencil", 3, 1, 1, 6), _conv("stencil", 3, 1, 1, 66),
         _conv("stencil", 3, 1, 1, (34, 34, 258)), _conv("stencil", 3, 1, 1, (130, 130, 10)),
         _conv("stencil", 5, 1, 1, 132), _conv("stencil", 5, 1, 1, (20, 20, 200)),
-        _conv("stencil", 7, 1, 1, (69, 262, 262)), _conv("stencil", 7, 1, 1, (70, 70, 14)),
+        _conv("stencil", 7, 1, 1, (69, 262, 262), crowd=True), _conv("stencil", 7, 1, 1, (70, 70, 14)),
         _conv("stencil", 3, 4, 4, 34), _conv("stencil", 3, 4, 4, 98),
         _conv("stencil", 3, 1, 16, 98), _conv("stencil", 3, 16, 1, 40),
-        _conv("stencil", 3, 16, 1, 98), _conv("stencil", 5, 2, 8, 30),
+        _conv("stencil", 3, 16, 1, 98, crowd=True), _conv("stencil", 5, 2, 8, 30),
         _conv("stencil", 3, 1, 1, 129, s=2), _conv("stencil", 7, 1, 1, 128, s=2, padding="same"),
-        _conv("stencil", 5, 4, 4, 64, s=2, padding="same"),
+        _conv("stencil", 5, 4, 4, 64, s=2, padding="same", crowd=True),
         _tconv("stencil", 3, 1, 1, 64, s=2), _tconv("stencil", 5, 2, 2, 32, s=2),
         _tconv("stencil", 9, 2, 2, 48, s=2), _tconv("stencil", 3, 4, 4, 32),
         _tconv("stencil", 7, 1, 1, 96), _tconv("stencil", 3, 1, 1, 8, s=2),
         _tconv("stencil", 3, 1, 1, 16, s=2, padding="same"), _tconv("stencil", 5, 1, 1, 12, s=2),
     ],
     "gemm": [
-        _conv("gemm", 3, 8, 8, 34), _conv("gemm", 3, 16, 16, 66), _conv("gemm", 3, 16, 16, 6),
-        _conv("gemm", 3, 32, 32, 26), _conv("gemm", 3, 64, 64, 18), _conv("gemm", 3, 32, 64, 48),
+        _conv("gemm", 3, 8, 8, 34), _conv("gemm", 3, 16, 16, 66, crowd=True), _conv("gemm", 3, 16, 16, 6),
+        _conv("gemm", 3, 32, 32, 26, crowd=True), _conv("gemm", 3, 64, 64, 18), _conv("gemm", 3, 32, 64, 48),
         _conv("gemm", 3, 4, 64, 34), _conv("gemm", 3, 64, 4, 26), _conv("gemm", 3, 32, 8, 34),
         _conv("gemm", 3, 64, 64, 34, padding="same"),
         _conv("gemm", 1, 64, 64, 64), _conv("gemm", 1, 8, 8, 64),
-        _conv("gemm", 5, 16, 16, 48), _conv("gemm", 5, 4, 8, 64), _conv("gemm", 7, 8, 8, 24),
+        _conv("gemm", 5, 16, 16, 48, crowd=True), _conv("gemm", 5, 4, 8, 64), _conv("gemm", 7, 8, 8, 24),
         _conv("gemm", 3, 16, 32, 64, s=2, padding="same"),
         _conv("gemm", 5, 32, 32, 48, s=2, padding="same"),
         _conv("gemm", 3, 32, 32, 26, g=2), _conv("gemm", 3, 64, 64, 20, g=4),
         _tconv("gemm", 3, 16, 16, 48), _tconv("gemm", 3, 32, 64, 32),
     ],
     "scatter": [
-        _tconv("scatter", 3, 64, 32, 32, s=2), _tconv("scatter", 3, 16, 16, 32, s=2),
+        _tconv("scatter", 3, 64, 32, 32, s=2, crowd=True), _tconv("scatter", 3, 16, 16, 32, s=2, crowd=True),
         _tconv("scatter", 2, 32, 32, 32, s=2), _tconv("scatter", 4, 16, 16, 32, s=2, padding="same"),
-        _tconv("scatter", 5, 8, 8, 40, s=2, padding="same"), _tconv("scatter", 1, 8, 8, 48, s=2),
+        _tconv("scatter", 5, 8, 8, 40, s=2, padding="same", crowd=True), _tconv("scatter", 1, 8, 8, 48, s=2),
         _tconv("scatter", 3, 8, 64, 24, s=2), _tconv("scatter", 3, 16, 16, 4, s=2),
         _tconv("scatter", 3, 64, 8, 24, s=2),
     ],
     "winograd": [
-        _conv("winograd", 3, 8, 8, 34), _conv("winograd", 3, 16, 16, 66),
-        _conv("winograd", 3, 16, 16, 50), _conv("winograd", 3, 32, 64, 48),
-        _conv("winograd", 3, 64, 64, 34, padding="same"), _conv("winograd", 3, 16, 16, 8),
+        _conv("winograd", 3, 8, 8, 34), _conv("winograd", 3, 16, 16, 66, crowd=True),
+        _conv("winograd", 3, 16, 16, 50), _conv("winograd", 3, 32, 64, 48, crowd=True),
+        _conv("winograd", 3, 64, 64, 34, padding="same", crowd=True), _conv("winograd", 3, 16, 16, 8),
         _conv("winograd", 3, 32, 32, 26, g=2), _conv("winograd", 3, 64, 8, 26),
         _conv("winograd", 3, 8, 64, 26), _tconv("winograd", 3, 16, 16, 48, padding="same"),
     ],
     "fft": [
         _conv("fft", 3, 1, 1, 34), _conv("fft", 7, 1, 1, 70), _conv("fft", 15, 1, 1, 96),
-        _conv("fft", 9, 1, 1, 128), _conv("fft", 5, 1, 1, 20), _conv("fft", 7, 1, 1, 256),
+        _conv("fft", 9, 1, 1, 128, crowd=True), _conv("fft", 5, 1, 1, 20), _conv("fft", 7, 1, 1, 256, crowd=True),
         _conv("fft", 9, 1, 1, 200), _conv("fft", 5, 4, 4, 96),
         _conv("fft", 7, 1, 1, 128, s=2, padding="same"),
         _tconv("fft", 7, 1, 1, 96), _tconv("fft", 11, 1, 1, 48, s=2, padding="same"),
@@ -147,14 +149,14 @@ CONFIGS = {
         _tconv("fft", 3, 1, 1, 16, s=2, padding="same"), _conv("fft", 3, 1, 1, 10),
         _tconv("fft", 5, 2, 2, 12, s=2),
         _conv("fft", 5, 4, 8, 64), _conv("fft", 7, 4, 8, 36), _conv("fft", 9, 8, 8, 32),
-        _conv("fft", 5, 16, 16, 48), _conv("fft", 7, 2, 2, 96), _conv("fft", 7, 1, 16, 40),
+        _conv("fft", 5, 16, 16, 48, crowd=True), _conv("fft", 7, 2, 2, 96), _conv("fft", 7, 1, 16, 40),
         _conv("fft", 3, 16, 1, 96, padding="same"), _conv("fft", 3, 32, 32, 24),
         _conv("fft", 5, 8, 8, 32, g=2), _conv("fft", 1, 16, 16, 24),
         _tconv("fft", 5, 8, 8, 40, s=2, padding="same"),
     ],
 }
 QUICK = {  # tiny tiles, a few per path: checks that the script runs, fits nothing useful
-    "stencil": [_conv("stencil", 3, 1, 1, 10), _conv("stencil", 1, 1, 1, 8),
+    "stencil": [_conv("stencil", 3, 1, 1, 10, crowd=True), _conv("stencil", 1, 1, 1, 8),
                 _tconv("stencil", 3, 1, 1, 6, s=2)],
     "gemm": [_conv("gemm", 3, 8, 8, 8), _conv("gemm", 1, 8, 8, 8)],
     "scatter": [_tconv("scatter", 3, 8, 8, 4, s=2), _tconv("scatter", 2, 8, 8, 4, s=2)],
@@ -302,7 +304,7 @@ def timings(configs):
                 counts = dict(choose.setup_counts(job, path, choose.tile_axes(job, tile.out)))
                 out.append(Timing({"kind": "tile", "path": choose.SETUP[path], "config": config,
                                    "threads": 1, "counts": counts}, setup_task(job, tile, path)))
-            if CORES > 1 and i % max(1, len(cases) // CROWD_CASES) == 0:
+            if CORES > 1 and config["crowd"]:
                 out.append(Timing({"kind": "alone", "path": path, "config": config},
                                   tile_task(job, tile, source, method, 1),
                                   clock=time.perf_counter))
