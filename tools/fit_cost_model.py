@@ -377,7 +377,9 @@ def fit_constants(rows):
 def fit_threads(rows, constants):
     """Parallel fractions ``p`` of BLAS and of the FFT, from tiles timed on one
     thread and on ``n`` (wall clock both): with ``f_lib`` the library's share of
-    the tile by the fitted constants, ``t_n / t_1 = 1 - (1 - 1/n) sum f_lib p_lib``."""
+    the tile by the fitted constants, ``t_1 - t_n = (1 - 1/n) t_1 sum f_lib p_lib``,
+    by least squares in seconds (the long tiles, where threads matter, weigh
+    most; tiny FFTs are slower on two threads, which this law cannot say)."""
     libraries = sorted(set(choose.THREADED.values()))
     a, b = [], []
     for r in _quiet_first([r for r in rows if r["threads"] > 1]):
@@ -389,8 +391,8 @@ def fit_threads(rows, constants):
             lib = choose.THREADED.get((r["path"], name))
             if lib:
                 share[lib] += c.get(name, 0.0) * count / total
-        a.append([(1 - 1 / n) * share[lib] for lib in libraries])
-        b.append(1 - r["seconds"] / r["seconds_1"])
+        a.append([(1 - 1 / n) * share[lib] * r["seconds_1"] for lib in libraries])
+        b.append(r["seconds_1"] - r["seconds"])
     if not a:
         return {lib: 0.0 for lib in libraries}
     res = lsq_linear(np.array(a), np.array(b), bounds=(0.0, 1.0))
