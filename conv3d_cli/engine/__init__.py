@@ -28,11 +28,10 @@ def plan_job(job, method="auto", memory_limit=None, workers=None, chunk_shape=No
 
     ``method`` ``"auto"`` plans every candidate method and takes the plan the
     cost model estimates fastest (:func:`conv3d_cli.engine.choose.pick`: near
-    ties go to the direct path);
-    ``"measure"`` times each candidate plan's largest tile instead
-    (:mod:`conv3d_cli.engine.measure`). A candidate whose tiles cannot fit
-    the memory limit is left out. The plan's ``choice`` records the
-    estimates (and timings) behind the pick.
+    ties go to the direct path); ``"measure"`` times each candidate plan's
+    largest tile instead (:mod:`conv3d_cli.engine.measure`). A candidate whose
+    tiles cannot fit the memory limit is left out. The plan's ``choice``
+    records the estimates (and timings) behind the pick.
     """
     workers = default_workers() if workers is None else workers
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
