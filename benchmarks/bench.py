@@ -1,6 +1,6 @@
 """The engine against PyTorch and SciPy, side by side in one process (`make bench`).
 
-    python benchmarks/bench.py [--only W1,W2,...,NF] [--repeats N] [--skip-w5] [--markdown]
+    python benchmarks/bench.py [--only W1,W2,...,NF,CH] [--repeats N] [--skip-w5] [--markdown]
                                [--against GIT_REF]
 
 Every workload is timed as the median of repeats after one warm-up run (which
@@ -15,6 +15,9 @@ counted once) and /usr/bin/time's maximum RSS (of the largest process).
 NF is the cost on finite data of giving Keras's result on NaN and Inf: FFT
 and Winograd tiles check their input for them (the direct paths need no
 check); W2 and W3 are timed with the check and with it skipped, side by side.
+CH is the method-choice grid (``benchmarks/choice.py``): every suitable method
+timed on 38 layers, and how often ``--method auto`` picks one within 10% of
+the fastest.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import time
 
 import numpy as np
 
+import choice
 from conv3d_cli import Conv3D, Conv3DTranspose
 
 try:
@@ -277,7 +281,7 @@ def fmt_s(t):
     return f"{t:.3f}"
 
 
-def report(rows, sgemm, w5, markdown, nf=()):
+def report(rows, sgemm, w5, markdown, nf=(), grid=()):
     lines = []
     lines.append(f"cores: {CORES}; NumPy sgemm: {sgemm:.0f} GFLOP/s; "
                  f"torch: {torch.__version__ if torch else 'not installed (skipped)'}")
@@ -317,6 +321,11 @@ def report(rows, sgemm, w5, markdown, nf=()):
         for name, desc, method, with_check, without, spent in nf:
             lines.append(f"| {name} {desc} | {method} | {fmt_s(with_check)} | {fmt_s(without)} | "
                          f"{with_check / without:.3f} | {spent:.4f} |")
+    if grid:
+        lines.append("")
+        lines.append(f"CH: method choice, every suitable method timed ({CORES} workers, medians)")
+        lines.append("")
+        lines.append(choice.report(grid, CORES))
     print("\n".join(lines))
 
 
@@ -332,9 +341,10 @@ def main():
     if torch is None:
         print("note: torch is not installed; its columns are skipped", file=sys.stderr)
     sgemm = sgemm_gflops()
-    compute = only - {"W5", "NF"} if only else None
+    compute = only - {"W5", "NF", "CH"} if only else None
     rows = bench_compute(compute, args.repeats) if compute is None or compute else []
     nf = bench_finite_check(args.repeats) if not only or "NF" in only else []
+    grid = choice.run_grid(max(3, args.repeats // 2), CORES) if not only or "CH" in only else []
     w5 = None
     if not args.skip_w5 and (not only or "W5" in only):
         tmp = tempfile.mkdtemp(prefix="conv3d-bench-", dir=os.environ.get("BENCH_TMP", "."))
@@ -342,7 +352,7 @@ def main():
             w5 = bench_w5(tmp)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    report(rows, sgemm, w5, args.markdown, nf)
+    report(rows, sgemm, w5, args.markdown, nf, grid)
     if args.against:
         import kernels
         kernels.main(["--against", args.against, "--repeats", str(args.repeats)]

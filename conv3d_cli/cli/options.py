@@ -112,8 +112,11 @@ LAYER_OPTIONS = [
 ]
 
 ENGINE_OPTIONS = [
-    click.option("--method", type=click.Choice(["auto", "direct", "fft", "winograd"], case_sensitive=False),
-                 default="auto", show_default=True, help="Convolution algorithm."),
+    click.option("--method", type=click.Choice(["auto", "measure", "direct", "fft", "winograd"],
+                                               case_sensitive=False),
+                 default="auto", show_default=True,
+                 help="Convolution algorithm: auto (the cost model's pick), measure (time "
+                      "each suitable one on a tile, then run the fastest), or one of them."),
     click.option("--workers", type=click.IntRange(min=1), default=None,
                  help="Worker processes. Default: the cores this process may use."),
     click.option("--memory-limit", callback=memory_size, default=None, metavar="SIZE",

@@ -21,7 +21,8 @@ from .options import engine_options, layer_from_kwargs, layer_options, shape_tup
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def shape(input, input_shape, as_json, **kwargs):
     """Show what the layer would produce from INPUT (only its header is read) or
-    from --input-shape.
+    from --input-shape. With --method measure, each suitable method is timed
+    on its plan's largest tile of zeros (nothing is read).
 
     \b
     Example:
@@ -59,8 +60,13 @@ def shape(input, input_shape, as_json, **kwargs):
             lines.append(f"padding {ax['axis']}      {ax['pad_before']} before, {ax['pad_after']} after")
         else:
             lines.append(f"crop {ax['axis']}         {ax['crop_before']} before, {ax['crop_after']} after")
+    lines += [f"method         {plan['method']}"]
+    if "method_timings" in plan:
+        lines.append(f"measured       {_seconds(plan['method_timings'])} "
+                     "(the largest tile, zeros)")
+    if "method_estimates" in plan:
+        lines.append(f"estimated      {_seconds(plan['method_estimates'])} (the whole run)")
     lines += [
-        f"method         {plan['method']}",
         f"tiles          {plan['tiles']} of {tuple(plan['tile_shape'])} "
         f"x {plan['batch_per_tile']} batch, {plan['workers']} workers",
         f"peak memory    ~{_size(plan['estimated_peak_bytes'])} "
@@ -69,6 +75,10 @@ def shape(input, input_shape, as_json, **kwargs):
     ]
     lines += [f"note           {note}" for note in plan.get("notes", [])]
     click.echo("\n".join(lines))
+
+
+def _seconds(by_method):
+    return ", ".join(f"{m} {s:.3g} s" for m, s in by_method.items())
 
 
 def _size(n):

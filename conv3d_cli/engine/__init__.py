@@ -8,11 +8,13 @@ in-memory NumPy array in Keras layout.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 
+from ..errors import ArgumentError
 from ..layout import CanonicalView, Layout
-from .choose import choose_method
+from .choose import candidates, check_method, estimate_plans, pick
 from .execute import Stats, execute
 from .plan import Plan, default_workers, make_plan, parse_memory
 
@@ -22,13 +24,42 @@ __all__ = ["run", "run_array", "plan_job", "Stats", "Plan", "parse_memory",
 
 def plan_job(job, method="auto", memory_limit=None, workers=None, chunk_shape=None,
              split_order=(0, 1, 2), processes=True) -> Plan:
+    """The tiles of ``job`` and the method that computes them.
+
+    ``method`` ``"auto"`` plans every candidate method and takes the plan the
+    cost model estimates fastest (:func:`conv3d_cli.engine.choose.pick`: near
+    ties go to the direct path); ``"measure"`` times each candidate plan's
+    largest tile instead (:mod:`conv3d_cli.engine.measure`). A candidate whose
+    tiles cannot fit the memory limit is left out. The plan's ``choice``
+    records the estimates (and timings) behind the pick.
+    """
     workers = default_workers() if workers is None else workers
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        from ..errors import ArgumentError
         raise ArgumentError(f"Invalid `workers`: {workers!r}. Expected an integer >= 1.")
-    return make_plan(job, choose_method(job, method), memory_limit=memory_limit,
-                     workers=workers, chunk_shape=chunk_shape, split_order=split_order,
-                     processes=processes)
+    method = check_method(job, method)
+
+    def plan_for(m):
+        return make_plan(job, m, memory_limit=memory_limit, workers=workers,
+                         chunk_shape=chunk_shape, split_order=split_order, processes=processes)
+
+    if method not in ("auto", "measure"):
+        return plan_for(method)
+    plans, refused = {}, None
+    for m in candidates(job):
+        try:
+            plans[m] = plan_for(m)
+        except ArgumentError as exc:  # this method's tiles do not fit the memory limit
+            refused = refused or exc
+    if not plans:
+        raise refused
+    choice = {}
+    if method == "measure":
+        from .measure import measure_plans
+        choice["method_timings"], seconds = measure_plans(job, plans)
+    else:
+        seconds = estimate_plans(job, plans)
+    choice["method_estimates"] = seconds
+    return replace(plans[pick(seconds)], choice=choice)
 
 
 def run(job, source, sink, plan, want_sums=False, progress=None, executor="processes",
