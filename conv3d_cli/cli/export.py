@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..api import check_kernel_fits
+from ..build import check_kernel_fits
 from ..errors import ArgumentError
 from ..io.keras_export import export_keras
 from .options import layer_from_kwargs, layer_options

@@ -148,7 +148,7 @@ def layer_from_kwargs(kwargs, input=None, input_shape=None, input_channels=None,
     INPUT (its header), ``--input-shape`` or ``--input-channels`` give a
     ``--kernel`` its voxel size and input channels; weights files (and named
     kernels) declaring more than ``memory_limit`` bytes are refused unread."""
-    from ..api import build_layer
+    from ..build import build_layer
     overrides = {k: kwargs.pop(k) for k in KERAS_KEYS}
     kernel, voxel_size = kwargs.pop("kernel"), kwargs.pop("voxel_size")
     context = {}
