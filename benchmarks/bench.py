@@ -1,6 +1,6 @@
 """The engine against PyTorch and SciPy, side by side in one process (`make bench`).
 
-    python benchmarks/bench.py [--only W1,W2,...,NF] [--repeats N] [--skip-w5] [--markdown]
+    python benchmarks/bench.py [--only W1,W2,...,NF,ST] [--repeats N] [--skip-w5] [--markdown]
                                [--against GIT_REF]
 
 Every workload is timed as the median of repeats after one warm-up run (which
@@ -15,6 +15,8 @@ counted once) and /usr/bin/time's maximum RSS (of the largest process).
 NF is the cost on finite data of giving Keras's result on NaN and Inf: FFT
 and Winograd tiles check their input for them (the direct paths need no
 check); W2 and W3 are timed with the check and with it skipped, side by side.
+ST is the commands' start-up, as ratios to `python -c "import numpy, click"`
+(benchmarks/startup.py).
 """
 
 from __future__ import annotations
@@ -332,7 +334,7 @@ def main():
     if torch is None:
         print("note: torch is not installed; its columns are skipped", file=sys.stderr)
     sgemm = sgemm_gflops()
-    compute = only - {"W5", "NF"} if only else None
+    compute = only - {"W5", "NF", "ST"} if only else None
     rows = bench_compute(compute, args.repeats) if compute is None or compute else []
     nf = bench_finite_check(args.repeats) if not only or "NF" in only else []
     w5 = None
@@ -343,6 +345,10 @@ def main():
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     report(rows, sgemm, w5, args.markdown, nf)
+    if not only or "ST" in only:
+        import startup
+        print()
+        print(startup.report(startup.measure_all(startup.RUNS), startup.RUNS, args.markdown))
     if args.against:
         import kernels
         kernels.main(["--against", args.against, "--repeats", str(args.repeats)]
