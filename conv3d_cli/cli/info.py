@@ -5,11 +5,6 @@ from __future__ import annotations
 import json
 
 import click
-import numpy as np
-from nibabel.nifti1 import extension_codes, xform_codes
-
-from ..io import open_volume
-from ..io.nifti import is_copied
 
 
 @click.command(short_help="Describe a volume file.")
@@ -23,6 +18,9 @@ def info(input, as_json):
     Example:
       conv3d info scan.nii.gz
     """
+    import numpy as np
+
+    from ..io import open_volume
     vol = open_volume(input, header_only=True)
     try:
         data = {"path": str(vol.spec), "format": vol.spec.format, "shape": list(vol.shape),
@@ -44,6 +42,9 @@ def info(input, as_json):
 
 def _nifti_fields(header):
     """The orientation codes and the header extensions (code, name, size on disk)."""
+    from nibabel.nifti1 import extension_codes
+
+    from ..io.nifti import is_copied
     extensions = [{"code": int(e.get_code()), "name": _label(extension_codes, e.get_code()),
                    "bytes": int(e.get_sizeondisk()), "copied_to_outputs": is_copied(e)}
                   for e in header.extensions]
@@ -60,6 +61,7 @@ def _label(codes, code):
 
 def _text(key, value):
     if key in ("sform_code", "qform_code"):
+        from nibabel.nifti1 import xform_codes
         return f"{value} ({_label(xform_codes, value)})"
     if key == "extensions":
         return ", ".join(

@@ -7,8 +7,6 @@ import math
 
 import click
 
-from ..io.keras_files import ModelFile
-
 
 @click.command(short_help="List the convolution layers of a Keras model file.")
 @click.argument("model", metavar="MODEL", type=click.Path(dir_okay=False))
@@ -22,6 +20,7 @@ def layers(model, as_json):
     Example:
       conv3d layers unet.keras
     """
+    from ..io.keras_files import ModelFile
     rows = []
     with ModelFile(model) as mf:
         for entry in mf.layers:

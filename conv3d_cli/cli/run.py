@@ -7,13 +7,8 @@ import os
 
 import click
 
-from ..api import apply_to_file
 from ..errors import Conv3DError
-from ..io.dtypes import OUTPUT_DTYPES
-from ..io.paths import parse_spec
-from ..io.tempfiles import StagedFile
-from ..weights import check_weights_path, stage_weights
-from .options import engine_options, layer_from_kwargs, layer_options
+from .options import OUTPUT_DTYPES, engine_options, layer_from_kwargs, layer_options
 
 
 @click.command(short_help="Apply the layer to a volume file.")
@@ -92,10 +87,19 @@ def run(input, output, save_weights, output_dtype, report, overwrite, scheduler,
                    f"workers, {result['seconds']:.2f} s)", err=True)
 
 
+def apply_to_file(*args, **kwargs):
+    """:func:`conv3d_cli.api.apply_to_file`, imported when a run starts (not for --help)."""
+    from ..api import apply_to_file
+    return apply_to_file(*args, **kwargs)
+
+
 class _SideFiles:
     """``--save-weights`` and ``--report``: checked first, committed right after OUTPUT."""
 
     def __init__(self, output, save_weights, report, overwrite):
+        from ..io.paths import parse_spec
+        from ..io.tempfiles import StagedFile
+        from ..weights import check_weights_path
         self.staged = []
         self.weights = check_weights_path(save_weights, overwrite) if save_weights else None
         self.report = None
@@ -115,6 +119,7 @@ class _SideFiles:
     def stage(self, layer, result):
         """Write both files under their temporary names (OUTPUT is complete, not yet in place)."""
         if self.weights is not None:
+            from ..weights import stage_weights
             stage_weights(self.weights, layer.kernel, layer.bias if layer.use_bias else None)
             self.staged.append(self.weights)
         if self.report is not None:
