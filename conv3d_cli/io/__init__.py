@@ -19,12 +19,12 @@ from .. import signals
 from ..errors import OutputExistsError, VolumeError
 from ..layers.args import is_float_dtype
 from .dtypes import output_dtype
-from .hdf5 import (DEFAULT_DATASET, H5Writer, copy_dataset_into, existing_dataset,
-                   has_hdf5_signature, open_hdf5)
-from .nifti import create_nifti, gzip_file, open_nifti
 from .npy import create_npy, open_npy
 from .paths import VolumeSpec, check_input_path, parse_spec, refuse_input
 from .tempfiles import FolderLock, check_writable_dir, place, remove_stale, temp_path
+
+# The HDF5 (h5py), NIfTI (nibabel) and Zarr modules are imported where a file of
+# their format is opened: each library costs more to import than NumPy.
 
 log = logging.getLogger("conv3d_cli")
 
@@ -80,10 +80,12 @@ def open_volume(spec, role="INPUT", header_only=False, tmp_dir=None) -> InputVol
     if spec.format == "npy":
         return InputVolume(spec, open_npy(spec.path))
     if spec.format == "hdf5":
+        from .hdf5 import open_hdf5
         return InputVolume(spec, open_hdf5(spec.path, spec.dataset))
     if spec.format == "zarr":
         from .zarr_io import ZarrVolume
         return InputVolume(spec, ZarrVolume(spec.path, spec.dataset))
+    from .nifti import open_nifti
     arr, img, affine, tmp = open_nifti(spec.path, header_only=header_only, tmp_dir=tmp_dir)
     return InputVolume(spec, arr, affine=affine, image=img, temp_files=[tmp] if tmp else [])
 
@@ -119,7 +121,7 @@ class OutputTarget:
             raise VolumeError(f"OUTPUT {spec} names the file's root group; name a dataset "
                               "(file.h5:/group/name)")
         remove_stale(self.folder)
-        if spec.format == "hdf5" and has_hdf5_signature(spec.path):
+        if spec.format == "hdf5" and _has_hdf5_signature(spec.path):
             self._check_existing_hdf5()
         elif os.path.exists(spec.path) and not overwrite:
             what = "exists and is not an HDF5 file" if spec.format == "hdf5" else "exists"
@@ -132,6 +134,7 @@ class OutputTarget:
 
     def _check_existing_hdf5(self):
         what = f"OUTPUT {self.spec.path}:{self.dataset}"
+        from .hdf5 import existing_dataset
         found = existing_dataset(self.spec.path, self.dataset, what)
         if found == "group":
             raise VolumeError(f"{what} is a group, not a dataset; name a dataset (its members "
@@ -141,6 +144,7 @@ class OutputTarget:
 
     @property
     def dataset(self):
+        from .hdf5 import DEFAULT_DATASET
         return self.spec.dataset or DEFAULT_DATASET
 
     def create(self, shape, dtype, affine=None, like=None, description="", chunks=None,
@@ -153,8 +157,10 @@ class OutputTarget:
         elif fmt == "nifti":
             if affine is None:
                 affine = np.eye(4)
+            from .nifti import create_nifti
             self._writer = create_nifti(self._tmp, shape, dtype, affine, like, description)
         else:
+            from .hdf5 import H5Writer
             self._writer = H5Writer(self._tmp, self.dataset, shape, dtype, chunks, attrs)
         return self._writer
 
@@ -169,6 +175,7 @@ class OutputTarget:
             return
         tmp = self._tmp
         if self.spec.gzipped:
+            from .nifti import gzip_file
             gzip_file(self._tmp, self._tmp_gz)
             os.unlink(self._tmp)
             tmp = self._tmp_gz
@@ -178,8 +185,9 @@ class OutputTarget:
 
     def _commit_hdf5(self, what):
         path = self.spec.path
+        from .hdf5 import copy_dataset_into
         with FolderLock(self.folder):
-            if has_hdf5_signature(path):
+            if _has_hdf5_signature(path):
                 copy_dataset_into(self._tmp, self.dataset, path, self.overwrite,
                                   f"OUTPUT {path}:{self.dataset}")
                 self.committed = True
@@ -207,6 +215,11 @@ class OutputTarget:
             if path and os.path.exists(path):
                 os.unlink(path)
         return None
+
+
+def _has_hdf5_signature(path):
+    from .hdf5 import has_hdf5_signature
+    return has_hdf5_signature(path)
 
 
 def read_volume(path):
