@@ -17,7 +17,6 @@ import re
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import fft as sfft
 
 from ..errors import ArgumentError
 from .direct import COLS_BLOCK_BYTES
@@ -155,6 +154,7 @@ def tile_bytes(job, nb, shape, method) -> int:
     x = nb * math.prod(in_ext) * job.in_channels * isz
     out = nb * math.prod(shape) * job.filters * isz
     if method == "fft":
+        from scipy import fft as sfft  # only for FFT plans: scipy costs more than the rest
         per = math.prod(sfft.next_fast_len(e, real=True) for e in in_ext)
         # input and output spectra and the inverse transform, complex = 2 reals
         scratch = nb * per * (job.in_channels + 2 * job.filters) * isz * 2

@@ -14,10 +14,8 @@ from itertools import product
 
 import numpy as np
 
-try:
-    import numba
-except ImportError:  # pragma: no cover - numba is a dependency; keep a clear fallback
-    numba = None
+# numba.njit, importing numba on a kernel's first call (None without numba)
+from .jit import numba
 
 # Channels-per-group x filters-per-group up to which the stencil beats GEMM
 # (measured by `make bench`: GEMM needs a wide K x N to reach BLAS speed).
