@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 
+from .jit import worth_compiling
 from .stencil import stencil_suits
 from .winograd import winograd_suits
 
@@ -63,7 +64,7 @@ def fft_cost(job) -> float:
 def winograd_cost(job) -> float:
     """F(2,3)^3: 8 multiply-adds per output and channel pair in 64 GEMMs of
     K = C/G, plus about 24 additions per input channel and 14 per filter."""
-    if not winograd_suits(job):
+    if not winograd_suits(job) or not worth_compiling(job):
         return math.inf
     n_out = job.batch * math.prod(job.out_spatial)
     cg, fg = job.in_channels // job.groups, job.filters // job.groups

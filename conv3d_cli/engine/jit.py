@@ -17,6 +17,20 @@ import threading
 
 _LOCK = threading.Lock()
 
+# Work below which a job takes the NumPy paths (im2col + GEMM) instead of a
+# compiled kernel. A fresh process spends about 0.6 s of CPU importing numba
+# and loading a kernel from its cache; the GEMM path costs at most about 3 ns
+# per multiply-add more than the stencil (one core, one channel, measured), so
+# a job of 10 million multiply-adds (a 72^3 single-channel volume and a 3^3
+# kernel) loses at most 0.03 s there and never loads numba: a small `conv3d run`
+# costs about what its start-up costs.
+MIN_COMPILED_FLOPS = 2e7
+
+
+def worth_compiling(job) -> bool:
+    """Whether ``job`` does enough work for a compiled (numba) kernel to pay its loading."""
+    return job.flops() >= MIN_COMPILED_FLOPS
+
 
 class LazyKernel:
     """A function to compile with ``numba.njit(**options)``, on first use.
