@@ -15,8 +15,15 @@ import time
 import numpy as np
 
 from . import engine, shapes, signals
-from .build import (INIT_BYTES_PER_WEIGHT, MAX_CONFIG_BYTES, build_layer,  # noqa: F401
-                    check_kernel_fits, infer_class, is_model_file, load_config_file)
+from .build import (  # noqa: F401 (re-exported: build_layer and friends lived here)
+    INIT_BYTES_PER_WEIGHT,
+    MAX_CONFIG_BYTES,
+    build_layer,
+    check_kernel_fits,
+    infer_class,
+    is_model_file,
+    load_config_file,
+)
 from .errors import ArgumentError, ShapeError
 from .geometry import output_affine
 from .io import OutputTarget, VolumeSpec, open_volume, parse_spec

@@ -165,7 +165,8 @@ MUTANTS = [
       "if a != whole and tile[a] >= 2 * min_len[a]:", "if tile[a] >= 2 * min_len[a]:",
       ("tests/test_engine.py", "tests/test_file_executors.py")),
     M("keras-json-ignored", "conv3d_cli/layers/args.py",
-      'return _keras_json("image_data_format", "channels_last", ("channels_last", "channels_first"))',
+      'return _keras_json("image_data_format", "channels_last", '
+      '("channels_last", "channels_first"))',
       'return "channels_last"',
       ("tests/test_keras_home.py",)),
     M("keras-home-ignored", "conv3d_cli/layers/args.py",

@@ -30,7 +30,8 @@ def layers(model, as_json):
                 "name": entry.name, "class_name": entry.class_name,
                 "kernel_shape": list(w["kernel"]),
                 "strides": cfg.get("strides"), "padding": cfg.get("padding"),
-                "dilation_rate": cfg.get("dilation_rate"), "activation": _act(cfg.get("activation")),
+                "dilation_rate": cfg.get("dilation_rate"),
+                "activation": _act(cfg.get("activation")),
                 "params": math.prod(w["kernel"]) + (math.prod(w["bias"])
                                                     if w["bias"] is not None else 0),
                 "dtype": _policy(cfg.get("dtype")),

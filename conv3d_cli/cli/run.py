@@ -23,7 +23,8 @@ from .options import OUTPUT_DTYPES, engine_options, layer_from_kwargs, layer_opt
               help="OUTPUT's dtype: the layer's compute dtype (float32 where the format has "
                    "no float16/bfloat16), the input's (float inputs), or a float dtype.")
 @click.option("--report", type=click.Path(dir_okay=False, allow_dash=True), default=None,
-              help="Write a JSON report (shapes, params, config, method, seconds, losses); - for stdout.")
+              help="Write a JSON report (shapes, params, config, method, seconds, losses); "
+                   "- for stdout.")
 @click.option("--overwrite", is_flag=True,
               help="Replace OUTPUT, --save-weights and --report if they exist (in an HDF5 "
                    "file or Zarr store: only the named dataset or array).")
@@ -40,8 +41,8 @@ from .options import OUTPUT_DTYPES, engine_options, layer_from_kwargs, layer_opt
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary line.")
 @click.option("-v", "--verbose", is_flag=True,
               help="Log to stderr where temporary files go and what is cleaned up.")
-def run(input, output, save_weights, output_dtype, report, overwrite, scheduler, resume, progress, quiet,
-        tmp_dir, verbose, **kwargs):
+def run(input, output, save_weights, output_dtype, report, overwrite, scheduler, resume, progress,
+        quiet, tmp_dir, verbose, **kwargs):
     """Apply one Conv3D / Conv3DTranspose layer to INPUT and write OUTPUT.
 
     INPUT and OUTPUT are .npy, .nii, .nii.gz, HDF5 (file.h5:/group/dataset;

@@ -58,9 +58,11 @@ def shape(input, input_shape, as_json, **kwargs):
     lines.append(f"params         {info['params']}")
     for ax in info["padding"]:
         if "pad_before" in ax:
-            lines.append(f"padding {ax['axis']}      {ax['pad_before']} before, {ax['pad_after']} after")
+            lines.append(f"padding {ax['axis']}      {ax['pad_before']} before, "
+                         f"{ax['pad_after']} after")
         else:
-            lines.append(f"crop {ax['axis']}         {ax['crop_before']} before, {ax['crop_after']} after")
+            lines.append(f"crop {ax['axis']}         {ax['crop_before']} before, "
+                         f"{ax['crop_after']} after")
     lines += [
         f"method         {plan['method']}",
         f"tiles          {plan['tiles']} of {tuple(plan['tile_shape'])} "

@@ -118,7 +118,8 @@ def _softplus(x):
 
 
 _ELEMENTWISE = {
-    "celu": lambda x, alpha=1.0: np.maximum(x, 0) + np.minimum(0, alpha * np.expm1(np.minimum(x, 0) / alpha)),
+    "celu": lambda x, alpha=1.0: np.maximum(x, 0) + np.minimum(
+        0, alpha * np.expm1(np.minimum(x, 0) / alpha)),
     "elu": _elu,
     "exponential": np.exp,
     "gelu": _gelu,

@@ -8,15 +8,20 @@ computation in :mod:`conv3d_cli.engine`.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from .. import shapes
 from ..errors import ArgumentError, ShapeError, WeightsError, brief
 from . import activations, constraints, initializers, regularizers
-from .args import (is_float_dtype, numpy_dtype, positive_int, standardize_data_format,
-                   standardize_dtype_policy, standardize_padding, standardize_tuple)
+from .args import (
+    is_float_dtype,
+    numpy_dtype,
+    positive_int,
+    standardize_data_format,
+    standardize_dtype_policy,
+    standardize_padding,
+    standardize_tuple,
+)
 
 # Keys of a Keras layer config that carry no meaning for inference here
 # (tf.keras 2's `batch_size` goes with `input_shape`, for a model's input).
@@ -242,7 +247,8 @@ class BaseConv3D:
                     f"compatible with provided weight shape {new.shape}.")
             if not (np.issubdtype(new.dtype, np.number) or is_float_dtype(new.dtype)) \
                     or np.iscomplexobj(new):
-                raise WeightsError(f"Layer '{self.name}' {label} must be real numbers, got {new.dtype}.")
+                raise WeightsError(
+                    f"Layer '{self.name}' {label} must be real numbers, got {new.dtype}.")
         if not self.built:
             self._initial_weights = None  # the weights given now win
             self.build(shapes.join_layout((None,), (None,) * 3, channels, self.data_format))
