@@ -116,7 +116,7 @@ def _parse_length(text, spec, what):
 
 
 def parse_spec(spec):
-    """``NAME[:ARG,KEY=VALUE,...]`` -> (name, [positional], {keyword}); names are case-insensitive."""
+    """``NAME[:ARG,KEY=VALUE,...]`` -> (name, [positional], {keyword}), names case-insensitive."""
     text = str(spec).strip()
     name, _, rest = text.partition(":")
     name = name.strip().lower()

@@ -3,11 +3,49 @@
 from __future__ import annotations
 
 import sys
+import time
 
-from tqdm import tqdm
+DELAY = 1.0  # seconds of work before a bar appears
 
 
 def progress_bar(total_voxels: int, enabled: bool = True, desc: str = "conv3d"):
-    return tqdm(total=total_voxels, unit="vox", unit_scale=True, desc=desc,
-                file=sys.stderr, disable=not enabled, delay=1.0, leave=False,
-                dynamic_ncols=True)
+    return ProgressBar(total_voxels, enabled, desc)
+
+
+class ProgressBar:
+    """Counts the work done; a tqdm bar takes over at the first update after ``DELAY``.
+
+    tqdm itself would wait as long before it draws (its ``delay``), but importing
+    it costs more than a small run: work that ends sooner, or runs without a bar
+    (``--quiet``), never imports it.
+    """
+
+    def __init__(self, total, enabled=True, desc="conv3d"):
+        self.total, self.enabled, self.desc = total, enabled, desc
+        self.n = 0
+        self.postfix = None
+        self._bar = None
+        self._start = time.monotonic()
+
+    def update(self, n=1):
+        self.n += n
+        if self._bar is not None:
+            self._bar.update(n)
+        elif self.enabled and time.monotonic() - self._start >= DELAY:
+            self._open()
+
+    def set_postfix_str(self, text, refresh=True):
+        self.postfix = text
+        if self._bar is not None:
+            self._bar.set_postfix_str(text, refresh=refresh)
+
+    def close(self):
+        if self._bar is not None:
+            self._bar.close()
+
+    def _open(self):
+        from tqdm import tqdm
+        self._bar = tqdm(total=self.total, initial=self.n, unit="vox", unit_scale=True,
+                         desc=self.desc, file=sys.stderr, leave=False, dynamic_ncols=True)
+        if self.postfix is not None:
+            self._bar.set_postfix_str(self.postfix)

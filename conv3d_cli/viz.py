@@ -182,7 +182,7 @@ def world_grid(sources, max_size=512):
     lo, hi = corners.min(axis=0), corners.max(axis=0)
     finest = min(min(s.voxel_size) for s in sources)
     spacing = max(finest, float((hi - lo).max()) / max_size)
-    size = tuple(max(1, int(math.ceil(round((h - l) / spacing, 6)))) for l, h in zip(lo, hi))
+    size = tuple(max(1, int(math.ceil(round((b - a) / spacing, 6)))) for a, b in zip(lo, hi))
     return WorldGrid(tuple(float(v) for v in lo), float(spacing), size)
 
 

@@ -361,3 +361,12 @@ def test_an_unreadable_model_file_is_a_clean_error(tmp_path, monkeypatch):
     with pytest.raises(ArgumentError, match="cost model .*bad.json: cannot be read"):
         plan_job(job, "auto", workers=1)
     assert plan_job(job, "direct", workers=1).method == "direct"  # forced: no model needed
+
+
+def test_planning_fft_lengths_are_scipys():
+    """Planning sizes FFTs without SciPy; the lengths must be the ones the FFT path uses."""
+    from scipy.fft import next_fast_len as scipy_len
+
+    from conv3d_cli.engine.fftsize import next_fast_len
+    assert [next_fast_len(n) for n in range(1, 3000)] == \
+        [scipy_len(n, real=True) for n in range(1, 3000)]

@@ -43,7 +43,7 @@ M = Mutant
 MUTANTS = [
     # --- the bugs of issue 9, item 4
     M("gelu-tanh-approximation", "conv3d_cli/layers/activations.py",
-      '"gelu": lambda x, approximate=False:', '"gelu": lambda x, approximate=True:',
+      "def _gelu(x, approximate=False):", "def _gelu(x, approximate=True):",
       ("tests/test_keras_golden.py",)),
     M("float64-with-float32-kernel", "conv3d_cli/engine/job.py",
       "k = np.asarray(self.kernel, dtype=self.dtype)",
@@ -165,7 +165,8 @@ MUTANTS = [
       "if a != whole and tile[a] >= 2 * min_len[a]:", "if tile[a] >= 2 * min_len[a]:",
       ("tests/test_engine.py", "tests/test_file_executors.py")),
     M("keras-json-ignored", "conv3d_cli/layers/args.py",
-      'return value if value in ("channels_last", "channels_first") else "channels_last"',
+      'return _keras_json("image_data_format", "channels_last", '
+      '("channels_last", "channels_first"))',
       'return "channels_last"',
       ("tests/test_keras_home.py",)),
     M("keras-home-ignored", "conv3d_cli/layers/args.py",

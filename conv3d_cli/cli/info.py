@@ -5,9 +5,6 @@ from __future__ import annotations
 import json
 
 import click
-import numpy as np
-
-from ..io import open_volume
 
 
 @click.command(short_help="Describe a volume file.")
@@ -21,6 +18,10 @@ def info(input, as_json):
     Example:
       conv3d info scan.nii.gz
     """
+    import numpy as np
+
+    from ..io import open_volume
+
     vol = open_volume(input, header_only=True)
     try:
         data = {"path": str(vol.spec), "format": vol.spec.format, "shape": list(vol.shape),

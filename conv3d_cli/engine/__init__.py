@@ -15,8 +15,15 @@ import numpy as np
 from ..errors import ArgumentError
 from ..layout import CanonicalView, Layout
 from .choose import candidates, check_method, estimate_plans, pick
-from .execute import Stats, execute
 from .plan import Plan, default_workers, make_plan, parse_memory
+
+
+def __getattr__(name):
+    if name == "Stats":
+        from .execute import Stats
+        return Stats
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["run", "run_array", "plan_job", "Stats", "Plan", "parse_memory",
            "default_workers"]
@@ -63,7 +70,8 @@ def plan_job(job, method="auto", memory_limit=None, workers=None, chunk_shape=No
 
 
 def run(job, source, sink, plan, want_sums=False, progress=None, executor="processes",
-        skip=(), on_done=None, scheduler=None) -> Stats:
+        skip=(), on_done=None, scheduler=None):
+    from .execute import execute  # the executors load the kernels: not for planning
     return execute(job, plan, source, sink, want_sums=want_sums, progress=progress,
                    executor=executor, skip=skip, on_done=on_done, scheduler=scheduler)
 
@@ -111,4 +119,5 @@ def _run_empty(job, want_sums=False):
     if want_sums:
         y64 = y.astype(np.float64)
         sums = (float(np.abs(y64).sum()), float(np.square(y64).sum()))
+    from .execute import Stats
     return np.ascontiguousarray(y), Stats(method="none", tiles=0, activity_sums=sums)

@@ -89,10 +89,10 @@ from functools import lru_cache
 from itertools import product
 from pathlib import Path
 
-from scipy import fft as sfft
-
 from ..errors import ArgumentError
 from ..shapes import CONV
+from .fftsize import next_fast_len
+from .jit import worth_compiling
 from .stencil import stencil_suits
 from .winograd import winograd_suits
 
@@ -247,7 +247,7 @@ def fft_shape(combo):
         offs = [o for _, o in t.taps]
         span = max(offs) - min(offs) + 1
         spans.append(span)
-        fshape.append(sfft.next_fast_len((t.count - 1) * t.in_step + span, real=True))
+        fshape.append(next_fast_len((t.count - 1) * t.in_step + span))
     return tuple(spans), tuple(fshape)
 
 
@@ -375,8 +375,13 @@ def candidates(job) -> list:
     A float16 or bfloat16 layer's sums are rounded to a few bits: direct
     summation gives Keras's rounded values to the ulp, while the 1e-6 to 1e-5
     error of an FFT or Winograd sum would move some of them by one ulp, so such
-    layers stay direct unless a method is forced."""
+    layers stay direct unless a method is forced. So do jobs too small to pay
+    for loading a transform's library."""
     if job.rounds_result:
+        return ["direct"]
+    # Loading numba (Winograd) or SciPy's FFT costs more than a job of a few
+    # milliseconds could gain from them (see ``jit.MIN_COMPILED_FLOPS``).
+    if not worth_compiling(job):
         return ["direct"]
     return ["direct", "fft"] + (["winograd"] if winograd_suits(job) else [])
 

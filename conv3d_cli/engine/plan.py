@@ -17,10 +17,10 @@ import re
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import fft as sfft
 
 from ..errors import ArgumentError
 from .direct import COLS_BLOCK_BYTES
+from .fftsize import next_fast_len
 
 # Memory a process needs besides its tiles: measured at plan time (the
 # interpreter, NumPy/SciPy, numba, h5py, nibabel are loaded by then), at least
@@ -157,7 +157,7 @@ def tile_bytes(job, nb, shape, method) -> int:
     x = nb * math.prod(in_ext) * job.in_channels * isz
     out = nb * math.prod(shape) * job.filters * isz
     if method == "fft":
-        per = math.prod(sfft.next_fast_len(e, real=True) for e in in_ext)
+        per = math.prod(next_fast_len(e) for e in in_ext)
         # input and output spectra and the inverse transform, complex = 2 reals
         scratch = nb * per * (job.in_channels + 2 * job.filters) * isz * 2
         # the kernel spectra (C x F / G per frequency, half the frequencies)
