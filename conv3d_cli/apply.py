@@ -15,16 +15,14 @@ import hashlib
 import json
 import os
 import time
+from dataclasses import replace
 
 import numpy as np
-
-from dataclasses import replace
 
 from . import boundary as edges
 from . import engine, series, shapes, signals
 from .errors import ArgumentError, ShapeError
-from .io import (VolumeSpec, check_output, create_output, open_volume, output_axes,
-                 parse_spec)
+from .io import VolumeSpec, check_output, create_output, open_volume, output_axes, parse_spec
 from .io.dtypes import IntegerSink
 from .io.dtypes import output_dtype as resolve_output_dtype
 from .layout import CanonicalView, Layout

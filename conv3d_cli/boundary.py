@@ -95,7 +95,7 @@ def compute_job(job, boundary):
 
 
 def _valid_on_extended(g):
-    """The 'valid' geometry over the extended axis ``[-pad_before, (out-1)*s + ke - pad_before)``."""
+    """The 'valid' geometry over the extended axis (index e is input index e - pad_before)."""
     return AxisGeometry(CONV, (g.out - 1) * g.s + g.ke, g.k, g.s, g.d, 0, g.out)
 
 

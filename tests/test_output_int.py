@@ -1,4 +1,4 @@
-"""``conv3d run --output-dtype int16|uint8|...|input``: rounded, clipped, NaN as 0 (issue 11, part 4)."""
+"""``conv3d run --output-dtype int16|...|input``: rounded, clipped, NaN as 0 (issue 11, 4)."""
 
 import json
 import os

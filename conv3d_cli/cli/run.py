@@ -8,8 +8,13 @@ import os
 import click
 
 from ..errors import Conv3DError
-from .options import (OUTPUT_DTYPES, engine_options, layer_from_kwargs, layer_options,
-                      not_keras_options)
+from .options import (
+    OUTPUT_DTYPES,
+    engine_options,
+    layer_from_kwargs,
+    layer_options,
+    not_keras_options,
+)
 
 
 @click.command(short_help="Apply the layer to a volume file.")
