@@ -33,7 +33,7 @@ def test_to_integer_rounds_half_to_even_clips_and_zeroes_nan():
 @pytest.mark.parametrize("dtype", ["uint8", "int8", "int16", "uint16", "int32"])
 def test_run_rounds_and_clips_every_tile(tmp_path, dtype):
     """Half-way results (x * 0.5 of integers) round to even; out-of-range ones clip;
-    a NaN voxel's neighbourhood is 0; over several tiles and 2 worker processes."""
+    a NaN voxel's neighbourhood is 0; over several tiles (int16: in 2 worker processes)."""
     rng = np.random.default_rng(1)
     x = rng.integers(-400, 400, (8, 9, 10)).astype(np.float32)
     x[4, 4, 4] = np.nan
@@ -44,7 +44,8 @@ def test_run_rounds_and_clips_every_tile(tmp_path, dtype):
     np.savez(tmp_path / "w.npz", kernel=k)
     r = run(tmp_path / "in.npy", tmp_path / "out.npy", "--weights", tmp_path / "w.npz",
             "--no-use-bias", "--padding", "same", "--output-dtype", dtype, "--chunk-shape",
-            "3,4,5", "--workers", "2", "--report", tmp_path / "r.json")
+            "3,4,5", "--workers", "2" if dtype == "int16" else "1", "--report",
+            tmp_path / "r.json")
     assert r.exit_code == 0, r.output
     assert "rounded half to even" in r.output and "NaN written as 0" in r.output
     ref = ndimage.correlate(np.nan_to_num(x, nan=0.0).astype(np.float64), k[..., 0, 0],
