@@ -15,13 +15,15 @@ import hashlib
 import json
 import os
 import time
+from dataclasses import replace
 
 import numpy as np
 
-from . import engine, shapes, signals
+from . import boundary as edges
+from . import engine, series, shapes, signals
 from .errors import ArgumentError, ShapeError
-from .io import (VolumeSpec, check_output, create_output, open_volume, output_axes,
-                 parse_spec)
+from .io import VolumeSpec, check_output, create_output, open_volume, output_axes, parse_spec
+from .io.dtypes import IntegerSink
 from .io.dtypes import output_dtype as resolve_output_dtype
 from .layout import CanonicalView, Layout
 
@@ -29,22 +31,68 @@ __all__ = ["apply_to_file", "describe"]
 
 
 def describe(layer, input_shape=None, volume=None, method="auto", workers=None,
-             memory_limit=None, chunk_shape=None):
+             memory_limit=None, chunk_shape=None, per_volume=False, boundary="zeros"):
     """(output shape, parameters, per-axis padding and the plan as a dict; the job;
-    the plan) for a Keras ``input_shape`` or an opened ``volume``."""
-    layout = _file_layout(volume, layer) if volume is not None else None
+    the plan) for a Keras ``input_shape`` or an opened ``volume``.
+
+    ``per_volume``: the volume's series axis is the batch (:mod:`conv3d_cli.series`).
+    ``boundary``: what is read beyond the edges (:mod:`conv3d_cli.boundary`); the
+    job is the layer's, the plan is for the job the engine runs."""
+    layout = _source_layout(volume, layer, per_volume) if volume is not None else None
     keras_in = _keras_shape(layout, layer) if layout is not None else _given_shape(input_shape)
+    if volume is not None and not per_volume:
+        _check_series_channels(layer, volume, layout)
     job = _job(layer, keras_in, volume, memory_limit)
-    plan = _plan(job, volume, method, memory_limit, workers, chunk_shape)
+    edges.check_boundary(boundary, job, layer.padding)
+    plan = _plan(edges.compute_job(job, boundary), volume, method, memory_limit, workers,
+                 chunk_shape)
     out = job.out_canonical_shape
     out_keras = shapes.join_layout(job.batch_shape, out[1:4], out[4], layer.data_format)
     info = {"layer": layer.keras_name, "input_shape": list(keras_in),
             "output_shape": list(out_keras), "params": layer.count_params(),
             "padding": _padding(job), "plan": plan.summary(job)}
+    if boundary != "zeros":
+        info["boundary"] = boundary
     if layout is not None:
         info["file_input_shape"] = list(volume.shape)
-        info["file_output_shape"] = list(layout.output_shape(out))
+        info["file_output_shape"] = list(_output_layouts(layout, out, None, per_volume)[1])
     return info, job, plan
+
+
+def _source_layout(vol, layer, per_volume):
+    """The layout the engine reads ``vol`` in: the file's own, or with
+    ``per_volume`` the Keras batch of frames :func:`_source_array` shows."""
+    layout = _file_layout(vol, layer)
+    if not per_volume:
+        return layout
+    series.check_series(layout, vol.spec)
+    return Layout(series.keras_view_shape(series.input_axes(layout), vol.shape),
+                  layout.data_format)
+
+
+def _source_array(vol, layer, per_volume):
+    if not per_volume:
+        return vol.array
+    return series.AxesView(vol.array, series.input_axes(_file_layout(vol, layer)))
+
+
+def _output_layouts(layout, canonical_out, data_format, per_volume):
+    """(the output's layout as the engine writes it, the output file's shape, the
+    :class:`~conv3d_cli.series.AxesView` axes between them or None)."""
+    view = layout.output_layout(canonical_out, data_format)
+    if not per_volume:
+        return view, view.shape, None
+    _, axes = series.output_axes(view.channels_first, canonical_out[4])
+    return view, series.file_shape(axes, view.shape), axes
+
+
+def _check_series_channels(layer, vol, layout):
+    """A 4-D file whose last axis is not the built layer's input channels: say so
+    in the file's terms and point to --per-volume (not Keras's tensor wording)."""
+    channels = getattr(layer, "input_channels", None)
+    if layer.built and layout.rank == 4 and channels is not None and \
+            layout.canonical_shape[4] != channels:
+        raise ShapeError(series.mismatch_message(vol.spec, layout, channels))
 
 
 def _given_shape(input_shape):
@@ -123,7 +171,8 @@ def _keras_shape(layout, layer):
 def apply_to_file(layer, input_spec, output_spec, overwrite=False, method="auto",
                   workers=None, memory_limit=None, chunk_shape=None, progress=True,
                   on_plan=None, scheduler=None, resume=False, tmp_dir=None,
-                  before_commit=None, output_dtype=None):
+                  before_commit=None, output_dtype=None, per_volume=False,
+                  boundary="zeros"):
     """Run ``layer`` over the volume ``input_spec`` into ``output_spec``; returns a report.
 
     ``scheduler`` (an address such as ``tcp://10.0.0.5:8786``, or ``"local"``)
@@ -139,6 +188,11 @@ def apply_to_file(layer, input_spec, output_spec, overwrite=False, method="auto"
     (``__notes__``) say so. The output holds the layer's compute dtype unless
     its format cannot (then float32) or ``output_dtype`` (see
     :mod:`conv3d_cli.io.dtypes`) says otherwise.
+
+    Not Keras, on request: ``per_volume`` applies the layer to each 3-D frame
+    of a 4-D series (:mod:`conv3d_cli.series`), ``boundary`` reads beyond the
+    edges other than as zeros (:mod:`conv3d_cli.boundary`), and an integer
+    ``output_dtype`` rounds and clips the results.
     """
     start = time.perf_counter()
     in_spec = input_spec if isinstance(input_spec, VolumeSpec) else parse_spec(input_spec, "INPUT")
@@ -146,17 +200,23 @@ def apply_to_file(layer, input_spec, output_spec, overwrite=False, method="auto"
     check_output(out_spec, overwrite=overwrite, inputs=[in_spec], resume=resume)
     options = {"method": method, "workers": workers, "memory_limit": memory_limit,
                "chunk_shape": chunk_shape}
+    modes = {"per_volume": bool(per_volume), "boundary": boundary}
     vol = writer = None
     try:
         vol = open_volume(in_spec, tmp_dir=_temp_folder(tmp_dir, out_spec))
-        info, job, plan = describe(layer, volume=vol, **options)
+        info, job, plan = describe(layer, volume=vol, **options, **modes)
         if on_plan is not None:
             on_plan(info)
-        writer, out_layout, plan, dtype_note = _open_output(
-            layer, vol, job, plan, out_spec, options, overwrite, resume, output_dtype)
-        stats, skip = _compute(layer, job, vol, writer, out_layout, plan, progress, scheduler)
+        writer, sink, plan, dtype_note = _open_output(
+            layer, vol, job, plan, out_spec, options, overwrite, resume, output_dtype, modes)
+        source = CanonicalView(_source_array(vol, layer, per_volume),
+                               _source_layout(vol, layer, per_volume))
+        stats, skip = _compute(layer, job, edges.extended_source(source, job, boundary),
+                               _final_sink(sink, job, boundary, writer.dtype), writer, plan,
+                               progress, scheduler, boundary)
         report = _report(layer, vol, writer, info, stats, skip, scheduler, start)
         report.update(_dtype_report(layer, job, writer.dtype, dtype_note))
+        report.update(_modes_report(modes))
         if before_commit is not None:
             before_commit(report)
         writer.commit()
@@ -170,26 +230,46 @@ def apply_to_file(layer, input_spec, output_spec, overwrite=False, method="auto"
     return report
 
 
-def _open_output(layer, vol, job, plan, out_spec, options, overwrite, resume, requested_dtype):
-    """(the output's writer, its layout, the plan to run, the dtype note).
+def _open_output(layer, vol, job, plan, out_spec, options, overwrite, resume, requested_dtype,
+                 modes):
+    """(the output's writer, the canonical view the engine writes it through, the
+    plan to run, the dtype note).
 
     The output lies where the layer moves the input's geometry, its channels
-    where its format wants them; a resumed output brings the tiling it was
-    chunked for, which the plan then keeps."""
+    where its format wants them (with ``per_volume``, its series axis where
+    the input had it); a resumed output brings the tiling it was chunked for,
+    which the plan then keeps."""
+    per_volume = modes["per_volume"]
     geometry = vol.geometry.moved(job.geoms)
-    out_layout = _file_layout(vol, layer).output_layout(job.out_canonical_shape,
-                                                        output_axes(out_spec, geometry))
+    if per_volume:
+        geometry = replace(geometry, series=True)
+    out_layout, file_shape, axes = _output_layouts(
+        _source_layout(vol, layer, per_volume), job.out_canonical_shape,
+        output_axes(out_spec, geometry), per_volume)
     out_dtype, note = resolve_output_dtype(requested_dtype, layer.compute_dtype, vol.dtype,
                                            out_spec.format)
-    writer = create_output(out_spec, shape=out_layout.shape, dtype=out_dtype,
-                           chunks=_chunks(job, plan, out_layout), geometry=geometry,
-                           description=_description(layer), overwrite=overwrite,
-                           inputs=[vol], resume_record=_record(layer, vol, plan, out_layout,
-                                                               out_dtype),
+    chunks = _chunks(job, plan, out_layout)
+    writer = create_output(out_spec, shape=file_shape, dtype=out_dtype,
+                           chunks=chunks if axes is None else series.file_shape(axes, chunks),
+                           geometry=geometry, description=_description(layer),
+                           overwrite=overwrite, inputs=[vol],
+                           resume_record=_record(layer, vol, plan, file_shape, out_dtype, modes),
                            resume=resume)
     if writer.recorded_tiles is not None:
-        plan = _plan(job, vol, tiles=_tiles(writer.recorded_tiles), **options)
-    return writer, out_layout, plan, note
+        plan = _plan(edges.compute_job(job, modes["boundary"]), vol,
+                     tiles=_tiles(writer.recorded_tiles), **options)
+    array = writer if axes is None else series.AxesView(writer, axes)
+    return writer, CanonicalView(array, out_layout), plan, note
+
+
+def _final_sink(sink, job, boundary, dtype):
+    """The sink the engine writes: integer outputs rounded and clipped, and under
+    ``--boundary renormalize`` the sums rescaled, before the write."""
+    if np.dtype(dtype).kind in "iu":
+        sink = IntegerSink(sink, dtype)
+    if boundary == "renormalize":
+        sink = edges.RenormalizedSink(sink, job)
+    return sink
 
 
 def _chunks(job, plan, out_layout):
@@ -208,17 +288,21 @@ def _chunks(job, plan, out_layout):
     return tuple(min(c, n) for c, n in zip(chunks, out_layout.shape))
 
 
-def _record(layer, vol, plan, out_layout, out_dtype):
+def _record(layer, vol, plan, out_shape, out_dtype, modes):
     """What this run computes (input, layer, weights, output) and its tiles, as JSON:
     a resumable output keeps it, and continues only a run with the same record."""
     digest = hashlib.sha1()
     for w in layer.get_weights():
         digest.update(np.ascontiguousarray(w).tobytes())
-    return {"input": str(vol.spec), "input_shape": list(vol.shape),
-            "layer": json.loads(json.dumps(layer.get_config())), "weights": digest.hexdigest(),
-            "output_shape": list(out_layout.shape), "output_dtype": np.dtype(out_dtype).name,
-            "method": plan.method,
-            "tiles": [[t.b0, t.b1, [list(r) for r in t.out]] for t in plan.tiles]}
+    record = {"input": str(vol.spec), "input_shape": list(vol.shape),
+              "layer": json.loads(json.dumps(layer.get_config())),
+              "weights": digest.hexdigest(),
+              "output_shape": list(out_shape), "output_dtype": np.dtype(out_dtype).name,
+              "method": plan.method,
+              "tiles": [[t.b0, t.b1, [list(r) for r in t.out]] for t in plan.tiles]}
+    # Keras's own runs keep the record they always had.
+    record.update({k: v for k, v in modes.items() if v not in (False, "zeros")})
+    return record
 
 
 def _tiles(recorded):
@@ -226,17 +310,15 @@ def _tiles(recorded):
     return [Tile(b0, b1, tuple(tuple(r) for r in box)) for b0, b1, box in recorded]
 
 
-def _compute(layer, job, vol, writer, out_layout, plan, progress, scheduler):
+def _compute(layer, job, source, sink, writer, plan, progress, scheduler, boundary):
     """Run the plan's tiles but those the writer already holds; (stats, skipped)."""
     from .progress import progress_bar
     skip = writer.done_tiles()
-    source = CanonicalView(vol.array, _file_layout(vol, layer))
-    sink = CanonicalView(writer, out_layout)
     remaining = [t for i, t in enumerate(plan.tiles) if i not in skip]
     bar = progress_bar(sum((t.b1 - t.b0) * int(np.prod(t.shape)) for t in remaining),
                        enabled=progress)
     try:
-        stats = engine.run(job, source, sink, plan,
+        stats = engine.run(edges.compute_job(job, boundary), source, sink, plan,
                            want_sums=layer.activity_regularizer is not None, progress=bar,
                            skip=skip, on_done=writer.mark_done, scheduler=scheduler)
     finally:
@@ -298,6 +380,18 @@ def _dtype_report(layer, job, out_dtype, note):
     return {"dtype_policy": layer.dtype_policy.name, "variable_dtype": layer.variable_dtype,
             "compute_dtype": layer.compute_dtype, "accumulation_dtype": job.work_dtype.name,
             "output_dtype": np.dtype(out_dtype).name, "output_dtype_note": note}
+
+
+def _modes_report(modes):
+    """The run's modes that are not Keras, for the report and the run's notes."""
+    notes = []
+    if modes["per_volume"]:
+        notes.append("--per-volume (not Keras): the layer was applied to each 3-D frame of "
+                     "the series on its own")
+    if modes["boundary"] != "zeros":
+        notes.append(edges.describe(modes["boundary"]))
+    return {"per_volume": modes["per_volume"], "boundary": modes["boundary"],
+            "not_keras": notes}
 
 
 def _description(layer):

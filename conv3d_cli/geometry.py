@@ -65,7 +65,9 @@ class Geometry:
     indices to those of the file it was computed from (the identity for a
     file as read); a writer that must place voxels somewhere (NIfTI) uses it
     when there is no ``affine``, so an output of a .npy lies on its input's
-    voxel grid.
+    voxel grid. ``series``: the volume's 4th axis is its input's series (time)
+    axis, not channels (``--per-volume``): a writer keeps its step and unit
+    (NIfTI ``pixdim[4]`` and the time unit of ``xyzt_units``).
     """
 
     affine: np.ndarray | None = None
@@ -73,6 +75,7 @@ class Geometry:
     header: object = None
     kind: str = "none"
     to_source: np.ndarray = field(default_factory=lambda: np.eye(4))
+    series: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "affine", _frozen(self.affine))
@@ -84,7 +87,7 @@ class Geometry:
         """The geometry of a layer's output, whose per-axis geometry is ``geoms``."""
         m = voxel_map(geoms)
         return Geometry(None if self.affine is None else self.affine @ m, self.units,
-                        self.header, self.kind, self.to_source @ m)
+                        self.header, self.kind, self.to_source @ m, self.series)
 
     @property
     def voxel_sizes(self):

@@ -407,7 +407,6 @@ def test_output_dtype_option(scan):
 
 @pytest.mark.parametrize("args,message", [
     (["o.nii", "--output-dtype", "float16"], "--output-dtype float16: NIfTI cannot store float16"),
-    (["o.npy", "--output-dtype", "input", "--int-input"], "--output-dtype input: the input is int16"),
     (["o.npy", "--dtype", "int8_from_float32"], "a quantized policy"),
     (["o.npy", "--dtype", "mixed_float32"], "Unsupported `dtype`: 'mixed_float32'"),
 ])

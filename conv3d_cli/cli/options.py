@@ -11,7 +11,8 @@ from ..errors import ArgumentError
 
 # --output-dtype values: conv3d_cli.io.dtypes.OUTPUT_DTYPES (tests/test_startup.py
 # pins them equal), written out so that defining the option imports no I/O code.
-OUTPUT_DTYPES = ("compute", "input", "float16", "float32", "float64")
+OUTPUT_DTYPES = ("compute", "input", "float16", "float32", "float64", "int8", "uint8", "int16",
+                 "uint16", "int32")
 
 
 def int_or_tuple(ctx, param, value):
@@ -152,12 +153,13 @@ engine_options = apply_options(ENGINE_OPTIONS)
 
 
 def layer_from_kwargs(kwargs, input=None, input_shape=None, input_channels=None,
-                      memory_limit=None):
+                      memory_limit=None, per_volume=False):
     """Build the layer from the parsed options (pops them from ``kwargs``).
 
     INPUT (its header), ``--input-shape`` or ``--input-channels`` give a
-    ``--kernel`` its voxel size and input channels; weights files (and named
-    kernels) declaring more than ``memory_limit`` bytes are refused unread."""
+    ``--kernel`` its voxel size and input channels (one with ``per_volume``:
+    each frame of a series); weights files (and named kernels) declaring more
+    than ``memory_limit`` bytes are refused unread."""
     from ..build import build_layer
     overrides = {k: kwargs.pop(k) for k in KERAS_KEYS}
     kernel, voxel_size = kwargs.pop("kernel"), kwargs.pop("voxel_size")
@@ -165,6 +167,8 @@ def layer_from_kwargs(kwargs, input=None, input_shape=None, input_channels=None,
     if kernel is not None:
         from ..kernels import input_context
         context = input_context(input, input_shape, input_channels, voxel_size)
+        if per_volume:
+            context["input_channels"] = 1
     elif voxel_size is not None:
         raise ArgumentError("--voxel-size is for --kernel lengths in mm or um; give --kernel")
     return build_layer(layer=kwargs.pop("layer"), config=kwargs.pop("config"),
@@ -174,3 +178,20 @@ def layer_from_kwargs(kwargs, input=None, input_shape=None, input_channels=None,
                        layer_name=kwargs.pop("layer_name"), kernel=kernel,
                        memory_limit=memory_limit, **context)
 
+
+# Not Keras: options for users who are not reproducing Keras (conv3d run).
+BOUNDARIES = ("zeros", "nearest", "reflect", "wrap", "renormalize")
+
+NOT_KERAS_OPTIONS = [
+    click.option("--per-volume", is_flag=True, default=False,
+                 help="Not Keras. A 4-D series (X, Y, Z, T): apply the layer to each 3-D frame "
+                      "on its own, as fslmaths does; OUTPUT keeps the series axis and its TR."),
+    click.option("--boundary", type=click.Choice(BOUNDARIES, case_sensitive=False),
+                 default="zeros", show_default=True,
+                 help="What padding='same' reads beyond the edges. zeros is Keras; the others "
+                      "are not Keras: nearest (edge voxel), reflect (d c b a | a b c d, "
+                      "scipy.ndimage 'reflect'), wrap (periodic), renormalize (zeros, then "
+                      "divided by the kernel sum inside the volume, as fslmaths -fmean)."),
+]
+
+not_keras_options = apply_options(NOT_KERAS_OPTIONS)

@@ -8,7 +8,13 @@ import os
 import click
 
 from ..errors import Conv3DError
-from .options import OUTPUT_DTYPES, engine_options, layer_from_kwargs, layer_options
+from .options import (
+    OUTPUT_DTYPES,
+    engine_options,
+    layer_from_kwargs,
+    layer_options,
+    not_keras_options,
+)
 
 
 @click.command(short_help="Apply the layer to a volume file.")
@@ -16,12 +22,14 @@ from .options import OUTPUT_DTYPES, engine_options, layer_from_kwargs, layer_opt
 @click.argument("output", metavar="OUTPUT")
 @layer_options
 @engine_options
+@not_keras_options
 @click.option("--save-weights", type=click.Path(dir_okay=False), default=None,
               help="Write the kernel and bias used to this .npz.")
 @click.option("--output-dtype", type=click.Choice(OUTPUT_DTYPES, case_sensitive=False),
               default="compute", show_default=True,
               help="OUTPUT's dtype: the layer's compute dtype (float32 where the format has "
-                   "no float16/bfloat16), the input's (float inputs), or a float dtype.")
+                   "no float16/bfloat16), the input's, or a dtype. Integers are not Keras: "
+                   "results rounded half to even, clipped to the dtype's range, NaN as 0.")
 @click.option("--report", type=click.Path(dir_okay=False, allow_dash=True), default=None,
               help="Write a JSON report (shapes, params, config, method, seconds, losses); "
                    "- for stdout.")
@@ -61,16 +69,19 @@ def run(input, output, save_weights, output_dtype, report, overwrite, scheduler,
         verbose_logging()
     method, workers = kwargs.pop("method"), kwargs.pop("workers")
     memory_limit, chunk_shape = kwargs.pop("memory_limit"), kwargs.pop("chunk_shape")
+    per_volume, boundary = kwargs.pop("per_volume"), kwargs.pop("boundary").lower()
     # Every output path is checked before any work; the small files are written
     # under temporary names and put in place only once OUTPUT is (_SideFiles).
     side = _SideFiles(output, save_weights, report, overwrite)
-    layer = layer_from_kwargs(kwargs, input=input, memory_limit=memory_limit)
+    layer = layer_from_kwargs(kwargs, input=input, memory_limit=memory_limit,
+                              per_volume=per_volume)
     try:
         result = apply_to_file(layer, input, output, overwrite=overwrite, method=method.lower(),
                                workers=workers, memory_limit=memory_limit,
                                chunk_shape=chunk_shape, progress=progress and not quiet,
                                scheduler=scheduler, resume=resume, tmp_dir=tmp_dir,
-                               output_dtype=output_dtype,
+                               output_dtype=output_dtype.lower(), per_volume=per_volume,
+                               boundary=boundary,
                                before_commit=lambda result: side.stage(layer, result))
         side.commit(result["output"])
     except BaseException:
@@ -79,7 +90,8 @@ def run(input, output, save_weights, output_dtype, report, overwrite, scheduler,
     if report == "-":
         click.echo(json.dumps(result, indent=2))
     if not quiet and report != "-":
-        for note in result["plan"].get("notes", []) + result.get("output_notes", []):
+        for note in (result["plan"].get("notes", []) + result.get("output_notes", []) +
+                     result.get("not_keras", [])):
             click.echo(f"note: {note}", err=True)
         if result["output_dtype_note"]:
             click.echo(f"note: {result['output_dtype_note']}", err=True)

@@ -16,6 +16,14 @@ NIfTI-1 and -2 define no float16 data type, and no format here has a
 bfloat16 type that readers without ``ml_dtypes`` understand (``.npy`` would
 record raw 2-byte voids). A compute dtype the format lacks is widened to
 float32, which holds every float16 and bfloat16 value exactly, with a note.
+
+Integer outputs (``int8``, ``uint8``, ``int16``, ``uint16``, ``int32``; or
+``input`` for an integer input) are not Keras: the results are rounded half
+to even (as ``numpy.rint``), clipped to the dtype's range (``+inf`` to its
+maximum, ``-inf`` to its minimum) and NaN is written as 0, all in
+:func:`to_integer`, the one place, before the write (:class:`IntegerSink`).
+Every format stores them (NIfTI with ``scl_slope`` unset: the values are the
+rounded results themselves).
 """
 
 from __future__ import annotations
@@ -26,9 +34,9 @@ from ..errors import ArgumentError
 from .registry import BY_NAME, FORMATS
 
 # --output-dtype values. "compute" (the default) and "input" name a dtype; the
-# others are dtypes. Integer outputs (with rounding and clipping rules) would
-# be further names here.
-OUTPUT_DTYPES = ("compute", "input", "float16", "float32", "float64")
+# others are dtypes.
+INTEGER_DTYPES = ("int8", "uint8", "int16", "uint16", "int32")
+OUTPUT_DTYPES = ("compute", "input", "float16", "float32", "float64") + INTEGER_DTYPES
 
 # Each format's storable floats are in its line of :data:`~conv3d_cli.io.registry.FORMATS`.
 
@@ -54,12 +62,14 @@ def output_dtype(requested, compute_dtype, input_dtype, fmt):
     want = requested
     if requested == "input":
         input_dtype = np.dtype(input_dtype)
+        if input_dtype.kind in "iu":
+            return input_dtype, integer_note(input_dtype)
         if input_dtype.kind != "f":
-            raise ArgumentError(
-                f"--output-dtype input: the input is {input_dtype}; integer outputs are "
-                "not supported (they need rounding and clipping rules). Use float16, "
-                "float32 or float64.")
+            raise ArgumentError(f"--output-dtype input: the input is {input_dtype}; expected "
+                                "a float or integer input")
         want = input_dtype.name
+    if want in INTEGER_DTYPES:
+        return np.dtype(want), integer_note(want)
     if want not in storable:
         raise ArgumentError(
             f"--output-dtype {requested}: {fmt_name} cannot store {want}; use "
@@ -87,3 +97,35 @@ _PRECISION = {"bfloat16": 8, "float16": 11, "float32": 24, "float64": 53}
 def _narrower(a, b) -> bool:
     """Whether dtype ``a`` cannot hold every value of ``b``."""
     return _PRECISION[a] < _PRECISION[b] or (a == "float16" and b == "bfloat16")
+
+
+def integer_note(dtype):
+    """What an integer output does to the results (the run's note)."""
+    info = np.iinfo(dtype)
+    return (f"not Keras: results rounded half to even, clipped to {np.dtype(dtype).name}'s "
+            f"range [{info.min}, {info.max}], NaN written as 0")
+
+
+def to_integer(block, dtype):
+    """``block`` rounded half to even, clipped to ``dtype``'s range, NaN as 0.
+
+    The arithmetic is in float64, which holds every int32 bound exactly
+    (float32 would round 2**31 - 1 up to 2**31, out of range)."""
+    info = np.iinfo(dtype)
+    y = np.asarray(block, dtype=np.float64)
+    y = np.nan_to_num(y, nan=0.0, posinf=float(info.max), neginf=float(info.min))
+    y = np.clip(np.rint(y), info.min, info.max)
+    return y.astype(dtype)
+
+
+class IntegerSink:
+    """A canonical sink that writes integer blocks (:func:`to_integer`) into ``sink``."""
+
+    def __init__(self, sink, dtype):
+        self.sink = sink
+        self.dtype = np.dtype(dtype)
+        self.shape = sink.shape
+        self.parallel_writes = getattr(sink, "parallel_writes", False)
+
+    def write(self, b0, b1, ranges, block):
+        self.sink.write(b0, b1, ranges, to_integer(block, self.dtype))

@@ -274,7 +274,8 @@ def copied_extensions(header):
     return [e for e in header.extensions if is_copied(e)]
 
 
-def create_nifti(path, shape, dtype, affine, header=None, description="", unit="mm"):
+def create_nifti(path, shape, dtype, affine, header=None, description="", unit="mm",
+                 series=False):
     """A new uncompressed NIfTI at ``path`` with ``affine``; data written by region.
 
     With ``header`` (the input's), ``affine`` is the output's voxel-to-world
@@ -296,7 +297,7 @@ def create_nifti(path, shape, dtype, affine, header=None, description="", unit="
     header.set_data_shape(shape)
     header.set_data_dtype(np.dtype(dtype))
     header.set_slope_inter(np.nan, np.nan)
-    _clear_non_spatial(header)
+    _clear_non_spatial(header, series)
     header["descrip"] = (description[:79 - len(note)] + note).encode()
     # The data follow the header and its extensions (each a multiple of 16 bytes).
     offset = header.single_vox_offset + int(header.extensions.get_sizeondisk())
@@ -333,12 +334,18 @@ def _output_header(src, affine):
     return header
 
 
-def _clear_non_spatial(header):
-    """Reset what described the input's values and time axis, not the output's."""
-    # The 4th axis holds the layer's filters: no time step, offset or slice timing.
-    header.set_xyzt_units(xyz=header.get_xyzt_units()[0], t="unknown")
-    header["pixdim"][4:] = 1
-    for field in ("toffset", "slice_code", "slice_start", "slice_end", "slice_duration"):
+def _clear_non_spatial(header, series=False):
+    """Reset what described the input's values and time axis, not the output's.
+
+    The 4th axis holds the layer's filters (no time step, offset or slice
+    timing), unless it is the input's series (``--per-volume``): then its step
+    ``pixdim[4]``, time unit and ``toffset`` are kept."""
+    if not series:
+        header.set_xyzt_units(xyz=header.get_xyzt_units()[0], t="unknown")
+        header["pixdim"][4] = 1
+        header["toffset"] = 0
+    header["pixdim"][5:] = 1
+    for field in ("slice_code", "slice_start", "slice_end", "slice_duration"):
         header[field] = 0
     # A display window, statistic or intent of the input's values does not fit the output's.
     header["cal_min"] = header["cal_max"] = 0
@@ -386,9 +393,10 @@ class Writer(FileWriter):
                              f"(X, Y, Z[, C]); this output has shape {tuple(shape)}")
         base = os.path.basename(spec.path)
         affine, header, unit = _placement(geometry)
+        series = bool(getattr(geometry, "series", False)) and len(shape) == 4
 
         def create(tmp):
-            return create_nifti(tmp, shape, dtype, affine, header, description, unit)
+            return create_nifti(tmp, shape, dtype, affine, header, description, unit, series)
         super().__init__(spec, shape, dtype, create, overwrite, inputs, resume,
                          name=base[:-3] if spec.gzipped else base)
         self._tmp_gz = temp_path(self.folder, base) if spec.gzipped else None
