@@ -259,7 +259,8 @@ def _temp_folder(tmp_dir, out_spec):
     folder = tmp_dir or os.environ.get("CONV3D_TMPDIR")
     if folder:
         if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
-            raise ArgumentError(f"--tmp-dir {folder}: not a writable directory")
+            where = "--tmp-dir " if tmp_dir else "CONV3D_TMPDIR="
+            raise ArgumentError(f"{where}{folder}: not a writable directory")
         return folder
     return os.path.dirname(os.path.abspath(out_spec.path))
 

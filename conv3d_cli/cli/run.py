@@ -8,7 +8,9 @@ import os
 import click
 
 from ..errors import Conv3DError
-from .options import OUTPUT_DTYPES, engine_options, layer_from_kwargs, layer_options
+from .envvars import EnvOption
+from .options import (OUTPUT_DTYPES, engine_options, layer_from_kwargs, layer_options,
+                      writable_dir)
 
 
 @click.command(short_help="Apply the layer to a volume file.")
@@ -36,8 +38,8 @@ from .options import OUTPUT_DTYPES, engine_options, layer_from_kwargs, layer_opt
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="Progress bar on stderr for work over about a second.")
 @click.option("--tmp-dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
-              help="Where a .nii.gz INPUT is decompressed. Default: $CONV3D_TMPDIR, else "
-                   "OUTPUT's directory.")
+              cls=EnvOption, envvar="CONV3D_TMPDIR", callback=writable_dir,
+              help="Where a .nii.gz INPUT is decompressed. Default: OUTPUT's directory.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary line.")
 @click.option("-v", "--verbose", is_flag=True,
               help="Log to stderr where temporary files go and what is cleaned up.")
