@@ -8,14 +8,15 @@ import os
 import click
 
 from ..errors import Conv3DError
+from .complete import VolumePath
 from .envvars import EnvOption
 from .options import (OUTPUT_DTYPES, engine_options, layer_from_kwargs, layer_options,
                       writable_dir)
 
 
 @click.command(short_help="Apply the layer to a volume file.")
-@click.argument("input", metavar="INPUT")
-@click.argument("output", metavar="OUTPUT")
+@click.argument("input", metavar="INPUT", type=VolumePath())
+@click.argument("output", metavar="OUTPUT", type=VolumePath())
 @layer_options
 @engine_options
 @click.option("--save-weights", type=click.Path(dir_okay=False), default=None,
