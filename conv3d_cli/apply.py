@@ -24,6 +24,7 @@ from .io import (VolumeSpec, check_output, create_output, open_volume, output_ax
                  parse_spec)
 from .io.dtypes import output_dtype as resolve_output_dtype
 from .layout import CanonicalView, Layout
+from .progress import Phases, reporting
 
 __all__ = ["apply_to_file", "describe"]
 
@@ -121,7 +122,7 @@ def _keras_shape(layout, layer):
 
 
 def apply_to_file(layer, input_spec, output_spec, overwrite=False, method="auto",
-                  workers=None, memory_limit=None, chunk_shape=None, progress=True,
+                  workers=None, memory_limit=None, chunk_shape=None, progress=None,
                   on_plan=None, scheduler=None, resume=False, tmp_dir=None,
                   before_commit=None, output_dtype=None):
     """Run ``layer`` over the volume ``input_spec`` into ``output_spec``; returns a report.
@@ -132,6 +133,13 @@ def apply_to_file(layer, input_spec, output_spec, overwrite=False, method="auto"
     input is decompressed into ``tmp_dir`` (default: CONV3D_TMPDIR, else
     OUTPUT's directory: the disk the result goes to). ``before_commit(report)``
     runs once the output is complete, before it is put in place.
+
+    ``progress``: bars on stderr for the long phases (decompressing, computing,
+    compressing) when stderr is a terminal (None), always (True) or never
+    (False). The report's ``phase_seconds`` times each phase (open, with the
+    decompress within it; plan; compute; write, with the compress within it;
+    total); ``write`` and ``total`` are added once OUTPUT is in place, after
+    ``before_commit`` saw the report.
 
     OUTPUT is checked (directory, ``overwrite``) before any work; a failure or
     a signal leaves it untouched and removes every temporary file; a failed
@@ -147,19 +155,26 @@ def apply_to_file(layer, input_spec, output_spec, overwrite=False, method="auto"
     options = {"method": method, "workers": workers, "memory_limit": memory_limit,
                "chunk_shape": chunk_shape}
     vol = writer = None
+    phases = Phases(progress)
     try:
-        vol = open_volume(in_spec, tmp_dir=_temp_folder(tmp_dir, out_spec))
-        info, job, plan = describe(layer, volume=vol, **options)
-        if on_plan is not None:
-            on_plan(info)
-        writer, out_layout, plan, dtype_note = _open_output(
-            layer, vol, job, plan, out_spec, options, overwrite, resume, output_dtype)
-        stats, skip = _compute(layer, job, vol, writer, out_layout, plan, progress, scheduler)
-        report = _report(layer, vol, writer, info, stats, skip, scheduler, start)
-        report.update(_dtype_report(layer, job, writer.dtype, dtype_note))
-        if before_commit is not None:
-            before_commit(report)
-        writer.commit()
+        with reporting(phases):
+            with phases.phase("open"):
+                vol = open_volume(in_spec, tmp_dir=_temp_folder(tmp_dir, out_spec))
+            with phases.phase("plan"):
+                info, job, plan = describe(layer, volume=vol, **options)
+            if on_plan is not None:
+                on_plan(info)
+            with phases.phase("plan"):
+                writer, out_layout, plan, dtype_note = _open_output(
+                    layer, vol, job, plan, out_spec, options, overwrite, resume, output_dtype)
+            stats, skip = _compute(layer, job, vol, writer, out_layout, plan, phases, scheduler)
+            report = _report(layer, vol, writer, info, stats, skip, scheduler, start)
+            report.update(_dtype_report(layer, job, writer.dtype, dtype_note))
+            report["phase_seconds"] = _rounded(phases.seconds)
+            if before_commit is not None:
+                before_commit(report)
+            with phases.phase("write"):
+                writer.commit()
     except BaseException as exc:
         _abort(writer, exc)
         raise
@@ -167,7 +182,13 @@ def apply_to_file(layer, input_spec, output_spec, overwrite=False, method="auto"
         if vol is not None:
             with signals.shielded():
                 vol.close()
+    report["phase_seconds"] = _rounded({**phases.seconds,
+                                        "total": time.perf_counter() - start})
     return report
+
+
+def _rounded(seconds):
+    return {name: round(s, 4) for name, s in seconds.items()}
 
 
 def _open_output(layer, vol, job, plan, out_spec, options, overwrite, resume, requested_dtype):
@@ -226,21 +247,17 @@ def _tiles(recorded):
     return [Tile(b0, b1, tuple(tuple(r) for r in box)) for b0, b1, box in recorded]
 
 
-def _compute(layer, job, vol, writer, out_layout, plan, progress, scheduler):
+def _compute(layer, job, vol, writer, out_layout, plan, phases, scheduler):
     """Run the plan's tiles but those the writer already holds; (stats, skipped)."""
-    from .progress import progress_bar
     skip = writer.done_tiles()
     source = CanonicalView(vol.array, _file_layout(vol, layer))
     sink = CanonicalView(writer, out_layout)
     remaining = [t for i, t in enumerate(plan.tiles) if i not in skip]
-    bar = progress_bar(sum((t.b1 - t.b0) * int(np.prod(t.shape)) for t in remaining),
-                       enabled=progress)
-    try:
+    voxels = sum((t.b1 - t.b0) * int(np.prod(t.shape)) for t in remaining)
+    with phases.phase("compute", voxels, unit="vox", desc="conv3d") as bar:
         stats = engine.run(job, source, sink, plan,
                            want_sums=layer.activity_regularizer is not None, progress=bar,
                            skip=skip, on_done=writer.mark_done, scheduler=scheduler)
-    finally:
-        bar.close()
     return stats, skip
 
 

@@ -36,8 +36,9 @@ from .options import (OUTPUT_DTYPES, engine_options, layer_from_kwargs, layer_op
                    "LocalCluster here. Needs dask.distributed (the distributed extra).")
 @click.option("--resume", is_flag=True,
               help="Continue an interrupted run into a Zarr OUTPUT, skipping written tiles.")
-@click.option("--progress/--no-progress", default=True, show_default=True,
-              help="Progress bar on stderr for work over about a second.")
+@click.option("--progress/--no-progress", default=None,
+              help="Progress bars on stderr (decompressing, computing, compressing) for "
+                   "work over about a second. Default: when stderr is a terminal.")
 @click.option("--tmp-dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
               cls=EnvOption, envvar="CONV3D_TMPDIR", callback=writable_dir,
               help="Where a .nii.gz INPUT is decompressed. Default: OUTPUT's directory.")
@@ -71,7 +72,7 @@ def run(input, output, save_weights, output_dtype, report, overwrite, scheduler,
     try:
         result = apply_to_file(layer, input, output, overwrite=overwrite, method=method.lower(),
                                workers=workers, memory_limit=memory_limit,
-                               chunk_shape=chunk_shape, progress=progress and not quiet,
+                               chunk_shape=chunk_shape, progress=False if quiet else progress,
                                scheduler=scheduler, resume=resume, tmp_dir=tmp_dir,
                                output_dtype=output_dtype,
                                before_commit=lambda result: side.stage(layer, result))
