@@ -35,7 +35,7 @@ def describe(layer, input_shape=None, volume=None, method="auto", workers=None,
     the plan) for a Keras ``input_shape`` or an opened ``volume``."""
     layout = _file_layout(volume, layer) if volume is not None else None
     keras_in = _keras_shape(layout, layer) if layout is not None else _given_shape(input_shape)
-    job = _job(layer, keras_in, volume, memory_limit)
+    job = _job(layer, keras_in, volume, memory_limit, layout)
     plan = _plan(job, volume, method, memory_limit, workers, chunk_shape)
     out = job.out_canonical_shape
     out_keras = shapes.join_layout(job.batch_shape, out[1:4], out[4], layer.data_format)
@@ -57,11 +57,14 @@ def _given_shape(input_shape):
     return keras_in
 
 
-def _job(layer, keras_in, volume, memory_limit):
+def _job(layer, keras_in, volume, memory_limit, layout=None):
     """The layer's job on ``keras_in``; a kernel too large for the limit is refused
-    before it is allocated."""
+    before it is allocated. A volume the layer does not fit is refused in the
+    user's terms (voxels, channels, file axes) rather than Keras's tensor terms."""
     from .api import check_kernel_fits
     try:
+        _check_channels(layer, keras_in, layout, volume)
+        _check_kernel_extent(layer, keras_in)
         if not layer.built:
             layer.compute_output_shape(keras_in)
             channels = shapes.split_layout(keras_in, layer.data_format)[2]
@@ -71,6 +74,64 @@ def _job(layer, keras_in, volume, memory_limit):
         if volume is None:
             raise
         raise ShapeError(f"INPUT {volume.spec} {tuple(volume.shape)}: {exc}") from None
+
+
+def _check_channels(layer, keras_in, layout, volume):
+    """A volume with another channel count than the loaded weights take: say which
+    file axis holds the channels, and whether ``--data-format`` would fit."""
+    if not layer.built or layer.input_channels is None:
+        return
+    channels = shapes.split_layout(keras_in, layer.data_format)[2]
+    expected = layer.input_channels
+    if channels == expected:
+        return
+    where = _channel_axis(layout, layer.data_format)
+    message = (f"{where} holds {channels} channel{'s' * (channels != 1)}, but the layer's "
+               f"weights (kernel shape {tuple(layer.kernel.shape)}) take {expected} input "
+               f"channel{'s' * (expected != 1)}")
+    other = "channels_first" if layer.data_format == "channels_last" else "channels_last"
+    if layout is not None and volume.axes is None and layout.rank >= 4 \
+            and Layout(layout.shape, other).canonical_shape[4] == expected:
+        message += f"; if the channels are on the other axis, give --data-format {other}"
+    raise ShapeError(message)
+
+
+def _channel_axis(layout, data_format):
+    """Where the channels are, in the file's own axes (or the Keras shape's)."""
+    if layout is None:
+        return f"the input's {'last' if data_format == 'channels_last' else 'second'} axis"
+    if layout.rank == 3:
+        return "the 3-D volume (no channel axis)"
+    index = layout.rank - 1 if not layout.channels_first else layout.rank - 4
+    return f"axis {index} ({layout.data_format})"
+
+
+def _check_kernel_extent(layer, keras_in):
+    """A 'valid' Conv3D whose dilated kernel spans more voxels than the volume
+    along some axis has no output there: ``out = floor((n - ke) / s) + 1 <= 0``
+    exactly when ``n < ke``, with ``ke = (k - 1) * d + 1``, whatever the stride."""
+    if layer.keras_name != "Conv3D" or layer.padding != "valid":
+        return
+    spatial = shapes.split_layout(keras_in, layer.data_format)[1]
+    spans = [(k - 1) * d + 1 for k, d in zip(layer.kernel_size, layer.dilation_rate)]
+    short = [name for name, n, ke in zip("DHW", spatial, spans) if n is not None and n < ke]
+    if not short:
+        return
+    dilated = "" if set(layer.dilation_rate) == {1} else \
+        f" (kernel_size {_x(layer.kernel_size)} at dilation_rate {_x(layer.dilation_rate)})"
+    raise ShapeError(
+        f"the kernel spans {_x(spans)} voxels (D, H, W){dilated}, more than the volume's "
+        f"{_x(spatial)} along {_names(short)}: with padding valid the output would have zero "
+        "or negative size there; give --padding same (the output keeps the volume's size) "
+        "or a smaller kernel")
+
+
+def _x(values):
+    return "x".join(map(str, values))
+
+
+def _names(axes):
+    return axes[0] if len(axes) == 1 else ", ".join(axes[:-1]) + " and " + axes[-1]
 
 
 def _plan(job, volume, method, memory_limit, workers, chunk_shape, tiles=None):

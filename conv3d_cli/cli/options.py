@@ -66,6 +66,17 @@ def memory_size(ctx, param, value):
                                  ctx=ctx, param=param) from None
 
 
+def one_of(values):
+    """A callback accepting one of ``values`` in any case (the layer lower-cases
+    it); anything else is refused with the list, as click's choices are."""
+    def check(ctx, param, value):
+        if value is None or value.lower() in values:
+            return value
+        listed = ", ".join(repr(v) for v in values)
+        raise click.BadParameter(f"{value!r} is not one of {listed}.", ctx=ctx, param=param)
+    return check
+
+
 def writable_dir(ctx, param, value):
     """A directory this process may create files in (checked before any work)."""
     if value is not None and not (os.path.isdir(value) and os.access(value, os.W_OK | os.X_OK)):
@@ -83,10 +94,12 @@ LAYER_OPTIONS = [
                  help="Kernel size: 3 or 3,3,3."),
     click.option("--strides", callback=int_or_tuple, default=None, metavar="S|SD,SH,SW"),
     click.option("--padding", default=None, metavar="valid|same",
+                 callback=one_of(complete.PADDINGS),
                  shell_complete=complete.choices(complete.PADDINGS)),
     click.option("--output-padding", callback=int_or_tuple, default=None, metavar="P|PD,PH,PW",
                  help="Conv3DTranspose only; each value < the stride."),
     click.option("--data-format", default=None, metavar="channels_last|channels_first",
+                 callback=one_of(complete.DATA_FORMATS),
                  shell_complete=complete.choices(complete.DATA_FORMATS),
                  help="Default: image_data_format from keras.json, else channels_last."),
     click.option("--dilation-rate", callback=int_or_tuple, default=None, metavar="D|DD,DH,DW"),
