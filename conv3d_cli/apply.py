@@ -89,17 +89,21 @@ def _check_channels(layer, keras_in, layout, volume):
     message = (f"{where} holds {channels} channel{'s' * (channels != 1)}, but the layer's "
                f"weights (kernel shape {tuple(layer.kernel.shape)}) take {expected} input "
                f"channel{'s' * (expected != 1)}")
-    other = "channels_first" if layer.data_format == "channels_last" else "channels_last"
+    other = _OTHER_SIDE[layer.data_format]
     if layout is not None and volume.axes is None and layout.rank >= 4 \
             and Layout(layout.shape, other).canonical_shape[4] == expected:
         message += f"; if the channels are on the other axis, give --data-format {other}"
     raise ShapeError(message)
 
 
+_OTHER_SIDE = {"channels_last": "channels_first", "channels_first": "channels_last"}
+_CHANNEL_AXIS = {"channels_last": "last", "channels_first": "second"}
+
+
 def _channel_axis(layout, data_format):
     """Where the channels are, in the file's own axes (or the Keras shape's)."""
     if layout is None:
-        return f"the input's {'last' if data_format == 'channels_last' else 'second'} axis"
+        return f"the input's {_CHANNEL_AXIS[data_format]} axis"
     if layout.rank == 3:
         return "the 3-D volume (no channel axis)"
     index = layout.rank - 1 if not layout.channels_first else layout.rank - 4

@@ -28,9 +28,9 @@ def _plan(env, *args):
 
 
 def test_the_environment_sets_the_defaults():
-    plan = _plan({"CONV3D_WORKERS": "2", "CONV3D_MEMORY_LIMIT": "300M",
+    plan = _plan({"CONV3D_WORKERS": "2", "CONV3D_MEMORY_LIMIT": "3G",
                   "CONV3D_METHOD": "FFT", "CONV3D_CHUNK_SHAPE": "8,11,22"})
-    assert plan["method"] == "fft" and plan["memory_limit"] == 300 << 20
+    assert plan["method"] == "fft" and plan["memory_limit"] == 3 << 30
     assert plan["tile_shape"] == [8, 11, 22] and plan["workers"] == 2
 
 
