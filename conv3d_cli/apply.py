@@ -26,6 +26,7 @@ from .io import VolumeSpec, check_output, create_output, open_volume, output_axe
 from .io.dtypes import IntegerSink
 from .io.dtypes import output_dtype as resolve_output_dtype
 from .layout import CanonicalView, Layout
+from .progress import Phases, reporting
 
 __all__ = ["apply_to_file", "describe"]
 
@@ -42,7 +43,7 @@ def describe(layer, input_shape=None, volume=None, method="auto", workers=None,
     keras_in = _keras_shape(layout, layer) if layout is not None else _given_shape(input_shape)
     if volume is not None and not per_volume:
         _check_series_channels(layer, volume, layout)
-    job = _job(layer, keras_in, volume, memory_limit)
+    job = _job(layer, keras_in, volume, memory_limit, layout)
     edges.check_boundary(boundary, job, layer.padding)
     plan = _plan(edges.compute_job(job, boundary), volume, method, memory_limit, workers,
                  chunk_shape)
@@ -104,11 +105,14 @@ def _given_shape(input_shape):
     return keras_in
 
 
-def _job(layer, keras_in, volume, memory_limit):
+def _job(layer, keras_in, volume, memory_limit, layout=None):
     """The layer's job on ``keras_in``; a kernel too large for the limit is refused
-    before it is allocated."""
+    before it is allocated. A volume the layer does not fit is refused in the
+    user's terms (voxels, channels, file axes) rather than Keras's tensor terms."""
     from .api import check_kernel_fits
     try:
+        _check_channels(layer, keras_in, layout, volume)
+        _check_kernel_extent(layer, keras_in)
         if not layer.built:
             layer.compute_output_shape(keras_in)
             channels = shapes.split_layout(keras_in, layer.data_format)[2]
@@ -118,6 +122,68 @@ def _job(layer, keras_in, volume, memory_limit):
         if volume is None:
             raise
         raise ShapeError(f"INPUT {volume.spec} {tuple(volume.shape)}: {exc}") from None
+
+
+def _check_channels(layer, keras_in, layout, volume):
+    """A volume with another channel count than the loaded weights take: say which
+    file axis holds the channels, and whether ``--data-format`` would fit."""
+    if not layer.built or layer.input_channels is None:
+        return
+    channels = shapes.split_layout(keras_in, layer.data_format)[2]
+    expected = layer.input_channels
+    if channels == expected:
+        return
+    where = _channel_axis(layout, layer.data_format)
+    message = (f"{where} holds {channels} channel{'s' * (channels != 1)}, but the layer's "
+               f"weights (kernel shape {tuple(layer.kernel.shape)}) take {expected} input "
+               f"channel{'s' * (expected != 1)}")
+    other = _OTHER_SIDE[layer.data_format]
+    if layout is not None and volume.axes is None and layout.rank >= 4 \
+            and Layout(layout.shape, other).canonical_shape[4] == expected:
+        message += f"; if the channels are on the other axis, give --data-format {other}"
+    raise ShapeError(message)
+
+
+_OTHER_SIDE = {"channels_last": "channels_first", "channels_first": "channels_last"}
+_CHANNEL_AXIS = {"channels_last": "last", "channels_first": "second"}
+
+
+def _channel_axis(layout, data_format):
+    """Where the channels are, in the file's own axes (or the Keras shape's)."""
+    if layout is None:
+        return f"the input's {_CHANNEL_AXIS[data_format]} axis"
+    if layout.rank == 3:
+        return "the 3-D volume (no channel axis)"
+    index = layout.rank - 1 if not layout.channels_first else layout.rank - 4
+    return f"axis {index} ({layout.data_format})"
+
+
+def _check_kernel_extent(layer, keras_in):
+    """A 'valid' Conv3D whose dilated kernel spans more voxels than the volume
+    along some axis has no output there: ``out = floor((n - ke) / s) + 1 <= 0``
+    exactly when ``n < ke``, with ``ke = (k - 1) * d + 1``, whatever the stride."""
+    if layer.keras_name != "Conv3D" or layer.padding != "valid":
+        return
+    spatial = shapes.split_layout(keras_in, layer.data_format)[1]
+    spans = [(k - 1) * d + 1 for k, d in zip(layer.kernel_size, layer.dilation_rate)]
+    short = [name for name, n, ke in zip("DHW", spatial, spans) if n is not None and n < ke]
+    if not short:
+        return
+    dilated = "" if set(layer.dilation_rate) == {1} else \
+        f" (kernel_size {_x(layer.kernel_size)} at dilation_rate {_x(layer.dilation_rate)})"
+    raise ShapeError(
+        f"the kernel spans {_x(spans)} voxels (D, H, W){dilated}, more than the volume's "
+        f"{_x(spatial)} along {_names(short)}: with padding valid the output would have zero "
+        "or negative size there; give --padding same (the output keeps the volume's size) "
+        "or a smaller kernel")
+
+
+def _x(values):
+    return "x".join(map(str, values))
+
+
+def _names(axes):
+    return axes[0] if len(axes) == 1 else ", ".join(axes[:-1]) + " and " + axes[-1]
 
 
 def _plan(job, volume, method, memory_limit, workers, chunk_shape, tiles=None):
@@ -169,7 +235,7 @@ def _keras_shape(layout, layer):
 
 
 def apply_to_file(layer, input_spec, output_spec, overwrite=False, method="auto",
-                  workers=None, memory_limit=None, chunk_shape=None, progress=True,
+                  workers=None, memory_limit=None, chunk_shape=None, progress=None,
                   on_plan=None, scheduler=None, resume=False, tmp_dir=None,
                   before_commit=None, output_dtype=None, per_volume=False,
                   boundary="zeros"):
@@ -181,6 +247,13 @@ def apply_to_file(layer, input_spec, output_spec, overwrite=False, method="auto"
     input is decompressed into ``tmp_dir`` (default: CONV3D_TMPDIR, else
     OUTPUT's directory: the disk the result goes to). ``before_commit(report)``
     runs once the output is complete, before it is put in place.
+
+    ``progress``: bars on stderr for the long phases (decompressing, computing,
+    compressing) when stderr is a terminal (None), always (True) or never
+    (False). The report's ``phase_seconds`` times each phase (open, with the
+    decompress within it; plan; compute; write, with the compress within it;
+    total); ``write`` and ``total`` are added once OUTPUT is in place, after
+    ``before_commit`` saw the report.
 
     OUTPUT is checked (directory, ``overwrite``) before any work; a failure or
     a signal leaves it untouched and removes every temporary file; a failed
@@ -202,24 +275,32 @@ def apply_to_file(layer, input_spec, output_spec, overwrite=False, method="auto"
                "chunk_shape": chunk_shape}
     modes = {"per_volume": bool(per_volume), "boundary": boundary}
     vol = writer = None
+    phases = Phases(progress)
     try:
-        vol = open_volume(in_spec, tmp_dir=_temp_folder(tmp_dir, out_spec))
-        info, job, plan = describe(layer, volume=vol, **options, **modes)
-        if on_plan is not None:
-            on_plan(info)
-        writer, sink, plan, dtype_note = _open_output(
-            layer, vol, job, plan, out_spec, options, overwrite, resume, output_dtype, modes)
-        source = CanonicalView(_source_array(vol, layer, per_volume),
-                               _source_layout(vol, layer, per_volume))
-        stats, skip = _compute(layer, job, edges.extended_source(source, job, boundary),
-                               _final_sink(sink, job, boundary, writer.dtype), writer, plan,
-                               progress, scheduler, boundary)
-        report = _report(layer, vol, writer, info, stats, skip, scheduler, start)
-        report.update(_dtype_report(layer, job, writer.dtype, dtype_note))
-        report.update(_modes_report(modes))
-        if before_commit is not None:
-            before_commit(report)
-        writer.commit()
+        with reporting(phases):
+            with phases.phase("open"):
+                vol = open_volume(in_spec, tmp_dir=_temp_folder(tmp_dir, out_spec))
+            with phases.phase("plan"):
+                info, job, plan = describe(layer, volume=vol, **options, **modes)
+            if on_plan is not None:
+                on_plan(info)
+            with phases.phase("plan"):
+                writer, sink, plan, dtype_note = _open_output(
+                    layer, vol, job, plan, out_spec, options, overwrite, resume, output_dtype,
+                    modes)
+            source = CanonicalView(_source_array(vol, layer, per_volume),
+                                   _source_layout(vol, layer, per_volume))
+            stats, skip = _compute(layer, job, edges.extended_source(source, job, boundary),
+                                   _final_sink(sink, job, boundary, writer.dtype), writer, plan,
+                                   phases, scheduler, boundary)
+            report = _report(layer, vol, writer, info, stats, skip, scheduler, start)
+            report.update(_dtype_report(layer, job, writer.dtype, dtype_note))
+            report.update(_modes_report(modes))
+            report["phase_seconds"] = _rounded(phases.seconds)
+            if before_commit is not None:
+                before_commit(report)
+            with phases.phase("write"):
+                writer.commit()
     except BaseException as exc:
         _abort(writer, exc)
         raise
@@ -227,7 +308,13 @@ def apply_to_file(layer, input_spec, output_spec, overwrite=False, method="auto"
         if vol is not None:
             with signals.shielded():
                 vol.close()
+    report["phase_seconds"] = _rounded({**phases.seconds,
+                                        "total": time.perf_counter() - start})
     return report
+
+
+def _rounded(seconds):
+    return {name: round(s, 4) for name, s in seconds.items()}
 
 
 def _open_output(layer, vol, job, plan, out_spec, options, overwrite, resume, requested_dtype,
@@ -310,19 +397,15 @@ def _tiles(recorded):
     return [Tile(b0, b1, tuple(tuple(r) for r in box)) for b0, b1, box in recorded]
 
 
-def _compute(layer, job, source, sink, writer, plan, progress, scheduler, boundary):
+def _compute(layer, job, source, sink, writer, plan, phases, scheduler, boundary):
     """Run the plan's tiles but those the writer already holds; (stats, skipped)."""
-    from .progress import progress_bar
     skip = writer.done_tiles()
     remaining = [t for i, t in enumerate(plan.tiles) if i not in skip]
-    bar = progress_bar(sum((t.b1 - t.b0) * int(np.prod(t.shape)) for t in remaining),
-                       enabled=progress)
-    try:
+    voxels = sum((t.b1 - t.b0) * int(np.prod(t.shape)) for t in remaining)
+    with phases.phase("compute", voxels, unit="vox", desc="conv3d") as bar:
         stats = engine.run(edges.compute_job(job, boundary), source, sink, plan,
                            want_sums=layer.activity_regularizer is not None, progress=bar,
                            skip=skip, on_done=writer.mark_done, scheduler=scheduler)
-    finally:
-        bar.close()
     return stats, skip
 
 
@@ -341,7 +424,8 @@ def _temp_folder(tmp_dir, out_spec):
     folder = tmp_dir or os.environ.get("CONV3D_TMPDIR")
     if folder:
         if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
-            raise ArgumentError(f"--tmp-dir {folder}: not a writable directory")
+            where = "--tmp-dir " if tmp_dir else "CONV3D_TMPDIR="
+            raise ArgumentError(f"{where}{folder}: not a writable directory")
         return folder
     return os.path.dirname(os.path.abspath(out_spec.path))
 

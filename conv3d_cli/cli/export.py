@@ -11,7 +11,7 @@ from .options import layer_from_kwargs, layer_options
 
 
 @click.command(short_help="Write the layer as a one-layer Keras model (.keras).")
-@click.argument("output", metavar="OUTPUT.keras")
+@click.argument("output", metavar="OUTPUT.keras", type=click.Path(dir_okay=False))
 @layer_options
 @click.option("--input-channels", type=click.IntRange(min=1), default=None,
               help="Input channels, when no --weights give them.")

@@ -6,9 +6,11 @@ import json
 
 import click
 
+from .complete import VolumePath
+
 
 @click.command(short_help="Describe a volume file.")
-@click.argument("input", metavar="INPUT")
+@click.argument("input", metavar="INPUT", type=VolumePath())
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def info(input, as_json):
     """Print INPUT's shape, dtype and geometry (NIfTI or OME-Zarr: affine, voxel size;

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from ..errors import ArgumentError
+from . import complete
+from .envvars import EnvOption
 
 # The CLI group and every command import this module: it imports nothing but
 # click (the engine, layers and I/O load inside the callbacks and commands).
@@ -63,22 +67,45 @@ def memory_size(ctx, param, value):
                                  ctx=ctx, param=param) from None
 
 
+def one_of(values):
+    """A callback accepting one of ``values`` in any case (the layer lower-cases
+    it); anything else is refused with the list, as click's choices are."""
+    def check(ctx, param, value):
+        if value is None or value.lower() in values:
+            return value
+        listed = ", ".join(repr(v) for v in values)
+        raise click.BadParameter(f"{value!r} is not one of {listed}.", ctx=ctx, param=param)
+    return check
+
+
+def writable_dir(ctx, param, value):
+    """A directory this process may create files in (checked before any work)."""
+    if value is not None and not (os.path.isdir(value) and os.access(value, os.W_OK | os.X_OK)):
+        raise click.BadParameter("not a writable directory", ctx=ctx, param=param)
+    return value
+
+
 # Every Keras argument of the two layers, in kebab-case, mapped to its keyword.
 LAYER_OPTIONS = [
     click.option("--layer", "layer", default=None, metavar="Conv3D|Conv3DTranspose",
+                 shell_complete=complete.choices(complete.LAYER_CLASSES),
                  help="Layer class (case-insensitive). Default: Conv3D, or the config's."),
     click.option("--filters", type=int, default=None, help="Number of output filters."),
     click.option("--kernel-size", callback=int_or_tuple, default=None, metavar="K|KD,KH,KW",
                  help="Kernel size: 3 or 3,3,3."),
     click.option("--strides", callback=int_or_tuple, default=None, metavar="S|SD,SH,SW"),
-    click.option("--padding", default=None, metavar="valid|same"),
+    click.option("--padding", default=None, metavar="valid|same",
+                 callback=one_of(complete.PADDINGS),
+                 shell_complete=complete.choices(complete.PADDINGS)),
     click.option("--output-padding", callback=int_or_tuple, default=None, metavar="P|PD,PH,PW",
                  help="Conv3DTranspose only; each value < the stride."),
     click.option("--data-format", default=None, metavar="channels_last|channels_first",
+                 callback=one_of(complete.DATA_FORMATS),
+                 shell_complete=complete.choices(complete.DATA_FORMATS),
                  help="Default: image_data_format from keras.json, else channels_last."),
     click.option("--dilation-rate", callback=int_or_tuple, default=None, metavar="D|DD,DH,DW"),
     click.option("--groups", type=int, default=None, help="Conv3D only."),
-    click.option("--activation", default=None,
+    click.option("--activation", default=None, shell_complete=complete.activation,
                  help="A Keras activation name, or NAME:{json arguments}."),
     click.option("--use-bias/--no-use-bias", default=None),
     click.option("--kernel-initializer", default=None,
@@ -92,6 +119,7 @@ LAYER_OPTIONS = [
     click.option("--bias-constraint", default=None),
     click.option("--name", default=None),
     click.option("--dtype", default=None, metavar="POLICY",
+                 shell_complete=complete.choices(complete.DTYPE_POLICIES),
                  help="Keras dtype policy: float32 (default: keras.json floatx), float64, "
                       "float16, bfloat16, mixed_float16 or mixed_bfloat16 (float32 weights, "
                       "float16/bfloat16 computation and result)."),
@@ -122,14 +150,17 @@ LAYER_OPTIONS = [
 ENGINE_OPTIONS = [
     click.option("--method", type=click.Choice(["auto", "measure", "direct", "fft", "winograd"],
                                                case_sensitive=False),
-                 default="auto", show_default=True,
+                 default="auto", show_default=True, cls=EnvOption, envvar="CONV3D_METHOD",
                  help="Convolution algorithm: auto (the cost model's pick), measure (time "
                       "each suitable one on a tile, then run the fastest), or one of them."),
     click.option("--workers", type=click.IntRange(min=1), default=None,
+                 cls=EnvOption, envvar="CONV3D_WORKERS",
                  help="Worker processes. Default: the cores this process may use."),
     click.option("--memory-limit", callback=memory_size, default=None, metavar="SIZE",
+                 cls=EnvOption, envvar="CONV3D_MEMORY_LIMIT",
                  help="Peak memory to stay under, e.g. 512M, 4G. Default: half the available RAM."),
     click.option("--chunk-shape", callback=chunk_shape, default=None, metavar="D,H,W",
+                 cls=EnvOption, envvar="CONV3D_CHUNK_SHAPE",
                  help="Force the output tile shape."),
 ]
 

@@ -10,6 +10,7 @@ import numpy as np
 
 from .. import viz
 from ..errors import ArgumentError, OutputExistsError, VolumeError
+from .complete import VolumePath
 
 ROW_INCHES = 2.6  # height of a row's tallest panel
 MAX_PANELS_INCHES = 14  # width of a row's three panels, at most (elongated volumes)
@@ -46,7 +47,8 @@ def _percentiles(ctx, param, value):
 
 
 @click.command(short_help="Orthogonal slices through one world point, as a PNG.")
-@click.argument("volumes", nargs=-1, required=True, metavar="VOLUME [MORE...]")
+@click.argument("volumes", nargs=-1, required=True, metavar="VOLUME [MORE...]",
+                type=VolumePath())
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="The .png to write.")
 @click.option("--at", "at", callback=_floats3, default=None, metavar="X,Y,Z",

@@ -8,18 +8,21 @@ import os
 import click
 
 from ..errors import Conv3DError
+from .complete import VolumePath
+from .envvars import EnvOption
 from .options import (
     OUTPUT_DTYPES,
     engine_options,
     layer_from_kwargs,
     layer_options,
     not_keras_options,
+    writable_dir,
 )
 
 
 @click.command(short_help="Apply the layer to a volume file.")
-@click.argument("input", metavar="INPUT")
-@click.argument("output", metavar="OUTPUT")
+@click.argument("input", metavar="INPUT", type=VolumePath())
+@click.argument("output", metavar="OUTPUT", type=VolumePath())
 @layer_options
 @engine_options
 @not_keras_options
@@ -41,14 +44,16 @@ from .options import (
                    "LocalCluster here. Needs dask.distributed (the distributed extra).")
 @click.option("--resume", is_flag=True,
               help="Continue an interrupted run into a Zarr OUTPUT, skipping written tiles.")
-@click.option("--progress/--no-progress", default=True, show_default=True,
-              help="Progress bar on stderr for work over about a second.")
+@click.option("--progress/--no-progress", default=None,
+              help="Progress bars on stderr (decompressing, computing, compressing) for "
+                   "work over about a second. Default: when stderr is a terminal.")
 @click.option("--tmp-dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
-              help="Where a .nii.gz INPUT is decompressed. Default: $CONV3D_TMPDIR, else "
-                   "OUTPUT's directory.")
+              cls=EnvOption, envvar="CONV3D_TMPDIR", callback=writable_dir,
+              help="Where a .nii.gz INPUT is decompressed. Default: OUTPUT's directory.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary line.")
 @click.option("-v", "--verbose", is_flag=True,
-              help="Log to stderr where temporary files go and what is cleaned up.")
+              help="Tell on stderr the plan (tiles, workers, memory), the method chosen and "
+                   "why, the time of each phase, and where temporary files go.")
 def run(input, output, save_weights, output_dtype, report, overwrite, scheduler, resume, progress,
         quiet, tmp_dir, verbose, **kwargs):
     """Apply one Conv3D / Conv3DTranspose layer to INPUT and write OUTPUT.
@@ -75,18 +80,22 @@ def run(input, output, save_weights, output_dtype, report, overwrite, scheduler,
     side = _SideFiles(output, save_weights, report, overwrite)
     layer = layer_from_kwargs(kwargs, input=input, memory_limit=memory_limit,
                               per_volume=per_volume)
+    on_plan = _say_plan(method.lower()) if verbose else None
     try:
         result = apply_to_file(layer, input, output, overwrite=overwrite, method=method.lower(),
                                workers=workers, memory_limit=memory_limit,
-                               chunk_shape=chunk_shape, progress=progress and not quiet,
+                               chunk_shape=chunk_shape, progress=False if quiet else progress,
                                scheduler=scheduler, resume=resume, tmp_dir=tmp_dir,
-                               output_dtype=output_dtype.lower(), per_volume=per_volume,
-                               boundary=boundary,
+                               output_dtype=output_dtype, per_volume=per_volume,
+                               boundary=boundary, on_plan=on_plan,
                                before_commit=lambda result: side.stage(layer, result))
         side.commit(result["output"])
     except BaseException:
         side.abort()
         raise
+    if verbose:
+        from .verbose import timing_line
+        _say(timing_line(result))
     if report == "-":
         click.echo(json.dumps(result, indent=2))
     if not quiet and report != "-":
@@ -98,6 +107,19 @@ def run(input, output, save_weights, output_dtype, report, overwrite, scheduler,
         click.echo(f"wrote {result['output']} {tuple(result['file_output_shape'])} "
                    f"({result['method']}, {result['tiles']} tiles, {result['workers']} "
                    f"workers, {result['seconds']:.2f} s)", err=True)
+
+
+def _say_plan(method):
+    """``on_plan`` for -v: the plan's lines on stderr once it is made."""
+    def say(info):
+        from .verbose import plan_lines
+        for line in plan_lines(info, method):
+            _say(line)
+    return say
+
+
+def _say(line):
+    click.echo(f"conv3d: {line}", err=True)
 
 
 def apply_to_file(*args, **kwargs):

@@ -7,11 +7,12 @@ import json
 import click
 
 from ..errors import ArgumentError
+from .complete import VolumePath
 from .options import engine_options, layer_from_kwargs, layer_options, shape_tuple
 
 
 @click.command(short_help="Print the output shape, parameter count and plan.")
-@click.argument("input", metavar="[INPUT]", required=False)
+@click.argument("input", metavar="[INPUT]", required=False, type=VolumePath())
 @click.option("--input-shape", callback=shape_tuple, default=None, metavar="B,D,H,W,C",
               help="Keras input shape (rank >= 5) instead of a file.")
 @layer_options

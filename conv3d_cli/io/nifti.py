@@ -21,7 +21,6 @@ import gzip
 import logging
 import math
 import os
-import shutil
 import tempfile
 
 import nibabel as nib
@@ -31,6 +30,7 @@ from nibabel.volumeutils import native_code
 
 from ..errors import ShapeError, VolumeError
 from ..geometry import UNIT_METERS, Geometry
+from ..progress import phase
 from .base import FileWriter, Volume
 from .npy import check_dtype
 from .paths import check_input_path
@@ -38,6 +38,8 @@ from .rawfile import RawArrayFile
 from .tempfiles import remove_stale, temp_path
 
 log = logging.getLogger("conv3d_cli")
+
+_BLOCK = 16 << 20  # bytes (de)compressed at a time
 
 
 class Scaled:
@@ -80,14 +82,16 @@ def _decompress(path, folder, limit):
     tmp = temp_path(folder, os.path.basename(path) + ".decompressed")
     log.info("decompressing %s to %s (%d bytes)", path, tmp, limit)
     try:
-        with gzip.open(path, "rb") as src, open(tmp, "xb") as dst:
+        with gzip.open(path, "rb") as src, open(tmp, "xb") as dst, \
+                phase("decompress", limit, desc="decompressing") as bar:
             left = limit
             while left > 0:
-                chunk = src.read(min(16 << 20, left))
+                chunk = src.read(min(_BLOCK, left))
                 if not chunk:
                     break
                 dst.write(chunk)
                 left -= len(chunk)
+                bar.update(len(chunk))
     except (OSError, EOFError) as exc:
         _unlink(tmp)
         raise VolumeError(f"{path}: corrupt or truncated gzip data, or {folder} is not "
@@ -353,8 +357,11 @@ def _clear_non_spatial(header, series=False):
 
 
 def gzip_file(src, dst):
-    with open(src, "rb") as fin, gzip.open(dst, "wb", compresslevel=6) as fout:
-        shutil.copyfileobj(fin, fout, 16 << 20)
+    with open(src, "rb") as fin, gzip.open(dst, "wb", compresslevel=6) as fout, \
+            phase("compress", os.path.getsize(src), desc="compressing") as bar:
+        while chunk := fin.read(_BLOCK):
+            fout.write(chunk)
+            bar.update(len(chunk))
 
 
 def _placement(geometry):
