@@ -7,11 +7,12 @@ CONV3D  = $(BIN)/conv3d
 DEMO    = demo_out
 S       = sample_data
 
-.PHONY: demo test bench batch clean help FORCE
+.PHONY: demo test lint bench batch clean help FORCE
 
 help:
 	@echo "make demo    run conv3d on sample_data/ (writes $(DEMO)/)"
 	@echo "make test    run the test suite"
+	@echo "make lint    check the code with ruff (rules in pyproject.toml)"
 	@echo "make bench   benchmark the engine against PyTorch and SciPy"
 	@echo "make batch IN=dir OUT=dir ARGS='...' [SUFFIX=_x] [EXT=.nii.gz]"
 	@echo "            conv3d run on every volume in IN; up-to-date outputs skipped (make -j works)"
@@ -48,6 +49,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q 'torch==2.13.0' || echo "torch not installable: skipped in the table"

@@ -116,7 +116,8 @@ class CanonicalView:
         """Own-axes index of flat batch element b and spatial ranges."""
         if self.layout.rank < 5:
             return self._inner(ranges)
-        return tuple(int(i) for i in np.unravel_index(b, self.layout.batch_shape)) + self._inner(ranges)
+        batch = tuple(int(i) for i in np.unravel_index(b, self.layout.batch_shape))
+        return batch + self._inner(ranges)
 
     def read(self, b0, b1, ranges):
         """Canonical block ``[b0:b1, ranges..., :]`` (ranges inside the array)."""

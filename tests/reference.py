@@ -53,7 +53,8 @@ def conv3d(x, kernel, bias=None, strides=(1, 1, 1), padding="valid", dilation=(1
                                    o2 * strides[2] + j2 * dilation[2], :]
                             for g in range(groups):
                                 y[:, o0, o1, o2, g * fg:(g + 1) * fg] += (
-                                    v[:, g * cg:(g + 1) * cg] @ kernel[j0, j1, j2, :, g * fg:(g + 1) * fg])
+                                    v[:, g * cg:(g + 1) * cg]
+                                    @ kernel[j0, j1, j2, :, g * fg:(g + 1) * fg])
     if bias is not None:
         y += bias
     return _from_cl(y.reshape(lead + y.shape[1:]), data_format)
@@ -64,25 +65,39 @@ def conv3d_transpose(x, kernel, bias=None, strides=(1, 1, 1), padding="valid",
     x = _to_cl(np.asarray(x, np.float64), data_format)
     lead = x.shape[:-4]
     x = x.reshape((-1,) + x.shape[-4:])
-    B, n = x.shape[0], x.shape[1:4]
+    n = x.shape[1:4]
     k = kernel.shape[:3]
-    F = kernel.shape[3]
     out, crop = [], []
     for a in range(3):
-        s, d = strides[a], dilation[a]
-        ke = (k[a] - 1) * d + 1
         op = None if output_padding is None else output_padding[a]
-        if padding == "valid":
-            if op is None:
-                op = max(ke, s) - ke
-            out.append((n[a] - 1) * s + ke + op)
-            crop.append(0)
-        elif op is None:
-            out.append(n[a] * s)
-            crop.append(max((ke - s) // 2, 0))
-        else:
-            out.append((n[a] - 1) * s + ke % 2 + op)
-            crop.append(max(ke // 2 - math.ceil(op / 2), 0))
+        size, start = _transpose_axis(n[a], k[a], strides[a], dilation[a], padding, op)
+        out.append(size)
+        crop.append(start)
+    acc = _scatter(x, kernel, strides, dilation, crop, out)
+    if not np.isfinite(kernel).all():
+        _zero_products(acc, kernel, n, strides, dilation, crop, out)
+    y = acc[:, crop[0]:crop[0] + out[0], crop[1]:crop[1] + out[1], crop[2]:crop[2] + out[2]]
+    if bias is not None:
+        y = y + bias
+    return _from_cl(y.reshape(lead + y.shape[1:]), data_format)
+
+
+def _transpose_axis(n, k, s, d, padding, op):
+    """Output length of one axis of Conv3DTranspose and where it starts in the full scatter."""
+    ke = (k - 1) * d + 1
+    if padding == "valid":
+        if op is None:
+            op = max(ke, s) - ke
+        return (n - 1) * s + ke + op, 0
+    if op is None:
+        return n * s, max((ke - s) // 2, 0)
+    return (n - 1) * s + ke % 2 + op, max(ke // 2 - math.ceil(op / 2), 0)
+
+
+def _scatter(x, kernel, strides, dilation, crop, out):
+    """Adds ``x[i] @ kernel[j].T`` at ``i * s + j * d``, into a buffer that also holds the crop."""
+    B, n = x.shape[0], x.shape[1:4]
+    k, F = kernel.shape[:3], kernel.shape[3]
     full = [(n[a] - 1) * strides[a] + (k[a] - 1) * dilation[a] + 1 for a in range(3)]
     big = [max(full[a], crop[a] + out[a]) for a in range(3)]
     acc = np.zeros((B, *big, F))
@@ -96,12 +111,7 @@ def conv3d_transpose(x, kernel, bias=None, strides=(1, 1, 1), padding="valid",
                             acc[:, i0 * strides[0] + j0 * dilation[0],
                                 i1 * strides[1] + j1 * dilation[1],
                                 i2 * strides[2] + j2 * dilation[2], :] += v @ kernel[j0, j1, j2].T
-    if not np.isfinite(kernel).all():
-        _zero_products(acc, kernel, n, strides, dilation, crop, out)
-    y = acc[:, crop[0]:crop[0] + out[0], crop[1]:crop[1] + out[1], crop[2]:crop[2] + out[2]]
-    if bias is not None:
-        y = y + bias
-    return _from_cl(y.reshape(lead + y.shape[1:]), data_format)
+    return acc
 
 
 def _zero_products(acc, kernel, n, strides, dilation, crop, out):

@@ -64,7 +64,8 @@ def test_outputs_are_remade_exactly_when_input_args_or_weights_change(scans):
     assert code == 0, err
     assert computed(out) == outs
     assert out.count("--workers 1 ") == 2
-    assert_close(np.load(outs[0]), ref_conv3d(a[None, ..., None], kernel, padding="same")[0, ..., 0])
+    assert_close(np.load(outs[0]),
+                 ref_conv3d(a[None, ..., None], kernel, padding="same")[0, ..., 0])
     got = nib.load(outs[1])
     assert_close(got.get_fdata(dtype=np.float32),
                  ref_conv3d(b[None, ..., None], kernel, padding="same")[0, ..., 0])
@@ -114,7 +115,7 @@ def test_missing_or_empty_in_fails(tmp_path):
 
 def test_relative_paths_under_make_C_are_refused(scans):
     tmp = scans[0]
-    for args in ([f"IN=in", f"OUT={tmp}/out"], [f"IN={tmp}/in", "OUT=out"],
+    for args in (["IN=in", f"OUT={tmp}/out"], [f"IN={tmp}/in", "OUT=out"],
                  [f"IN={tmp}/in", f"OUT={tmp}/out", "ARGS=--weights w.npz"]):
         code, out, err = make(tmp, *args)
         assert code != 0, args

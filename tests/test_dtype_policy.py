@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import (BFLOAT16_RTOL, FIXTURES, FLOAT16_RTOL, FLOAT32_RTOL, FLOAT64_RTOL,
-                      assert_close)
+from conftest import BFLOAT16_RTOL, FIXTURES, FLOAT16_RTOL, FLOAT32_RTOL, FLOAT64_RTOL, assert_close
 from conv3d_cli import Conv3D, Conv3DTranspose
 from conv3d_cli.api import build_layer
 from conv3d_cli.cli.main import cli
@@ -25,7 +24,6 @@ from conv3d_cli.layers import from_config
 from conv3d_cli.layers.args import BFLOAT16, numpy_dtype, standardize_dtype_policy
 from reference import conv3d as ref_conv3d
 from reference import conv3d_transpose as ref_conv3d_transpose
-
 
 
 def _npz(path):
@@ -142,7 +140,8 @@ def test_tf_keras2_policy_config_reads_as_keras2():
 
 
 # ------------------------------------------------------------ against Keras 3
-@pytest.mark.parametrize("case", KERAS_CASES, ids=[f"{c['name']}-{c['policy']}" for c in KERAS_CASES])
+@pytest.mark.parametrize("case", KERAS_CASES,
+                         ids=[f"{c['name']}-{c['policy']}" for c in KERAS_CASES])
 def test_output_matches_keras(case):
     layer, x, expected = case_layer(case)
     y = layer(x, method="direct")
@@ -276,7 +275,8 @@ def test_tf_keras2_sums_float16_differently():
 F64_PATHS = [  # (method, layer, input shape): each engine path taken in float64
     ("direct", Conv3D, dict(filters=2, kernel_size=3, padding="same"), (1, 6, 7, 5, 2)),  # stencil
     ("direct", Conv3D, dict(filters=8, kernel_size=3, strides=2), (1, 7, 6, 7, 6)),  # GEMM
-    ("direct", Conv3DTranspose, dict(filters=6, kernel_size=3, strides=2), (1, 4, 3, 4, 5)),  # scatter
+    ("direct", Conv3DTranspose, dict(filters=6, kernel_size=3, strides=2),
+     (1, 4, 3, 4, 5)),  # scatter
     ("direct", Conv3DTranspose, dict(filters=6, kernel_size=2, padding="same"), (1, 4, 5, 4, 5)),
     ("winograd", Conv3D, dict(filters=8, kernel_size=3, padding="same"), (1, 6, 6, 5, 8)),
     ("fft", Conv3D, dict(filters=3, kernel_size=3, dilation_rate=2), (1, 7, 8, 7, 2)),

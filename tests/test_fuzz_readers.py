@@ -9,8 +9,8 @@ damaged while the container stays valid. Each case goes through the readers
 (open_volume and a region read, the plan on its shape; load_weights;
 ModelFile, every layer's shapes and weights, build_layer), and some through the
 CLI. Metadata documents (Zarr, OME, Keras configs, --config files) also get valid
-JSON with a hostile value put somewhere inside. Every failure must be a Conv3DError naming the file, never another
-exception, never a hang.
+JSON with a hostile value put somewhere inside. Every failure must be a Conv3DError
+naming the file, never another exception, never a hang.
 """
 
 import io
@@ -20,11 +20,11 @@ import shutil
 import signal
 import zipfile
 from contextlib import contextmanager
+from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-from pathlib import Path
 from click.testing import CliRunner
 
 from conftest import FIXTURES
@@ -119,7 +119,8 @@ def json_mutant(doc, rng):
         if isinstance(node, dict) and rng.random() < 0.15:
             del node[key]
         else:
-            node[key] = json.loads(json.dumps(HOSTILE_VALUES[int(rng.integers(len(HOSTILE_VALUES)))]))
+            hostile = HOSTILE_VALUES[int(rng.integers(len(HOSTILE_VALUES)))]
+            node[key] = json.loads(json.dumps(hostile))
         return doc
 
 

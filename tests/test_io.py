@@ -154,7 +154,8 @@ def test_conv_affine_places_voxels_where_they_lie(tmp_path, rng, kw):
     assert b"Conv3D" in img.header["descrip"].tobytes()
     hits = 0
     for o in np.ndindex(*out.shape):
-        src = np.rint(np.linalg.solve(affine[:3, :3], _world(out_aff, o) - affine[:3, 3])).astype(int)
+        src = np.linalg.solve(affine[:3, :3], _world(out_aff, o) - affine[:3, 3])
+        src = np.rint(src).astype(int)
         if np.all(src >= 0) and np.all(src < a.shape):
             assert out[o] == a[tuple(src)]
             hits += 1

@@ -13,7 +13,6 @@ import re
 import zipfile
 
 import h5py
-import numpy as np
 import pytest
 
 from conftest import FIXTURES

@@ -33,7 +33,8 @@ def outputs(flavour):
 def test_model_files_list_their_layers(flavour, filename):
     with ModelFile(os.path.join(MODELS, filename)) as model:
         assert [e.name for e in model.layers] == NAMES
-        assert [e.class_name for e in model.layers] == ["Conv3D", "Conv3D", "Conv3DTranspose", "Conv3D"]
+        assert [e.class_name for e in model.layers] == [
+            "Conv3D", "Conv3D", "Conv3DTranspose", "Conv3D"]
         assert all(e.keras2 == (flavour == "keras2") for e in model.layers)
 
 
@@ -57,7 +58,8 @@ def test_keras2_hard_sigmoid_is_keras2s():
     ("keras3", "keras3.weights.h5", "up", dict(layer="Conv3DTranspose", overrides=dict(
         kernel_size=3, strides=2, padding="same", activation="tanh"))),
     ("keras3", "keras3.weights.h5", "head", dict(overrides=dict(use_bias=False))),
-    ("keras2", "keras2_weights.h5", "enc_a", dict(overrides=dict(padding="same", activation="relu"))),
+    ("keras2", "keras2_weights.h5", "enc_a",
+     dict(overrides=dict(padding="same", activation="relu"))),
     ("keras2", "keras2_weights.h5", "up", dict(layer="Conv3DTranspose", overrides=dict(
         strides=2, padding="same", activation="tanh"))),
 ])
@@ -80,7 +82,8 @@ def test_options_override_and_are_checked(tmp_path):
 
 def test_several_layers_need_a_name_and_unknown_names_list_them():
     path = os.path.join(MODELS, "keras3.keras")
-    with pytest.raises(WeightsError, match="choose one with --layer-name: encoder/enc_a, encoder/enc_b, up, head"):
+    with pytest.raises(WeightsError, match="choose one with --layer-name: "
+                                           "encoder/enc_a, encoder/enc_b, up, head"):
         build_layer(weights=path)
     with pytest.raises(WeightsError, match="--layer-name nope: no such layer"):
         build_layer(weights=path, layer_name="nope")

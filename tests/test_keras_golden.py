@@ -63,4 +63,5 @@ def test_fixture_covers_the_spec():
     assert set(NAMES) <= acts  # every Keras 3 activation name, aliases included
     assert any("groups" in n for n in names) and any("extended_batch" in n for n in names)
     assert any(c["layer"]["config"].get("output_padding") for c in CASES)
-    assert {c["layer"]["config"]["data_format"] for c in CASES} == {"channels_last", "channels_first"}
+    assert {c["layer"]["config"]["data_format"] for c in CASES} == {
+        "channels_last", "channels_first"}

@@ -58,7 +58,8 @@ def test_unusable_keras_json_means_channels_last(tmp_path, monkeypatch, content)
 
 def test_cli_default_follows_keras_json(home, monkeypatch):
     monkeypatch.delenv("KERAS_HOME")
-    args = ["shape", "--input-shape", "1,4,8,9,10", "--filters", "3", "--kernel-size", "3", "--json"]
+    args = ["shape", "--input-shape", "1,4,8,9,10", "--filters", "3", "--kernel-size", "3",
+            "--json"]
     r = CliRunner().invoke(cli, args)
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["output_shape"] == [1, 3, 6, 7, 8]

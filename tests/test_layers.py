@@ -8,26 +8,36 @@ import pytest
 
 from conftest import FLOAT64_RTOL, assert_close
 from conv3d_cli import Conv3D, Conv3DTranspose
-from conv3d_cli.layers import from_config, initializers, regularizers, constraints, activations
+from conv3d_cli.layers import activations, constraints, from_config, initializers, regularizers
 from reference import conv3d as ref_conv3d
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(filters=1, kernel_size=3, padding="causal"), "The `padding` argument must be a list/tuple or one of"),
+    (dict(filters=1, kernel_size=3, padding="causal"),
+     "The `padding` argument must be a list/tuple or one of"),
     (dict(filters=1, kernel_size=3, padding="full"), "one of {'valid', 'same'}"),
-    (dict(filters=1, kernel_size=3, strides=2, dilation_rate=2), "`strides > 1` not supported in conjunction with `dilation_rate > 1`"),
-    (dict(filters=1, kernel_size=3, strides=(1, 2, 1), dilation_rate=(2, 1, 1)), "`strides > 1` not supported"),
-    (dict(filters=1, kernel_size=(3, 3)), "The `kernel_size` argument must be a tuple of 3 integers. Received kernel_size=(3, 3)"),
+    (dict(filters=1, kernel_size=3, strides=2, dilation_rate=2),
+     "`strides > 1` not supported in conjunction with `dilation_rate > 1`"),
+    (dict(filters=1, kernel_size=3, strides=(1, 2, 1), dilation_rate=(2, 1, 1)),
+     "`strides > 1` not supported"),
+    (dict(filters=1, kernel_size=(3, 3)),
+     "The `kernel_size` argument must be a tuple of 3 integers. Received kernel_size=(3, 3)"),
     (dict(filters=1, kernel_size=0), "that do not satisfy `value > 0`"),
-    (dict(filters=1, kernel_size=3, strides=-1), "The `strides` argument must be a tuple of 3 integers"),
-    (dict(filters=0, kernel_size=3), "Invalid value for argument `filters`. Expected a strictly positive value"),
+    (dict(filters=1, kernel_size=3, strides=-1),
+     "The `strides` argument must be a tuple of 3 integers"),
+    (dict(filters=0, kernel_size=3),
+     "Invalid value for argument `filters`. Expected a strictly positive value"),
     (dict(filters=-2, kernel_size=3), "Expected a strictly positive value"),
-    (dict(filters=3, kernel_size=3, groups=2), "The number of filters must be evenly divisible by the number of groups"),
+    (dict(filters=3, kernel_size=3, groups=2),
+     "The number of filters must be evenly divisible by the number of groups"),
     (dict(filters=2, kernel_size=3, groups=0), "The number of groups must be a positive integer"),
-    (dict(filters=1, kernel_size=3, activation="nope"), "Could not interpret activation function identifier"),
-    (dict(filters=1, kernel_size=3, kernel_initializer="nope"), "Unknown initializer for `kernel_initializer`"),
+    (dict(filters=1, kernel_size=3, activation="nope"),
+     "Could not interpret activation function identifier"),
+    (dict(filters=1, kernel_size=3, kernel_initializer="nope"),
+     "Unknown initializer for `kernel_initializer`"),
     (dict(filters=1, kernel_size=3, kernel_regularizer="l3"), "Unknown regularizer"),
-    (dict(filters=1, kernel_size=3, data_format="channels_middle"), "The `data_format` argument must be one of"),
+    (dict(filters=1, kernel_size=3, data_format="channels_middle"),
+     "The `data_format` argument must be one of"),
     (dict(filters=1, kernel_size=3, dtype="int8"), "Unsupported `dtype`"),
     (dict(filters=1, kernel_size=3, bogus=1), "Unrecognized keyword arguments"),
 ])
@@ -38,9 +48,12 @@ def test_conv3d_argument_errors(kwargs, message):
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(filters=1, kernel_size=3, strides=2, output_padding=2), "`output_padding` must be strictly less than `strides`"),
-    (dict(filters=1, kernel_size=3, output_padding=1), "At dimension 0, `output_padding` is 1 but `strides` is 1"),
-    (dict(filters=1, kernel_size=3, strides=2, output_padding=(1, 1)), "The `output_padding` argument must be a tuple of 3 integers"),
+    (dict(filters=1, kernel_size=3, strides=2, output_padding=2),
+     "`output_padding` must be strictly less than `strides`"),
+    (dict(filters=1, kernel_size=3, output_padding=1),
+     "At dimension 0, `output_padding` is 1 but `strides` is 1"),
+    (dict(filters=1, kernel_size=3, strides=2, output_padding=(1, 1)),
+     "The `output_padding` argument must be a tuple of 3 integers"),
     (dict(filters=1, kernel_size=3, groups=2), "Conv3DTranspose has no `groups` argument"),
 ])
 def test_conv3d_transpose_argument_errors(kwargs, message):
@@ -143,7 +156,8 @@ def test_data_format_default_from_keras_json(tmp_path, monkeypatch):
     ("lecun_uniform", lambda w, fi, fo: np.abs(w).max() <= np.sqrt(3 / fi)),
     ("he_normal", lambda w, fi, fo: abs(w.std() - np.sqrt(2 / fi)) < 0.05 * np.sqrt(2 / fi)
      and np.abs(w).max() <= 2 * np.sqrt(2 / fi) / 0.87962566103423978),
-    ("glorot_normal", lambda w, fi, fo: abs(w.std() - np.sqrt(2 / (fi + fo))) < 0.05 * np.sqrt(2 / (fi + fo))),
+    ("glorot_normal", lambda w, fi, fo: abs(w.std() - np.sqrt(2 / (fi + fo)))
+     < 0.05 * np.sqrt(2 / (fi + fo))),
     ("lecun_normal", lambda w, fi, fo: abs(w.std() - np.sqrt(1 / fi)) < 0.05 * np.sqrt(1 / fi)),
     ("random_normal", lambda w, fi, fo: abs(w.std() - 0.05) < 0.003),
     ("random_uniform", lambda w, fi, fo: np.abs(w).max() <= 0.05 and w.std() > 0.025),
@@ -185,7 +199,8 @@ def test_regularizer_specs_and_penalties():
     assert regularizers.get("l1")(w) == pytest.approx(0.01 * 10)
     assert regularizers.get('l1_l2:{"l1": 0.1, "l2": 0.2}')(w) == pytest.approx(1 + 6)
     assert regularizers.get("l1_l2")(w) == pytest.approx(0.1 + 0.3)  # Keras 2 defaults
-    spec = '{"module": "keras.regularizers", "class_name": "L2", "config": {"l2": 0.5}, "registered_name": null}'
+    spec = ('{"module": "keras.regularizers", "class_name": "L2", "config": {"l2": 0.5}, '
+            '"registered_name": null}')
     assert regularizers.get(spec)(w) == pytest.approx(15)
     with pytest.raises(ValueError, match="Invalid JSON"):
         regularizers.get("l2:{oops}")
@@ -195,7 +210,8 @@ def test_activity_penalty_is_divided_by_batch(rng):
     layer = Conv3D(1, 1, use_bias=False, activity_regularizer="l2", kernel_initializer="ones")
     x = rng.standard_normal((4, 3, 3, 3, 1)).astype(np.float32)
     layer(x)
-    assert layer.losses == [pytest.approx(0.01 * float(np.square(x.astype(np.float64)).sum()) / 4, rel=1e-6)]
+    expected = 0.01 * float(np.square(x.astype(np.float64)).sum()) / 4
+    assert layer.losses == [pytest.approx(expected, rel=1e-6)]
 
 
 def test_constraints_project_as_keras():

@@ -15,10 +15,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import assert_close
 from nibabel.volumeutils import native_code
 
 import reference
+from conftest import assert_close
 from conv3d_cli import Conv3D, Conv3DTranspose
 from conv3d_cli.api import apply_to_file
 from conv3d_cli.cli.main import cli

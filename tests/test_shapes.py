@@ -10,7 +10,8 @@ from conv3d_cli import shapes
 from conv3d_cli.errors import ShapeError
 
 
-@pytest.mark.parametrize("n,k,s,d", list(itertools.product([1, 5, 8, 13], [1, 2, 3, 4], [1, 2, 3], [1, 2])))
+@pytest.mark.parametrize("n,k,s,d",
+                         list(itertools.product([1, 5, 8, 13], [1, 2, 3, 4], [1, 2, 3], [1, 2])))
 def test_conv_lengths_and_same_split(n, k, s, d):
     ke = (k - 1) * d + 1
     assert shapes.conv_output_length(n, k, s, d, "valid") == math.floor((n - ke) / s) + 1
@@ -21,17 +22,20 @@ def test_conv_lengths_and_same_split(n, k, s, d):
     assert shapes.conv_padding(n, k, s, d, "valid") == (0, 0)
 
 
-@pytest.mark.parametrize("n,k,s,d", list(itertools.product([1, 4, 7], [1, 2, 3, 5], [1, 2, 3], [1, 2])))
+@pytest.mark.parametrize("n,k,s,d",
+                         list(itertools.product([1, 4, 7], [1, 2, 3, 5], [1, 2, 3], [1, 2])))
 def test_transpose_lengths_and_crops(n, k, s, d):
     ke = (k - 1) * d + 1
-    assert shapes.transpose_output_length(n, k, s, d, "valid") == (n - 1) * s + ke + max(ke, s) - ke
+    assert shapes.transpose_output_length(n, k, s, d, "valid") == (
+        (n - 1) * s + ke + max(ke, s) - ke)
     assert shapes.transpose_crop_left(k, s, d, "valid") == 0
     assert shapes.transpose_output_length(n, k, s, d, "same") == n * s
     assert shapes.transpose_crop_left(k, s, d, "same") == max((ke - s) // 2, 0)
     for op in range(s):
         assert shapes.transpose_output_length(n, k, s, d, "valid", op) == (n - 1) * s + ke + op
         assert shapes.transpose_output_length(n, k, s, d, "same", op) == (n - 1) * s + ke % 2 + op
-        assert shapes.transpose_crop_left(k, s, d, "same", op) == max(ke // 2 - math.ceil(op / 2), 0)
+        assert shapes.transpose_crop_left(k, s, d, "same", op) == max(
+            ke // 2 - math.ceil(op / 2), 0)
 
 
 def test_even_kernel_same_output_padding_zero_shrinks_like_keras():
@@ -72,6 +76,9 @@ def test_output_shape_errors_with_keras_wording():
 
 def test_output_shape_layouts():
     args = (4, (3, 3, 3), (2, 2, 2), "same")
-    assert shapes.output_shape(shapes.CONV, (2, 9, 9, 9, 3), *args, "channels_last", (1, 1, 1)) == (2, 5, 5, 5, 4)
-    assert shapes.output_shape(shapes.CONV, (2, 3, 9, 9, 9), *args, "channels_first", (1, 1, 1)) == (2, 4, 5, 5, 5)
-    assert shapes.output_shape(shapes.CONV, (7, 2, 9, 9, 9, 3), *args, "channels_last", (1, 1, 1)) == (7, 2, 5, 5, 5, 4)
+    assert shapes.output_shape(shapes.CONV, (2, 9, 9, 9, 3), *args, "channels_last",
+                               (1, 1, 1)) == (2, 5, 5, 5, 4)
+    assert shapes.output_shape(shapes.CONV, (2, 3, 9, 9, 9), *args, "channels_first",
+                               (1, 1, 1)) == (2, 4, 5, 5, 5)
+    assert shapes.output_shape(shapes.CONV, (7, 2, 9, 9, 9, 3), *args, "channels_last",
+                               (1, 1, 1)) == (7, 2, 5, 5, 5, 4)

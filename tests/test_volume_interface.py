@@ -13,14 +13,12 @@ import numpy as np
 import pytest
 
 from conftest import assert_close
-from reference import conv3d as ref_conv3d
-
 from conv3d_cli import Conv3D
 from conv3d_cli.api import apply_to_file
 from conv3d_cli.errors import ArgumentError, ShapeError
-from conv3d_cli.io import create_output, open_volume, read_volume, write_volume
-from conv3d_cli.io import registry
+from conv3d_cli.io import create_output, open_volume, read_volume, registry, write_volume
 from conv3d_cli.layout import CanonicalView, Layout
+from reference import conv3d as ref_conv3d
 
 zarr = pytest.importorskip("zarr", reason="zarr is part of the test extra")
 SOURCE = os.path.join(os.path.dirname(__file__), os.pardir, "conv3d_cli")

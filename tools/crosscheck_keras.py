@@ -92,10 +92,12 @@ def main(n=200, seed=0):
             methods.append("winograd")
         for method in methods:
             for kw in ({}, {"chunk_shape": (2, 3, 2)}, {"workers": 2, "chunk_shape": (3, 2, 4)}):
-                if kw.get("chunk_shape") and ours.activation.axiswise and ours.data_format == "channels_first":
+                if (kw.get("chunk_shape") and ours.activation.axiswise
+                        and ours.data_format == "channels_first"):
                     continue
                 y = ours(x, method=method, **kw)
-                err = float(np.abs(y - expected).max()) / scale if y.shape == expected.shape else np.inf
+                err = (float(np.abs(y - expected).max()) / scale
+                       if y.shape == expected.shape else np.inf)
                 if not err <= 1e-4:
                     bad += 1
                     print(f"[{i}] MISMATCH {method} {kw}: {cls} {kwargs} {shape}: "

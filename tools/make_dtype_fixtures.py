@@ -63,7 +63,8 @@ CASES = [
     ("conv_wide_linear", "Conv3D", dict(filters=16, kernel_size=3, padding="same"),
      (1, 6, 5, 6, 16)),
     ("conv_cf_gelu", "Conv3D", dict(filters=4, kernel_size=3, padding="same",
-                                    data_format="channels_first", activation="gelu"), (1, 3, 5, 6, 7)),
+                                    data_format="channels_first", activation="gelu"),
+     (1, 3, 5, 6, 7)),
     ("conv_silu_dilated", "Conv3D", dict(filters=2, kernel_size=2, dilation_rate=2,
                                          activation="silu"), (1, 6, 7, 6, 3)),
     ("transpose_same_s2_tanh", "Conv3DTranspose", dict(filters=3, kernel_size=3, strides=2,
@@ -165,7 +166,8 @@ def golden(rng):
                 arrays[f"{name}/{policy}/w{i}"] = stored(w)
             cases.append({"name": name, "policy": policy, "layer": keras.layers.serialize(layer),
                           "compute_dtype": layer.compute_dtype,
-                          "variable_dtype": layer.variable_dtype, "keras_output_dtype": str(y.dtype),
+                          "variable_dtype": layer.variable_dtype,
+                          "keras_output_dtype": str(y.dtype),
                           "n_weights": len(weights32), "output_shape": list(y.shape)})
             print(name, policy, x.shape, "->", y.shape, y.dtype, file=sys.stderr)
     for name, in_shape, f_shape, stride, padding, expected in TF_CASES:

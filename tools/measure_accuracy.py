@@ -19,10 +19,9 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from conv3d_cli import Conv3D, Conv3DTranspose  # noqa: E402
 from reference import conv3d as ref_conv3d  # noqa: E402
 from reference import conv3d_transpose as ref_conv3d_transpose  # noqa: E402
-
-from conv3d_cli import Conv3D, Conv3DTranspose  # noqa: E402
 
 stencil_mod = importlib.import_module("conv3d_cli.engine.stencil")
 
@@ -36,7 +35,8 @@ WORKLOADS = [
      (1, 10, 9, 11, 16), ["gemm", "winograd", "fft"]),
     ("conv k7 C1 F1 d2", Conv3D, dict(filters=1, kernel_size=7, dilation_rate=2, padding="same"),
      (1, 16, 15, 14, 1), ["stencil", "gemm", "fft"]),
-    ("tconv k3 C6 F5 s2", Conv3DTranspose, dict(filters=5, kernel_size=3, strides=2, padding="same"),
+    ("tconv k3 C6 F5 s2", Conv3DTranspose,
+     dict(filters=5, kernel_size=3, strides=2, padding="same"),
      (1, 7, 6, 8, 6), ["stencil", "gemm-scatter", "fft"]),
     ("tconv k3 C16 F16 s1", Conv3DTranspose, dict(filters=16, kernel_size=3, padding="same"),
      (1, 8, 7, 9, 16), ["gemm", "winograd", "fft"]),

@@ -182,7 +182,8 @@ class ModelFile:
                     if need not in members:
                         raise WeightsError(f"{self.path}: not a Keras archive (no {need})")
                 config = _json(z, members["config.json"], self.path)
-                meta = _json(z, members["metadata.json"], self.path) if "metadata.json" in members else {}
+                meta = (_json(z, members["metadata.json"], self.path)
+                        if "metadata.json" in members else {})
                 folder = tempfile.gettempdir()
                 remove_stale(folder)
                 self._temp = temp_path(folder, "keras-" + os.path.basename(self.path))
@@ -263,7 +264,8 @@ class ModelFile:
                 by_name = {}
 
                 def visit(name, obj):  # objects reached through hard links only
-                    if isinstance(obj, h5py.Group) and name.endswith("vars") and "name" in obj.attrs:
+                    if (isinstance(obj, h5py.Group) and name.endswith("vars")
+                            and "name" in obj.attrs):
                         by_name.setdefault(_text(obj.attrs["name"]), []).append("/" + name)
                 f.visititems(visit)
                 for e in self.layers:
@@ -279,7 +281,8 @@ class ModelFile:
                 kernel = lookup(f, f"/{name}/0", label, WeightsError)
                 if kernel is not None and isinstance(kernel[1], h5py.Dataset) \
                         and kernel[1].ndim == 5:
-                    cls = "Conv3DTranspose" if name.split("/")[-2].startswith("conv3d_transpose") else "Conv3D"
+                    transpose = name.split("/")[-2].startswith("conv3d_transpose")
+                    cls = "Conv3DTranspose" if transpose else "Conv3D"
                     layer = _text(obj.attrs.get("name", name[:-len("/vars")]))
                     datasets = [f"/{name}/0"] + ([f"/{name}/1"] if "1" in obj else [])
                     self.layers.append(LayerEntry(layer, cls, None, False,
