@@ -226,7 +226,8 @@ def test_measure_runs_the_fastest_timing(monkeypatch):
         other = plan_job(job, method, workers=2, processes=False)
         assert math.prod(tile.shape) == max(math.prod(t.shape) for t in other.tiles)
     monkeypatch.setattr(measure, "time_tile",
-                        lambda job, plan, tile, clock=None: 1.0 if plan.method == "winograd" else 5.0)
+                        lambda job, plan, tile, clock=None:
+                        1.0 if plan.method == "winograd" else 5.0)
     assert plan_job(job, "measure", workers=1).method == "winograd"
 
 

@@ -66,7 +66,8 @@ def test_run_seed_reproducible_and_report_losses(vol):
     args = ["--filters", 2, "--kernel-size", 3, "--seed", 3, "--kernel-regularizer",
             'l1_l2:{"l1": 0.1, "l2": 0.2}', "--activity-regularizer", "l2", "-q"]
     assert run(tmp / "in.npy", tmp / "a.npy", *args, "--report", tmp / "a.json").exit_code == 0
-    assert run(tmp / "in.npy", tmp / "b.npy", *args, "--workers", 2, "--chunk-shape", "3,3,3").exit_code == 0
+    assert run(tmp / "in.npy", tmp / "b.npy", *args, "--workers", 2,
+               "--chunk-shape", "3,3,3").exit_code == 0
     np.testing.assert_allclose(np.load(tmp / "a.npy"), np.load(tmp / "b.npy"), rtol=1e-5, atol=1e-6)
     losses = json.loads((tmp / "a.json").read_text())["losses"]
     assert losses["kernel_regularizer"] > 0 and losses["activity_regularizer"] > 0
@@ -77,13 +78,15 @@ def test_run_config_with_overrides(vol, tmp_path):
     tmp, a = vol
     cfg = {"class_name": "Conv3D", "config": {"filters": 3, "kernel_size": [3, 3, 3],
                                               "padding": "valid", "activation": "relu",
-                                              "kernel_initializer": {"class_name": "Ones", "config": {}}}}
+                                              "kernel_initializer": {"class_name": "Ones",
+                                                                     "config": {}}}}
     (tmp / "cfg.json").write_text(json.dumps(cfg))
     r = run(tmp / "in.npy", tmp / "o.npy", "--config", tmp / "cfg.json", "--padding", "same",
             "--report", "-", "-q")
     assert r.exit_code == 0, r.output
     rep = json.loads(r.output)
-    assert rep["layer"]["config"]["padding"] == "same" and rep["layer"]["config"]["activation"] == "relu"
+    config = rep["layer"]["config"]
+    assert config["padding"] == "same" and config["activation"] == "relu"
     expected = np.maximum(ref_conv3d(a[None, ..., None], np.ones((3, 3, 3, 1, 3)), np.zeros(3),
                                      padding="same")[0], 0)
     assert_close(np.load(tmp / "o.npy"), expected)
@@ -91,7 +94,8 @@ def test_run_config_with_overrides(vol, tmp_path):
 
 def test_run_nifti_to_hdf5_and_back(tmp_path):
     brain = os.path.join(SAMPLE, "brain.nii.gz")
-    r = run(brain, f"{tmp_path}/o.h5:/grp/out", "--weights", os.path.join(SAMPLE, "sobel3.npz"), "-q")
+    r = run(brain, f"{tmp_path}/o.h5:/grp/out", "--weights", os.path.join(SAMPLE, "sobel3.npz"),
+            "-q")
     assert r.exit_code == 0, r.output
     with h5py.File(tmp_path / "o.h5") as f:
         assert f["grp/out"].shape == (46, 54, 38, 3)
@@ -142,18 +146,22 @@ def test_float64_output(tmp_path, rng):
 BAD = [
     (["--filters", 1, "--kernel-size", 3, "--padding", "causal"], "padding"),
     (["--filters", 1, "--kernel-size", 3, "--padding", "full"], "padding"),
-    (["--filters", 1, "--kernel-size", 3, "--strides", 2, "--dilation-rate", 2], "`strides > 1` not supported"),
+    (["--filters", 1, "--kernel-size", 3, "--strides", 2, "--dilation-rate", 2],
+     "`strides > 1` not supported"),
     (["--filters", 3, "--kernel-size", 3, "--groups", 2], "groups"),
-    (["--filters", 2, "--kernel-size", 3, "--groups", 2], "input channels must be evenly divisible"),
+    (["--filters", 2, "--kernel-size", 3, "--groups", 2],
+     "input channels must be evenly divisible"),
     (["--layer", "Conv3DTranspose", "--filters", 1, "--kernel-size", 3, "--strides", 2,
       "--output-padding", 2], "`output_padding` must be strictly less than `strides`"),
     (["--filters", 1, "--kernel-size", 12], "output would have zero or negative size"),
     (["--filters", 1, "--kernel-size", 3, "--activation", "swishy"], "activation"),
-    (["--filters", 1, "--kernel-size", 3, "--kernel-initializer", "glorious"], "kernel_initializer"),
+    (["--filters", 1, "--kernel-size", 3, "--kernel-initializer", "glorious"],
+     "kernel_initializer"),
     (["--filters", 0, "--kernel-size", 3], "filters"),
     (["--filters", 1, "--kernel-size", 0], "kernel_size"),
     (["--filters", 1, "--kernel-size", "3,-1,3"], "kernel_size"),
-    (["--filters", 1, "--kernel-size", "3,3"], "The `kernel_size` argument must be a tuple of 3 integers"),
+    (["--filters", 1, "--kernel-size", "3,3"],
+     "The `kernel_size` argument must be a tuple of 3 integers"),
     (["--filters", 1, "--kernel-size", "a,b,c"], "--kernel-size"),
     (["--filters", 1, "--kernel-size", 3, "--strides", "1,1,1,1"], "strides"),
     (["--kernel-size", 3], "`filters` is required"),
@@ -177,7 +185,8 @@ def test_kernel_not_fitting_input_channels(vol, rng):
     tmp, _ = vol
     np.savez(tmp / "w.npz", kernel=rng.standard_normal((3, 3, 3, 2, 1)), bias=np.zeros(1))
     r = run(tmp / "in.npy", tmp / "out.npy", "--weights", tmp / "w.npz")
-    assert r.exit_code != 0 and "weights (kernel shape (3, 3, 3, 2, 1)) take 2 input channels" in r.output
+    assert r.exit_code != 0
+    assert "weights (kernel shape (3, 3, 3, 2, 1)) take 2 input channels" in r.output
     np.savez(tmp / "w2.npz", kernel=rng.standard_normal((3, 3, 3, 1, 4)))
     r = run(tmp / "in.npy", tmp / "out.npy", "--weights", tmp / "w2.npz", "--filters", 2)
     assert r.exit_code != 0 and "filters=2" in r.output
@@ -190,7 +199,8 @@ def test_kernel_not_fitting_input_channels(vol, rng):
     (lambda p: np.save(p, np.zeros((5, 5))), "rank >= 3"),
     (lambda p: np.save(p, np.zeros((4, 0, 4))), "empty dimension"),
     (lambda p: p.write_bytes(b"\x93NUMPY garbage"), "not a valid .npy"),
-    (lambda p: np.save(p, np.array([None, 1], dtype=object), allow_pickle=True), "object arrays are refused"),
+    (lambda p: np.save(p, np.array([None, 1], dtype=object), allow_pickle=True),
+     "object arrays are refused"),
     (lambda p: np.save(p, np.zeros((4, 4, 4), np.complex64)), "expected real numbers"),
     (lambda p: None, "no such file"),
 ])
@@ -222,7 +232,8 @@ def test_existing_output_needs_overwrite(vol):
     r = run(tmp / "in.npy", tmp / "out.npy", "--filters", 1, "--kernel-size", 3)
     assert r.exit_code != 0 and "--overwrite" in r.output
     assert (tmp / "out.npy").read_bytes() == b"keep me"
-    r = run(tmp / "in.npy", tmp / "out.npy", "--filters", 1, "--kernel-size", 3, "--overwrite", "-q")
+    r = run(tmp / "in.npy", tmp / "out.npy", "--filters", 1, "--kernel-size", 3, "--overwrite",
+            "-q")
     assert r.exit_code == 0 and np.load(tmp / "out.npy").shape == (7, 8, 9)
 
 

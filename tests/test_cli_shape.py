@@ -30,9 +30,10 @@ def test_shape_reads_only_the_header_and_prints_text():
 
 
 def test_shape_transposed_crops():
-    r = CliRunner().invoke(cli, ["shape", "--input-shape", "1,5,5,5,2", "--layer", "Conv3DTranspose",
-                                 "--filters", 1, "--kernel-size", 4, "--strides", 2,
-                                 "--padding", "same", "--json"])
+    r = CliRunner().invoke(cli, ["shape", "--input-shape", "1,5,5,5,2",
+                                 "--layer", "Conv3DTranspose", "--filters", 1,
+                                 "--kernel-size", 4, "--strides", 2, "--padding", "same",
+                                 "--json"])
     info = json.loads(r.output)
     assert info["output_shape"] == [1, 10, 10, 10, 1]
     assert info["padding"][0] == {"axis": "D", "crop_before": 1, "crop_after": 1}
@@ -41,9 +42,11 @@ def test_shape_transposed_crops():
 def test_shape_errors():
     r = CliRunner().invoke(cli, ["shape", "--filters", 1, "--kernel-size", 3])
     assert r.exit_code != 0 and "--input-shape" in r.output
-    r = CliRunner().invoke(cli, ["shape", "--input-shape", "1,2,8,8,1", "--filters", 1, "--kernel-size", 3])
+    r = CliRunner().invoke(cli, ["shape", "--input-shape", "1,2,8,8,1", "--filters", 1,
+                                 "--kernel-size", 3])
     assert r.exit_code != 0 and "zero or negative" in r.output
-    r = CliRunner().invoke(cli, ["shape", "--input-shape", "8,8,8,1", "--filters", 1, "--kernel-size", 3])
+    r = CliRunner().invoke(cli, ["shape", "--input-shape", "8,8,8,1", "--filters", 1,
+                                 "--kernel-size", 3])
     assert r.exit_code != 0 and "min_ndim=5" in r.output
 
 

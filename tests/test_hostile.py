@@ -15,11 +15,11 @@ import threading
 import time
 import tracemalloc
 import zipfile
+from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-from pathlib import Path
 from click.testing import CliRunner
 
 from conftest import FIXTURES, assert_close

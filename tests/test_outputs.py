@@ -22,14 +22,12 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import assert_close
-from reference import conv3d as ref_conv3d
-
 from conv3d_cli import Conv3D
 from conv3d_cli.api import apply_to_file
 from conv3d_cli.cli.main import cli
 from conv3d_cli.errors import OutputExistsError, VolumeError, WeightsError
-from conv3d_cli.io import create_output, open_volume, write_volume
-from conv3d_cli.io import tempfiles
+from conv3d_cli.io import create_output, open_volume, tempfiles, write_volume
+from reference import conv3d as ref_conv3d
 
 zarr = pytest.importorskip("zarr", reason="zarr is part of the test extra")
 MODELS = os.path.join(os.path.dirname(__file__), "fixtures", "models")
@@ -104,11 +102,13 @@ def test_nii_gz_is_decompressed_beside_output_or_tmp_dir_and_verbose_says_where(
     (tmp_path / "mine").mkdir()
     r = run(tmp_path / "in.nii.gz", tmp_path / "out" / "o2.nii", "--filters", 1,
             "--kernel-size", 3, "-v", "-q", "--tmp-dir", tmp_path / "mine")
-    assert r.exit_code == 0 and f"to {tmp_path / 'mine'}{os.sep}.in.nii.gz.decompressed.conv3d-" in r.output
+    assert r.exit_code == 0
+    assert f"to {tmp_path / 'mine'}{os.sep}.in.nii.gz.decompressed.conv3d-" in r.output
     monkeypatch.setenv("CONV3D_TMPDIR", str(tmp_path / "mine"))
     r = run(tmp_path / "in.nii.gz", tmp_path / "out" / "o3.nii", "--filters", 1,
             "--kernel-size", 3, "-v", "-q")
-    assert r.exit_code == 0 and f"to {tmp_path / 'mine'}{os.sep}.in.nii.gz.decompressed.conv3d-" in r.output
+    assert r.exit_code == 0
+    assert f"to {tmp_path / 'mine'}{os.sep}.in.nii.gz.decompressed.conv3d-" in r.output
     assert os.listdir(system_tmp) == [] and _temps(tmp_path) == []
     r = run(tmp_path / "in.nii.gz", tmp_path / "out" / "o4.nii", "--filters", 1,
             "--kernel-size", 3, "--tmp-dir", tmp_path / "missing")
@@ -180,7 +180,8 @@ def test_side_outputs_are_checked_before_output_is_written(npy, tmp_path, option
     assert r.exit_code != 0 and f"{option} {tmp_path / name} exists" in r.output
     assert not (tmp_path / "o.npy").exists() and (tmp_path / name).read_bytes() == b"keep"
     r = run(*args, option, tmp_path / name)
-    assert r.exit_code == 0 and (tmp_path / "o.npy").exists() and (tmp_path / name).read_bytes() != b"keep"
+    assert r.exit_code == 0 and (tmp_path / "o.npy").exists()
+    assert (tmp_path / name).read_bytes() != b"keep"
     if option == "--report":
         r = run(*args, option, tmp_path / "o.npy")
         assert r.exit_code != 0 and "give each output its own file" in r.output
@@ -364,8 +365,9 @@ def test_failed_zarr_run_says_what_it_kept(npy, tmp_path, monkeypatch):
     monkeypatch.setattr(execute_mod, "compute_tile", fail)
     r = run(npy, tmp_path / "o.zarr", "--filters", 1, "--kernel-size", 3, "--workers", 1)
     assert r.exit_code == 1
-    assert r.output.strip() == (f"Error: a read failed; its partial output {tmp_path}/o.zarr.partial"
-                                " is kept: run again with --resume to continue, or delete it")
+    assert r.output.strip() == (f"Error: a read failed; its partial output "
+                                f"{tmp_path}/o.zarr.partial is kept: run again with --resume "
+                                "to continue, or delete it")
     r = run(npy, tmp_path / "o.npy", "--filters", 1, "--kernel-size", 3, "--workers", 1)
     assert r.output.strip() == "Error: a read failed"
     assert sorted(os.listdir(tmp_path)) == ["in.npy", "o.zarr.partial"]
