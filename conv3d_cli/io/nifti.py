@@ -277,6 +277,23 @@ def copied_extensions(header):
 def create_nifti(path, shape, dtype, affine, header=None, description="", unit="mm"):
     """A new uncompressed NIfTI at ``path`` with ``affine``; data written by region.
 
+    The header is :func:`output_header`'s.
+    """
+    header = output_header(shape, dtype, affine, header, description, unit)
+    # The data follow the header and its extensions (each a multiple of 16 bytes).
+    offset = header.single_vox_offset + int(header.extensions.get_sizeondisk())
+    header.set_data_offset(offset)
+    with open(path, "wb") as fh:
+        header.write_to(fh)
+        fh.write(b"\0" * (offset - fh.tell()))
+        fh.truncate(offset + int(np.prod(shape)) * np.dtype(dtype).itemsize)
+    return RawArrayFile(path, offset, shape, header.get_data_dtype(), fortran_order=True,
+                        writable=True)
+
+
+def output_header(shape, dtype, affine, header=None, description="", unit="mm"):
+    """The NIfTI header of an output of ``shape`` and ``dtype`` placed by ``affine``.
+
     With ``header`` (the input's), ``affine`` is the output's voxel-to-world
     matrix by :func:`best_affine` of ``header``, and the output header is
     ``header``, native-endian, with both transforms moved the same way.
@@ -298,15 +315,7 @@ def create_nifti(path, shape, dtype, affine, header=None, description="", unit="
     header.set_slope_inter(np.nan, np.nan)
     _clear_non_spatial(header)
     header["descrip"] = (description[:79 - len(note)] + note).encode()
-    # The data follow the header and its extensions (each a multiple of 16 bytes).
-    offset = header.single_vox_offset + int(header.extensions.get_sizeondisk())
-    header.set_data_offset(offset)
-    with open(path, "wb") as fh:
-        header.write_to(fh)
-        fh.write(b"\0" * (offset - fh.tell()))
-        fh.truncate(offset + int(np.prod(shape)) * np.dtype(dtype).itemsize)
-    return RawArrayFile(path, offset, shape, header.get_data_dtype(), fortran_order=True,
-                        writable=True)
+    return header
 
 
 def _output_header(src, affine):

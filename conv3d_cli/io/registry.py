@@ -78,6 +78,8 @@ FORMATS = [
     Format("nifti", (".nii", ".nii.gz"), "NIfTI", ("float32", "float64")),
     Format("hdf5", (".h5", ".hdf5", ".hdf", ".he5"), "HDF5", FLOATS, "file.h5:/group/dataset"),
     Format("zarr", (".zarr",), "Zarr", FLOATS, "store.zarr:/group/array", module="zarr_io"),
+    Format("mgh", (".mgh", ".mgz"), "MGH", ("float32",)),
+    Format("analyze", (".hdr", ".img"), "Analyze", ("float32", "float64")),
 ]
 
 BY_NAME = {f.name: f for f in FORMATS}
