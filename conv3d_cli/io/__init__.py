@@ -12,14 +12,8 @@ extensions to them and says how to add one.
 from .base import FileWriter, Volume, VolumeWriter
 from .base import Volume as InputVolume
 from .paths import VolumeSpec, parse_spec
-from .volumes import (
-                      check_output,
-                      create_output,
-                      open_volume,
-                      output_axes,
-                      read_volume,
-                      write_volume,
-)
+from .volumes import (check_output, create_output, open_volume, output_axes, read_volume,
+                      write_volume)
 
 __all__ = ["open_volume", "create_output", "check_output", "output_axes", "read_volume",
            "write_volume", "parse_spec", "VolumeSpec", "Volume", "InputVolume",
