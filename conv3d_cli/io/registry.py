@@ -80,6 +80,7 @@ FORMATS = [
     Format("zarr", (".zarr",), "Zarr", FLOATS, "store.zarr:/group/array", module="zarr_io"),
     Format("mgh", (".mgh", ".mgz"), "MGH", ("float32",)),
     Format("analyze", (".hdr", ".img"), "Analyze", ("float32", "float64")),
+    Format("nrrd", (".nrrd", ".nhdr"), "NRRD", ("float32", "float64"), module="nrrd_io"),
 ]
 
 BY_NAME = {f.name: f for f in FORMATS}
