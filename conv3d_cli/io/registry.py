@@ -81,6 +81,9 @@ FORMATS = [
     Format("mgh", (".mgh", ".mgz"), "MGH", ("float32",)),
     Format("analyze", (".hdr", ".img"), "Analyze", ("float32", "float64")),
     Format("nrrd", (".nrrd", ".nhdr"), "NRRD", ("float32", "float64"), module="nrrd_io"),
+    Format("ometiff", (".ome.tif", ".ome.tiff"), "OME-TIFF", ("float32", "float64"),
+           module="tiff"),
+    Format("tiff", (".tif", ".tiff"), "TIFF", ("float32",)),
 ]
 
 BY_NAME = {f.name: f for f in FORMATS}
