@@ -65,7 +65,11 @@ def open_volume(spec, header_only=False, tmp_dir=None) -> Volume:
     _check_shape(shape, hdr_path)
     affine, unit = _placement_of(img, hdr_path)
     geometry = Geometry(affine, (unit,) * 3, header, "affine")
-    details, text = header_details(header) if isinstance(header, nib.Nifti1Header) else ({}, {})
+    if isinstance(header, nib.Nifti1Header):
+        details, text = header_details(header, slope, inter)
+    else:
+        details, text = ({} if slope == 1 and inter == 0 else
+                         {"scaling": {"slope": slope, "intercept": inter}}), {}
     if header_only:
         array = _HeaderOnlyScaled(shape, dtype, slope, inter)
     else:

@@ -1,0 +1,91 @@
+"""conv3d info across formats: dtype as read, units, scaling, TR, what a format cannot
+hold, and --stats streamed region by region."""
+
+import json
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from test_nifti_files import nibabel_file
+
+from conv3d_cli.cli.main import cli
+from conv3d_cli.io import open_volume, write_volume
+from conv3d_cli.io.stats import volume_stats
+
+
+def info(*args):
+    result = CliRunner().invoke(cli, ["info", *map(str, args), "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)
+
+
+def _scaled(tmp_path, name):
+    img = nib.Nifti1Image(np.arange(60, dtype=np.int16).reshape(3, 4, 5), np.eye(4))
+    img.header.set_slope_inter(0.5, 3.0)
+    nib.save(img, tmp_path / name)
+    return tmp_path / name
+
+
+def test_same_dtype_compressed_or_not(tmp_path):
+    """Scaled int16 reads as float32, whether the file is gzipped or not."""
+    plain, packed = info(_scaled(tmp_path, "s.nii")), info(_scaled(tmp_path, "s.nii.gz"))
+    assert plain["dtype"] == packed["dtype"] == "float32"
+    assert plain["scaling"] == packed["scaling"] == {"slope": 0.5, "intercept": 3.0}
+
+
+def test_units_tr_extensions_and_stable_keys(tmp_path):
+    data = info(nibabel_file("example4d.nii.gz"))
+    # The keys info printed before stay, with the same meaning.
+    for key in ("path", "format", "shape", "dtype", "affine", "voxel_size", "sform_code",
+                "qform_code", "extensions"):
+        assert key in data
+    assert data["units"] == ["millimeter"] * 3
+    assert data["tr"] == 2000.0 and data["tr_unit"] == "sec"  # as the file says
+    assert "scaling" not in data
+    text = CliRunner().invoke(cli, ["info", nibabel_file("example4d.nii.gz")]).output
+    assert "tr         2000.0 sec" in text and "units      millimeter" in text
+
+
+def test_formats_without_geometry_say_so(tmp_path, rng):
+    write_volume(tmp_path / "a.npy", rng.standard_normal((3, 4, 5)).astype(np.float32))
+    data = info(tmp_path / "a.npy")
+    assert "affine" not in data
+    assert data["geometry"] == ("none: this .npy volume holds no voxel size or origin "
+                                "(outputs lie on its voxel grid)")
+
+
+@pytest.mark.parametrize("name", ["v.nii.gz", "v.npy", "v.h5", "v.mgz"])
+def test_stats_match_numpy(tmp_path, rng, name):
+    x = rng.standard_normal((7, 6, 5)).astype(np.float32) * 10
+    x[2, 3, 1] = x[5, 0, 4] = np.nan
+    write_volume(tmp_path / name, x, np.eye(4) if name.endswith((".nii.gz", ".mgz")) else None)
+    stats = info(tmp_path / name, "--stats")["stats"]
+    assert stats["nan_count"] == 2 and stats["voxels"] == x.size
+    assert stats["min"] == float(np.nanmin(x)) and stats["max"] == float(np.nanmax(x))
+    assert stats["mean"] == pytest.approx(float(np.nanmean(x.astype(np.float64))), rel=1e-12)
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]
+
+
+class CountingArray:
+    """Records the size of every region read."""
+
+    def __init__(self, array):
+        self.array, self.shape, self.dtype, self.reads = array, array.shape, array.dtype, []
+
+    def __getitem__(self, idx):
+        block = self.array[idx]
+        self.reads.append(block.nbytes)
+        return block
+
+
+def test_stats_read_bounded_regions(tmp_path, rng):
+    x = rng.integers(-50, 50, size=(4, 5, 30)).astype(np.int16)
+    write_volume(tmp_path / "v.nii", x, np.eye(4))
+    with open_volume(str(tmp_path / "v.nii")) as vol:
+        vol.array = counting = CountingArray(vol.array)
+        stats = volume_stats(vol, block_bytes=4 * 5 * 2 * 3)  # three Z slices at a time
+    assert stats == {"min": int(x.min()), "max": int(x.max()), "mean": float(x.mean()),
+                     "nan_count": 0, "voxels": x.size}
+    assert len(counting.reads) == 10 and max(counting.reads) == 4 * 5 * 2 * 3
