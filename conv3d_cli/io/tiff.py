@@ -38,6 +38,7 @@ from ..errors import ArgumentError, ShapeError, VolumeError
 from ..geometry import UNIT_METERS, Geometry
 from .base import FileWriter, Volume
 from .npy import check_dtype
+from .ome import is_zyx_scaling, zyx_affine
 from .paths import check_input_path
 from .rawfile import RawArrayFile, _normalize
 
@@ -192,11 +193,7 @@ def _geometry(tif, series):
         sizes, units = _imagej_sizes(tif.imagej_metadata or {}, series.keyframe)
     if sizes is None:
         return Geometry()
-    affine = np.zeros((4, 4))
-    affine[3, 3] = 1.0
-    for k, world in enumerate((2, 1, 0)):  # array Z, Y, X run along world z, y, x
-        affine[world, k] = sizes[k]
-    return Geometry(affine, units, None, "affine")
+    return Geometry(zyx_affine(sizes), units, None, "affine")
 
 
 def _ome_sizes(tif):
@@ -242,9 +239,6 @@ def open_volume(spec, header_only=False, tmp_dir=None) -> Volume:
 
 # ------------------------------------------------------------------ output side
 
-ALIGNED_RTOL = 1e-6
-
-
 def voxel_sizes(geometry):
     """(sizes of Z, Y, X, their common unit or None, a note or None) of an output."""
     if geometry is None or geometry.affine is None:
@@ -255,14 +249,7 @@ def voxel_sizes(geometry):
     if unit is None and all(u in UNIT_METERS for u in units):  # mixed units: in micrometres
         sizes = [s * UNIT_METERS[u] / UNIT_METERS["micrometer"] for s, u in zip(sizes, units)]
         unit = "micrometer"
-    # TIFF's own placement (as read): array Z, Y, X along world z, y, x, from the origin.
-    own = geometry.voxel_sizes
-    tiff_form = np.zeros((4, 4))
-    tiff_form[3, 3] = 1.0
-    for k, world in enumerate((2, 1, 0)):
-        tiff_form[world, k] = own[k]
-    same = np.allclose(geometry.affine, tiff_form, rtol=ALIGNED_RTOL,
-                       atol=ALIGNED_RTOL * max(own))
+    same = is_zyx_scaling(geometry.affine)
     note = None if same else ("TIFF holds voxel sizes only: the input's origin and "
                               "orientation are not kept in OUTPUT")
     return sizes, unit, note
