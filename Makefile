@@ -57,7 +57,8 @@ bench: $(STAMP)
 #
 # One target per volume in IN (*.npy *.nii *.nii.gz *.h5 *.hdf5 *.mgh *.mgz *.nrrd *.tif
 # *.tiff files, *.zarr stores). An output keeps its input's name and format (SUFFIX is
-# appended to the name, EXT converts) and is remade when its input, ARGS, or a file ARGS names (weights, config) changed:
+# appended to the name, EXT converts) and is remade when its input, ARGS, or a file ARGS
+# names (weights, config) changed:
 # OUT/.conv3d-batch.stamp holds ARGS and those files' checksums and is rewritten only when
 # they differ. Each conv3d gets --workers = cores / make's -j jobs unless ARGS sets one.
 # Under make -C the recipes run in this clone, where relative paths would silently name
