@@ -89,3 +89,17 @@ def test_stats_read_bounded_regions(tmp_path, rng):
     assert stats == {"min": int(x.min()), "max": int(x.max()), "mean": float(x.mean()),
                      "nan_count": 0, "voxels": x.size}
     assert len(counting.reads) == 10 and max(counting.reads) == 4 * 5 * 2 * 3
+
+
+def test_a_run_into_npy_says_the_geometry_is_dropped(tmp_path, rng):
+    write_volume(tmp_path / "a.nii", rng.standard_normal((4, 4, 4)).astype(np.float32),
+                 np.diag([2.0, 2.0, 2.0, 1.0]))
+    args = ["run", str(tmp_path / "a.nii"), str(tmp_path / "o.npy"), "--filters", "1",
+            "--kernel-size", "1"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert ("note: a .npy holds no geometry: the input's voxel size and origin are not kept "
+            "in OUTPUT") in result.output
+    result = CliRunner().invoke(cli, ["run", str(tmp_path / "o.npy"), str(tmp_path / "p.npy"),
+                                      "--filters", "1", "--kernel-size", "1"])
+    assert "holds no geometry" not in result.output
