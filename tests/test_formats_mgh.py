@@ -107,7 +107,8 @@ def test_mgh_float64_result_is_float32_with_a_note(tmp_path, rng):
     report = apply_to_file(layer, str(tmp_path / "a.mgh"), str(tmp_path / "o.mgh"),
                            progress=False)
     assert load(tmp_path / "o.mgh").get_data_dtype() == np.dtype(">f4")
-    assert "MGH cannot store float64" in report["output_dtype_note"]
+    assert report["output_dtype_note"] == ("MGH cannot store float64: the results are "
+                                           "rounded to float32")
 
 
 def _refusal(args):

@@ -3,19 +3,25 @@ cannot store it or ``--output-dtype`` asks for another.
 
 Float dtypes each format stores so that every reader understands them:
 
-======  =======  =======  =======  ========
-format  float16  float32  float64  bfloat16
-======  =======  =======  =======  ========
-.npy    yes      yes      yes      no
-HDF5    yes      yes      yes      no
-Zarr    yes      yes      yes      no
-NIfTI   no       yes      yes      no
-======  =======  =======  =======  ========
+==============  =======  =======  =======  ========
+format          float16  float32  float64  bfloat16
+==============  =======  =======  =======  ========
+.npy            yes      yes      yes      no
+HDF5            yes      yes      yes      no
+Zarr            yes      yes      yes      no
+NIfTI           no       yes      yes      no
+MGH             no       yes      no       no
+Analyze pair    no       yes      yes      no
+NRRD            no       yes      yes      no
+OME-TIFF        no       yes      yes      no
+TIFF (ImageJ)   no       yes      no       no
+==============  =======  =======  =======  ========
 
-NIfTI-1 and -2 define no float16 data type, and no format here has a
-bfloat16 type that readers without ``ml_dtypes`` understand (``.npy`` would
-record raw 2-byte voids). A compute dtype the format lacks is widened to
-float32, which holds every float16 and bfloat16 value exactly, with a note.
+NIfTI-1 and -2 define no float16 data type, MGH and ImageJ no float64 (nor
+float16), and no format here has a bfloat16 type that readers without
+``ml_dtypes`` understand (``.npy`` would record raw 2-byte voids). A compute
+dtype the format lacks is written as float32, with a note: float32 holds every
+float16 and bfloat16 value exactly; float64 results are rounded.
 """
 
 from __future__ import annotations
@@ -48,6 +54,9 @@ def output_dtype(requested, compute_dtype, input_dtype, fmt):
     if requested == "compute":
         if compute_dtype in storable:
             return np.dtype(compute_dtype), None
+        if _narrower("float32", compute_dtype):  # float64 into MGH, ImageJ TIFF
+            return np.dtype(np.float32), (
+                f"{fmt_name} cannot store {compute_dtype}: the results are rounded to float32")
         return np.dtype(np.float32), (
             f"{fmt_name} cannot store {compute_dtype}: wrote float32, which holds every "
             f"{compute_dtype} result exactly")
