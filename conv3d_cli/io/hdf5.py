@@ -22,9 +22,9 @@ import numpy as np
 from .. import signals
 from ..errors import OutputExistsError, VolumeError
 from ..geometry import Geometry
-from .ome import is_zyx_scaling, zyx_affine
 from .base import FileWriter, Volume
 from .npy import check_dtype
+from .ome import is_zyx_scaling, zyx_affine
 from .paths import check_input_path
 from .tempfiles import FolderLock, place
 
