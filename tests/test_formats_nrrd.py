@@ -132,3 +132,17 @@ def test_missing_pynrrd_is_a_one_line_install_hint(tmp_path, monkeypatch):
     message = _refusal(["info", str(tmp_path / "a.nrrd")])
     assert message == ("Error: NRRD volumes need pynrrd: pip install pynrrd (or pip install "
                        "\".[nrrd]\" in the conv3d clone)")
+
+
+@pytest.mark.parametrize("field,expected", [
+    ("space: LPS\nspace directions: (1,0,0) (0,1,0)", "'space directions' has 2 vectors"),
+    ("byte skip: -5", "not a valid NRRD file (byte skip -5)"),
+    ("data file: ../../etc/passwd", "data file '../../etc/passwd' is outside the header's "
+                                    "folder; not followed"),
+    ("data file: /etc/passwd", "is outside the header's folder"),
+])
+def test_hostile_headers(tmp_path, field, expected):
+    text = f"NRRD0004\ntype: float\ndimension: 3\nsizes: 2 2 2\n{field}\nendian: little\n" \
+           "encoding: raw\n\n"
+    (tmp_path / "h.nrrd").write_bytes(text.encode() + bytes(32))
+    assert expected in _refusal(["info", str(tmp_path / "h.nrrd"), "--stats"])

@@ -78,7 +78,14 @@ def read_header(path):
         if not isinstance(data_file, str) or data_file.startswith("LIST") or " " in data_file:
             raise VolumeError(f"{path}: data file {str(data_file)[:60]!r}: only one detached "
                               "data file is read")
-        data_path = os.path.join(os.path.dirname(os.path.abspath(path)), data_file)
+        folder = os.path.dirname(os.path.abspath(path))
+        data_path = os.path.join(folder, data_file)
+        # As links out of a Zarr store or HDF5 external links: a header must not
+        # carry any file on the machine into an output.
+        real = os.path.realpath(data_path)
+        if os.path.commonpath([os.path.realpath(folder), real]) != os.path.realpath(folder):
+            raise VolumeError(f"{path}: data file {data_file[:60]!r} is outside the header's "
+                              "folder; not followed")
         check_input_path(data_path, data_path)
         offset = 0
     else:
@@ -111,6 +118,10 @@ class _Limited:
 def _spatial_axes(header, ndim, path):
     """The indices of the three spatial axes, and the channel axis or None."""
     directions = header.get("space directions")
+    if directions is not None and np.shape(directions) != (ndim, 3):
+        raise VolumeError(f"{path}: not a valid NRRD file ('space directions' has "
+                          f"{len(directions)} vectors of {np.shape(directions)[1:]} for "
+                          f"{ndim} axes in a 3-D space)")
     if directions is not None:
         spatial = [k for k in range(ndim) if np.all(np.isfinite(directions[k]))]
     else:
@@ -179,6 +190,8 @@ def open_volume(spec, header_only=False, tmp_dir=None) -> Volume:
             volume.temp_files.append(tmp)
             data_path, offset = tmp, 0
     elif encoding == "raw":
+        if skip < -1:
+            raise VolumeError(f"{path}: not a valid NRRD file (byte skip {skip})")
         # byte skip -1: the data are the file's last bytes.
         offset = os.path.getsize(data_path) - nbytes if skip == -1 else offset + skip
     else:
