@@ -150,9 +150,13 @@ def test_mgh_refusals(tmp_path):
 def _pair(tmp_path, name, rng):
     """nibabel's header ``name`` (.hdr), cut to a small grid (its origin, scale factor and
     byte order kept), with an .img of random voxels beside it."""
-    header = nib.load(nibabel_file(name)).header.copy()
+    img = nib.load(nibabel_file(name))
+    header = img.header.copy()
     shape = (9, 11, 7) + (1,) * (len(header.get_data_shape()) - 3)
     header.set_data_shape(shape)
+    # nibabel moves the scaling into the data proxy on load: put it back.
+    header.set_slope_inter(img.dataobj.slope if img.dataobj.slope != 1 else 0.5,
+                           None if name == "analyze.hdr" else 2.0)
     hdr = str(tmp_path / name)
     with open(hdr, "wb") as fh:
         header.write_to(fh)
@@ -164,13 +168,16 @@ def _pair(tmp_path, name, rng):
 @pytest.mark.parametrize("name", ["analyze.hdr", "nifti1.hdr"])
 @pytest.mark.parametrize("out", ["o.hdr", "o.nii"])
 def test_analyze_pairs(tmp_path, rng, name, out):
-    """SPM2 Analyze (origin, scale factor 1715.04) and a NIfTI-1 pair (sform), in and out."""
+    """SPM2 Analyze (origin, scale factor 1715.04) and a NIfTI-1 pair (sform, scaled), in
+    and out."""
     src = _pair(tmp_path, name, rng)
     img = run_and_check(src, str(tmp_path / out), 2, (3, 3, 3), (2, 2, 2), "same")
     if out == "o.hdr":
         assert isinstance(img, nib.Nifti1Pair) and img.header["magic"] == b"ni1"
         assert os.path.exists(tmp_path / "o.img")
     # The input's scale factor is applied on read: the values are the scaled ones.
+    slope = load(src).dataobj.slope
+    assert slope == (1715.0445556640625 if name == "analyze.hdr" else 0.5)
     with open_volume(src) as vol:
         expected = load(src).get_fdata().reshape(vol.shape)
         np.testing.assert_allclose(vol[:, :, :], expected, rtol=1e-6)
