@@ -103,3 +103,12 @@ def test_a_run_into_npy_says_the_geometry_is_dropped(tmp_path, rng):
     result = CliRunner().invoke(cli, ["run", str(tmp_path / "o.npy"), str(tmp_path / "p.npy"),
                                       "--filters", "1", "--kernel-size", "1"])
     assert "holds no geometry" not in result.output
+
+
+def test_dtype_by_name_whatever_the_byte_order(tmp_path):
+    """nibabel's anatomical.nii is big-endian int16, as every MGH file is big-endian."""
+    data = info(nibabel_file("anatomical.nii"))
+    assert data["dtype"] == "int16" and data["byte_order"] == "big-endian"
+    data = info(nibabel_file("test.mgz"))
+    assert data["dtype"] == "float32" and data["byte_order"] == "big-endian"
+    assert data["tr"] == 2.0 and data["tr_unit"] == "msec" and data["units"] == ["millimeter"] * 3

@@ -29,8 +29,12 @@ def info(input, as_json, stats):
 
     vol = open_volume(input, header_only=not stats)
     try:
+        # The dtype by name whatever the byte order (every MGH file and some NIfTI and
+        # TIFF files are big-endian); the byte order is its own field.
         data = {"path": str(vol.spec), "format": vol.spec.format, "shape": list(vol.shape),
-                "dtype": str(vol.dtype)}
+                "dtype": vol.dtype.name}
+        if vol.dtype.byteorder == ">" or (vol.dtype.byteorder == "=" and not np.little_endian):
+            data["byte_order"] = "big-endian"
         if vol.affine is not None:
             data["affine"] = np.round(vol.affine, 6).tolist()
             data["voxel_size"] = [round(float(v), 6) for v in

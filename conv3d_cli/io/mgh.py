@@ -59,7 +59,7 @@ def open_volume(spec, header_only=False, tmp_dir=None) -> Volume:
         raise VolumeError(f"{path}: the vox2ras matrix is not usable (NaN, infinite or "
                           "singular zooms or direction cosines)")
     geometry = Geometry(affine, ("millimeter",) * 3, header, "affine")
-    details = {"tr_ms": float(header["tr"])} if len(shape) == 4 else {}
+    details = {"tr": float(header["tr"]), "tr_unit": "msec"} if len(shape) == 4 else {}
     if header_only and gz:
         return Volume(spec, HeaderOnly(shape, dtype), geometry, axes="channels_last",
                       split_order=(2, 1, 0), details=details)
