@@ -147,3 +147,22 @@ def test_missing_tifffile_is_a_one_line_install_hint(tmp_path, monkeypatch):
     message = _refusal(["info", str(tmp_path / "a.tif")])
     assert message == ("Error: TIFF volumes need tifffile: pip install tifffile (or pip "
                        "install \".[tiff]\" in the conv3d clone)")
+
+
+def test_compressed_reads_decode_only_the_pages_a_region_needs(tmp_path, rng, monkeypatch):
+    x = rng.standard_normal((10, 3, 8, 8)).astype(np.float32)
+    tifffile.imwrite(tmp_path / "a.tif", x, photometric="minisblack", compression="zlib",
+                     metadata={"axes": "ZCYX"})
+    decoded = []
+    for cls in (tifffile.TiffPage, tifffile.TiffFrame):
+        original = cls.asarray
+
+        def counted(self, *args, _original=original, **kwargs):
+            decoded.append(self.index)
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(cls, "asarray", counted)
+    with open_volume(str(tmp_path / "a.tif")) as vol:
+        block = vol[4:6, 2:5, :, 1:3]
+    np.testing.assert_array_equal(block, np.moveaxis(x, 1, -1)[4:6, 2:5, :, 1:3])
+    # Pages are Z-major, C-minor: z 4 and 5, channels 1 and 2.
+    assert sorted(set(decoded)) == [13, 14, 16, 17]  # (a frame decodes through its page)
