@@ -112,3 +112,13 @@ def test_dtype_by_name_whatever_the_byte_order(tmp_path):
     data = info(nibabel_file("test.mgz"))
     assert data["dtype"] == "float32" and data["byte_order"] == "big-endian"
     assert data["tr"] == 2.0 and data["tr_unit"] == "msec" and data["units"] == ["millimeter"] * 3
+
+
+def test_voxel_sizes_only_formats_say_so(tmp_path, rng):
+    import h5py
+    with h5py.File(tmp_path / "a.h5", "w") as f:
+        f.create_dataset("/raw", data=np.zeros((2, 3, 4), np.float32))
+        f["/raw"].attrs["element_size_um"] = [2.0, 1.0, 1.0]
+    data = info(tmp_path / "a.h5")
+    assert data["voxel_size"] == [2.0, 1.0, 1.0]
+    assert data["geometry"] == "voxel sizes only (element_size_um: no origin or orientation)"

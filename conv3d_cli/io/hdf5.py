@@ -167,7 +167,10 @@ def _reason(exc):
 
 def open_volume(spec, header_only=False, tmp_dir=None) -> Volume:
     array = open_hdf5(spec.path, spec.dataset)
-    return Volume(spec, array, _geometry(array, f"{spec.path}:{array.dataset}"))
+    geometry = _geometry(array, f"{spec.path}:{array.dataset}")
+    details = {"geometry": f"voxel sizes only ({ELEMENT_SIZE}: no origin or orientation)"} \
+        if geometry is not None else {}
+    return Volume(spec, array, geometry, details=details)
 
 
 # ilastik, Fiji's HDF5 plugin and BigDataViewer exports calibrate a dataset by

@@ -4,8 +4,9 @@
 :func:`~conv3d_cli.io.volumes.create_output` pick the module by the
 extension of the path; nothing outside ``conv3d_cli/io`` asks which format a
 volume has. The table imports nothing heavy: a format's module (and its
-library: nibabel, h5py, zarr) is imported the first time a volume of that
-format is opened.
+library: nibabel, h5py, zarr, tifffile, pynrrd) is imported the first time a
+volume of that format is opened; an optional library that is missing is a
+one-line error naming the extra to install.
 
 Adding a format
 ---------------

@@ -234,7 +234,10 @@ def _checked(sizes, where):
 
 def open_volume(spec, header_only=False, tmp_dir=None) -> Volume:
     array = TiffArray(spec.path)
-    return Volume(spec, array, array.geometry, axes="channels_last", split_order=(0, 1, 2))
+    details = {"geometry": "voxel sizes only (TIFF has no origin or orientation)"} \
+        if array.geometry.affine is not None else {}
+    return Volume(spec, array, array.geometry, axes="channels_last", split_order=(0, 1, 2),
+                  details=details)
 
 
 # ------------------------------------------------------------------ output side
