@@ -59,14 +59,15 @@ bench: $(STAMP)
 
 # make batch IN=scans OUT=filtered ARGS="--weights sobel3.npz --padding same" [SUFFIX=_f] [EXT=.nii.gz]
 #
-# One target per volume in IN (*.npy *.nii *.nii.gz *.h5 *.hdf5 files, *.zarr stores). An
-# output keeps its input's name and format (SUFFIX is appended to the name, EXT converts)
-# and is remade when its input, ARGS, or a file ARGS names (weights, config) changed:
+# One target per volume in IN (*.npy *.nii *.nii.gz *.h5 *.hdf5 *.mgh *.mgz *.nrrd *.tif
+# *.tiff files, *.zarr stores). An output keeps its input's name and format (SUFFIX is
+# appended to the name, EXT converts) and is remade when its input, ARGS, or a file ARGS
+# names (weights, config) changed:
 # OUT/.conv3d-batch.stamp holds ARGS and those files' checksums and is rewritten only when
 # they differ. Each conv3d gets --workers = cores / make's -j jobs unless ARGS sets one.
 # Under make -C the recipes run in this clone, where relative paths would silently name
 # other files: IN, OUT and the paths in ARGS must then be absolute.
-BATCH_EXTS     = .npy .nii .nii.gz .h5 .hdf5 .zarr
+BATCH_EXTS     = .npy .nii .nii.gz .h5 .hdf5 .zarr .mgh .mgz .nrrd .tif .tiff
 BATCH_OUT_EXTS = $(BATCH_EXTS) .hdf .he5
 BATCH_STAMP    = $(OUT)/.conv3d-batch.stamp
 

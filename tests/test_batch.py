@@ -158,8 +158,8 @@ def test_zarr_inputs_suffix_and_ext(tmp_path):
     assert computed(out) == [f"{tmp_path}/out/s_f.npy"]
     np.testing.assert_array_equal(np.load(tmp_path / "out" / "s_f.npy"), second)
 
-    code, out, err = make(tmp_path, *io, "EXT=.tif")
-    assert code != 0 and "EXT=.tif is not one of" in err
+    code, out, err = make(tmp_path, *io, "EXT=.xyz")
+    assert code != 0 and "EXT=.xyz is not one of" in err
 
 
 def test_a_failing_file_names_itself_and_the_others_finish(scans):

@@ -239,7 +239,7 @@ def test_existing_output_needs_overwrite(vol):
 
 def test_unknown_output_extension(vol):
     tmp, _ = vol
-    r = run(tmp / "in.npy", tmp / "out.tiff", "--filters", 1, "--kernel-size", 3)
+    r = run(tmp / "in.npy", tmp / "out.xyz", "--filters", 1, "--kernel-size", 3)
     assert r.exit_code != 0 and "OUTPUT" in r.output and "unknown volume format" in r.output
 
 

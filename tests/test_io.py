@@ -114,8 +114,8 @@ def test_refusals(tmp_path):
     (tmp_path / "bad.h5").write_bytes(b"nope")
     with pytest.raises(VolumeError, match="not a valid HDF5"):
         open_volume(str(tmp_path / "bad.h5"))
-    with pytest.raises(VolumeError, match="unknown volume format '.tif'"):
-        open_volume(str(tmp_path / "x.tif"))
+    with pytest.raises(VolumeError, match="unknown volume format '.xyz'"):
+        open_volume(str(tmp_path / "x.xyz"))
 
 
 def test_output_target_is_atomic(tmp_path):

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from scipy import ndimage
 
 from conv3d_cli.cli.main import cli
+from conv3d_cli.io import read_volume
 from conv3d_cli.io.dtypes import to_integer
 
 EXAMPLE4D = os.path.join(os.path.dirname(nib.__file__), "tests", "data", "example4d.nii.gz")
@@ -101,3 +102,32 @@ def test_hdf5_uint8(tmp_path, rng):
     assert y.dtype == np.uint8
     ref = ndimage.uniform_filter(x.astype(np.float64), 3, mode="constant")
     np.testing.assert_array_equal(y, np.clip(np.rint(ref), 0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("name,dtype,stores", [("o.mgz", "int8", "uint8, int16 or int32"),
+                                                ("o.mgz", "uint16", "uint8, int16 or int32"),
+                                                ("o.tif", "int8", "uint8, uint16 or int16"),
+                                                ("o.tif", "int32", "uint8, uint16 or int16")])
+def test_integer_dtypes_a_format_cannot_store_are_refused_before_any_work(tmp_path, name, dtype,
+                                                                          stores):
+    np.save(tmp_path / "in.npy", np.ones((6, 6, 6), np.float32))
+    r = run(tmp_path / "in.npy", tmp_path / name, "--kernel", "mean:3", "--output-dtype", dtype)
+    assert r.exit_code == 1
+    assert r.output.strip().splitlines() == [
+        f"Error: --output-dtype {dtype}: {'MGH' if 'mgz' in name else 'TIFF'} cannot store "
+        f"{dtype}; use {stores}" + r.output.split(stores, 1)[1].rstrip()]
+    assert sorted(os.listdir(tmp_path)) == ["in.npy"]
+
+
+@pytest.mark.parametrize("name,dtype", [("o.mgz", "int16"), ("o.tif", "uint16")])
+def test_integer_outputs_in_formats_with_few_integer_types(tmp_path, name, dtype):
+    x = np.linspace(-5, 900, 6 * 6 * 6, dtype=np.float32).reshape(6, 6, 6)
+    np.save(tmp_path / "in.npy", x)
+    r = run(tmp_path / "in.npy", tmp_path / name, "--kernel", "mean:3", "--output-dtype", dtype,
+            "-q")
+    assert r.exit_code == 0, r.output
+    y, _ = read_volume(str(tmp_path / name))
+    ref = ndimage.uniform_filter(x.astype(np.float64), 3, mode="constant")
+    info = np.iinfo(dtype)
+    np.testing.assert_array_equal(np.asarray(y).reshape(ref.shape),
+                                  np.clip(np.rint(ref), info.min, info.max))

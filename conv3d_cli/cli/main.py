@@ -90,8 +90,8 @@ def _fail(message, code=1):
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
 def cli(debug):
     """Run one Keras Conv3D or Conv3DTranspose layer over a volume, exactly as Keras
-    would, without Keras: NIfTI, HDF5, .npy and Zarr (OME-Zarr), larger than
-    memory, in parallel.
+    would, without Keras: NIfTI, HDF5, .npy, Zarr (OME-Zarr), MGH, Analyze,
+    NRRD and TIFF (OME-TIFF), larger than memory, in parallel.
 
     \b
     Examples:

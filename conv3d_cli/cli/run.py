@@ -59,10 +59,13 @@ def run(input, output, save_weights, output_dtype, report, overwrite, scheduler,
     """Apply one Conv3D / Conv3DTranspose layer to INPUT and write OUTPUT.
 
     INPUT and OUTPUT are .npy, .nii, .nii.gz, HDF5 (file.h5:/group/dataset;
-    OUTPUT's dataset defaults to /data) or Zarr (store.zarr[:/group/array];
-    OME-Zarr images are read at level 0). A 3-D scan is one volume with one
-    channel; the NIfTI affine (OME-Zarr transforms) of OUTPUT place every voxel
-    where it lies.
+    OUTPUT's dataset defaults to /data), Zarr (store.zarr[:/group/array];
+    OME-Zarr images are read at level 0), FreeSurfer .mgh/.mgz, Analyze
+    .hdr/.img, NRRD .nrrd/.nhdr (pip install ".[nrrd]") or TIFF stacks
+    .tif/.ome.tif (pip install ".[tiff]"); OUTPUT's extension picks its format.
+    A 3-D scan is one volume with one channel; OUTPUT's affine (OME-Zarr
+    transforms, NRRD space directions, TIFF/HDF5 voxel sizes) places every
+    voxel where it lies, and a note says what its format cannot hold.
 
     \b
     Example:

@@ -1,4 +1,4 @@
-"""Volumes in and out: ``.npy``, NIfTI, HDF5, Zarr; atomic outputs.
+"""Volumes in and out: ``.npy``, NIfTI, MGH, Analyze, NRRD, TIFF, HDF5, Zarr; atomic outputs.
 
 ``open_volume(spec)`` gives a :class:`Volume` read region by region, with
 its :class:`~conv3d_cli.geometry.Geometry`; ``create_output(spec, shape=...,

@@ -3,19 +3,25 @@ cannot store it or ``--output-dtype`` asks for another.
 
 Float dtypes each format stores so that every reader understands them:
 
-======  =======  =======  =======  ========
-format  float16  float32  float64  bfloat16
-======  =======  =======  =======  ========
-.npy    yes      yes      yes      no
-HDF5    yes      yes      yes      no
-Zarr    yes      yes      yes      no
-NIfTI   no       yes      yes      no
-======  =======  =======  =======  ========
+==============  =======  =======  =======  ========
+format          float16  float32  float64  bfloat16
+==============  =======  =======  =======  ========
+.npy            yes      yes      yes      no
+HDF5            yes      yes      yes      no
+Zarr            yes      yes      yes      no
+NIfTI           no       yes      yes      no
+MGH             no       yes      no       no
+Analyze pair    no       yes      yes      no
+NRRD            no       yes      yes      no
+OME-TIFF        no       yes      yes      no
+TIFF (ImageJ)   no       yes      no       no
+==============  =======  =======  =======  ========
 
-NIfTI-1 and -2 define no float16 data type, and no format here has a
-bfloat16 type that readers without ``ml_dtypes`` understand (``.npy`` would
-record raw 2-byte voids). A compute dtype the format lacks is widened to
-float32, which holds every float16 and bfloat16 value exactly, with a note.
+NIfTI-1 and -2 define no float16 data type, MGH and ImageJ no float64 (nor
+float16), and no format here has a bfloat16 type that readers without
+``ml_dtypes`` understand (``.npy`` would record raw 2-byte voids). A compute
+dtype the format lacks is written as float32, with a note: float32 holds every
+float16 and bfloat16 value exactly; float64 results are rounded.
 
 Integer outputs (``int8``, ``uint8``, ``int16``, ``uint16``, ``int32``; or
 ``input`` for an integer input) are not Keras: the results are rounded half
@@ -23,7 +29,8 @@ to even (as ``numpy.rint``), clipped to the dtype's range (``+inf`` to its
 maximum, ``-inf`` to its minimum) and NaN is written as 0, all in
 :func:`to_integer`, the one place, before the write (:class:`IntegerSink`).
 Every format stores them (NIfTI with ``scl_slope`` unset: the values are the
-rounded results themselves).
+rounded results themselves) but MGH (only uint8, int16, int32) and ImageJ
+TIFF (only uint8, uint16, int16), which refuse the others in one line.
 """
 
 from __future__ import annotations
@@ -56,6 +63,9 @@ def output_dtype(requested, compute_dtype, input_dtype, fmt):
     if requested == "compute":
         if compute_dtype in storable:
             return np.dtype(compute_dtype), None
+        if _narrower("float32", compute_dtype):  # float64 into MGH, ImageJ TIFF
+            return np.dtype(np.float32), (
+                f"{fmt_name} cannot store {compute_dtype}: the results are rounded to float32")
         return np.dtype(np.float32), (
             f"{fmt_name} cannot store {compute_dtype}: wrote float32, which holds every "
             f"{compute_dtype} result exactly")
@@ -63,13 +73,13 @@ def output_dtype(requested, compute_dtype, input_dtype, fmt):
     if requested == "input":
         input_dtype = np.dtype(input_dtype)
         if input_dtype.kind in "iu":
-            return input_dtype, integer_note(input_dtype)
+            return _storable_integer(input_dtype, requested, fmt), integer_note(input_dtype)
         if input_dtype.kind != "f":
             raise ArgumentError(f"--output-dtype input: the input is {input_dtype}; expected "
                                 "a float or integer input")
         want = input_dtype.name
     if want in INTEGER_DTYPES:
-        return np.dtype(want), integer_note(want)
+        return _storable_integer(np.dtype(want), requested, fmt), integer_note(want)
     if want not in storable:
         raise ArgumentError(
             f"--output-dtype {requested}: {fmt_name} cannot store {want}; use "
@@ -82,9 +92,19 @@ def output_dtype(requested, compute_dtype, input_dtype, fmt):
     return np.dtype(want), note
 
 
+def _storable_integer(dtype, requested, fmt):
+    """``dtype`` if format ``fmt`` stores it, else a one-line refusal."""
+    if fmt in BY_NAME and dtype.name not in BY_NAME[fmt].ints:
+        ints = BY_NAME[fmt].ints
+        raise ArgumentError(
+            f"--output-dtype {requested}: {BY_NAME[fmt].title} cannot store {dtype.name}; use "
+            f"{', '.join(ints[:-1])} or {ints[-1]}" + _formats_storing(dtype.name))
+    return dtype
+
+
 def _formats_storing(dtype):
     """", or a .npy, HDF5 or Zarr output": the formats that store ``dtype``."""
-    names = [f.title for f in FORMATS if dtype in f.floats]
+    names = [f.title for f in FORMATS if dtype in f.floats + f.ints]
     if not names:
         return ""
     return ", or a " + (" or ".join(names) if len(names) < 3 else

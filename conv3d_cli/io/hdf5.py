@@ -21,8 +21,10 @@ import numpy as np
 
 from .. import signals
 from ..errors import OutputExistsError, VolumeError
+from ..geometry import Geometry
 from .base import FileWriter, Volume
 from .npy import check_dtype
+from .ome import is_zyx_scaling, zyx_affine
 from .paths import check_input_path
 from .tempfiles import FolderLock, place
 
@@ -164,7 +166,52 @@ def _reason(exc):
 
 
 def open_volume(spec, header_only=False, tmp_dir=None) -> Volume:
-    return Volume(spec, open_hdf5(spec.path, spec.dataset))
+    array = open_hdf5(spec.path, spec.dataset)
+    geometry = _geometry(array, f"{spec.path}:{array.dataset}")
+    details = {"geometry": f"voxel sizes only ({ELEMENT_SIZE}: no origin or orientation)"} \
+        if geometry is not None else {}
+    return Volume(spec, array, geometry, details=details)
+
+
+# ilastik, Fiji's HDF5 plugin and BigDataViewer exports calibrate a dataset by
+# its ``element_size_um`` attribute: the voxel size along each array axis, in
+# micrometres. It is read (and written) for 3-D datasets, whose axes are all
+# spatial; array Z, Y, X then run along world z, y, x, as in OME-Zarr.
+ELEMENT_SIZE = "element_size_um"
+
+
+def _geometry(array, where):
+    try:
+        value = array._ds().attrs.get(ELEMENT_SIZE)
+    except (OSError, KeyError, RuntimeError, TypeError, ValueError):
+        return None
+    if value is None or len(array.shape) != 3:
+        return None
+    try:
+        sizes = np.asarray(value, dtype=np.float64).reshape(-1)
+        shown = str(sizes.tolist())[:60]
+    except (TypeError, ValueError):
+        sizes, shown = np.array([]), repr(value)[:60]
+    if sizes.shape != (3,) or not np.all(np.isfinite(sizes)) or np.any(sizes <= 0):
+        raise VolumeError(f"{where}: {ELEMENT_SIZE} = {shown}: expected three positive voxel "
+                          "sizes (Z, Y, X) in micrometres")
+    return Geometry(zyx_affine(sizes), ("micrometer",) * 3, None, "affine")
+
+
+def element_size(geometry, shape):
+    """(``element_size_um`` of an output of ``shape`` placed by ``geometry`` or None,
+    a note on what it does not keep or None)."""
+    if geometry is None or geometry.affine is None:
+        return None, None
+    sizes = geometry.voxel_sizes_in("micrometer")
+    if len(shape) != 3 or sizes is None:
+        why = "3-D datasets only" if len(shape) != 3 else "sizes in known units only"
+        return None, (f"HDF5 keeps voxel sizes ({ELEMENT_SIZE}) of {why}: OUTPUT holds "
+                      "no geometry")
+    if is_zyx_scaling(geometry.affine):
+        return [float(v) for v in sizes], None
+    return [float(v) for v in sizes], ("HDF5 keeps voxel sizes only (element_size_um): the "
+                                       "input's origin and orientation are not kept in OUTPUT")
 
 
 def open_hdf5(path, dataset=None) -> H5Array:
@@ -276,11 +323,12 @@ def _wait(pid, done, timeout):
 class H5Writer:
     """The output dataset in a new file, written by the parent process only."""
 
-    def __init__(self, path, dataset, shape, dtype):
+    def __init__(self, path, dataset, shape, dtype, attrs=None):
         self.file = h5py.File(path, "w")
         self.ds = self.file.create_dataset(dataset, shape=tuple(shape), dtype=np.dtype(dtype),
                                            chunks=True, compression="gzip",
                                            compression_opts=4, shuffle=True)
+        self.ds.attrs.update(attrs or {})
         self.shape, self.dtype = self.ds.shape, self.ds.dtype
 
     def __setitem__(self, idx, value):
@@ -303,10 +351,15 @@ class Writer(FileWriter):
     a tile-sized chunk could pass HDF5's 4 GiB chunk limit.
     """
 
-    def __init__(self, spec, *, shape, dtype, overwrite=False, inputs=(), resume=False, **_):
+    def __init__(self, spec, *, shape, dtype, geometry=None, overwrite=False, inputs=(),
+                 resume=False, **_):
         dataset = spec.dataset or DEFAULT_DATASET
-        super().__init__(spec, shape, dtype, lambda tmp: H5Writer(tmp, dataset, shape, dtype),
+        sizes, note = element_size(geometry, shape)
+        attrs = {ELEMENT_SIZE: np.array(sizes, np.float32)} if sizes else {}
+        super().__init__(spec, shape, dtype,
+                         lambda tmp: H5Writer(tmp, dataset, shape, dtype, attrs),
                          overwrite, inputs, resume)
+        self.notes = (note,) if note else ()
 
     @property
     def dataset(self):

@@ -145,7 +145,9 @@ def open_nifti(path, header_only=False, tmp_dir=None):
     _check_shape(shape, path)
     affine = best_affine(header, path)
     if header_only and path.lower().endswith(".gz"):
-        return HeaderOnly(shape, dtype), img, affine, None
+        # The dtype reads would have: float32 where the header scales (see Scaled).
+        shown = dtype if (slope == 1 and inter == 0) else np.float32
+        return HeaderOnly(shape, shown), img, affine, None
     nbytes = math.prod(shape) * np.dtype(dtype).itemsize
     tmp = _decompress(path, tmp_dir, offset + nbytes) if path.lower().endswith(".gz") else None
     data_path = tmp or path
@@ -172,19 +174,30 @@ def open_volume(spec, header_only=False, tmp_dir=None) -> Volume:
     except Exception:  # a units code nibabel does not know
         unit = None
     geometry = Geometry(affine, (unit,) * 3, img.header, "affine")
-    details, text = header_details(img.header)
+    details, text = header_details(img.header, float(img.dataobj.slope),
+                                   float(img.dataobj.inter))
     return Volume(spec, array, geometry, axes="channels_last", split_order=(2, 1, 0),
                   temp_files=[tmp] if tmp else [], details=details, details_text=text)
 
 
-def header_details(header):
-    """``conv3d info``'s fields of a header: the orientation codes and the header
-    extensions (code, name, size on disk, copied or not); and each field as text."""
+def header_details(header, slope=1.0, inter=0.0):
+    """``conv3d info``'s fields of a header: the orientation codes, the header
+    extensions (code, name, size on disk, copied or not), the scaling reads apply
+    (nibabel keeps it in the image's data proxy: ``slope``, ``inter``) and a 4-D
+    series' TR; and each field as text."""
     extensions = [{"code": int(e.get_code()), "name": _label(extension_codes, e.get_code()),
                    "bytes": int(e.get_sizeondisk()), "copied_to_outputs": is_copied(e)}
                   for e in header.extensions]
     details = {"sform_code": int(header["sform_code"]),
                "qform_code": int(header["qform_code"]), "extensions": extensions}
+    if not (slope == 1 and inter == 0):
+        details["scaling"] = {"slope": float(slope), "intercept": float(inter)}
+    if int(header["dim"][0]) == 4:
+        details["tr"] = float(header["pixdim"][4])
+        try:
+            details["tr_unit"] = header.get_xyzt_units()[1]
+        except Exception:  # a units code nibabel does not know
+            details["tr_unit"] = "unknown"
     text = {key: f"{details[key]} ({_label(xform_codes, details[key])})"
             for key in ("sform_code", "qform_code")}
     text["extensions"] = ", ".join(
@@ -282,6 +295,24 @@ def create_nifti(path, shape, dtype, affine, header=None, description="", unit="
                  series=False):
     """A new uncompressed NIfTI at ``path`` with ``affine``; data written by region.
 
+    The header is :func:`output_header`'s.
+    """
+    header = output_header(shape, dtype, affine, header, description, unit, series)
+    # The data follow the header and its extensions (each a multiple of 16 bytes).
+    offset = header.single_vox_offset + int(header.extensions.get_sizeondisk())
+    header.set_data_offset(offset)
+    with open(path, "wb") as fh:
+        header.write_to(fh)
+        fh.write(b"\0" * (offset - fh.tell()))
+        fh.truncate(offset + int(np.prod(shape)) * np.dtype(dtype).itemsize)
+    return RawArrayFile(path, offset, shape, header.get_data_dtype(), fortran_order=True,
+                        writable=True)
+
+
+def output_header(shape, dtype, affine, header=None, description="", unit="mm", series=False):
+    """The NIfTI header of an output of ``shape`` and ``dtype`` placed by ``affine``
+    (``series``: its 4th axis is the input's series, whose TR it keeps).
+
     With ``header`` (the input's), ``affine`` is the output's voxel-to-world
     matrix by :func:`best_affine` of ``header``, and the output header is
     ``header``, native-endian, with both transforms moved the same way.
@@ -303,15 +334,7 @@ def create_nifti(path, shape, dtype, affine, header=None, description="", unit="
     header.set_slope_inter(np.nan, np.nan)
     _clear_non_spatial(header, series)
     header["descrip"] = (description[:79 - len(note)] + note).encode()
-    # The data follow the header and its extensions (each a multiple of 16 bytes).
-    offset = header.single_vox_offset + int(header.extensions.get_sizeondisk())
-    header.set_data_offset(offset)
-    with open(path, "wb") as fh:
-        header.write_to(fh)
-        fh.write(b"\0" * (offset - fh.tell()))
-        fh.truncate(offset + int(np.prod(shape)) * np.dtype(dtype).itemsize)
-    return RawArrayFile(path, offset, shape, header.get_data_dtype(), fortran_order=True,
-                        writable=True)
+    return header
 
 
 def _output_header(src, affine):

@@ -69,6 +69,13 @@ class Writer(FileWriter):
 
     parallel_writes = True
 
-    def __init__(self, spec, *, shape, dtype, overwrite=False, inputs=(), resume=False, **_):
+    def __init__(self, spec, *, shape, dtype, geometry=None, overwrite=False, inputs=(),
+                 resume=False, **_):
         super().__init__(spec, shape, dtype, lambda tmp: create_npy(tmp, shape, dtype),
                          overwrite, inputs, resume)
+        if geometry is not None and geometry.affine is not None:
+            self.notes = (NO_GEOMETRY,)
+
+
+NO_GEOMETRY = ("a .npy holds no geometry: the input's voxel size and origin are not kept "
+               "in OUTPUT")

@@ -210,3 +210,24 @@ def group_attrs(multiscales, zarr_format):
     if zarr_format == 2:
         return {"multiscales": [{"version": "0.4", **m} for m in multiscales]}
     return {"ome": {"version": "0.5", "multiscales": multiscales}}
+
+
+# ------------------------------------------------- voxel sizes alone (TIFF, HDF5)
+# Formats that record only voxel sizes along array axes Z, Y, X (TIFF physical
+# sizes, HDF5 element_size_um) are placed as an OME-Zarr image with axes named
+# z, y, x and no translation is: array axis k along world axis 2 - k.
+
+def zyx_affine(sizes):
+    """The voxel-to-world matrix of voxel ``sizes`` along array Z, Y, X."""
+    affine = np.zeros((4, 4))
+    affine[3, 3] = 1.0
+    for k, world in enumerate((2, 1, 0)):
+        affine[world, k] = sizes[k]
+    return affine
+
+
+def is_zyx_scaling(affine, rtol=ALIGNED_RTOL):
+    """Whether ``affine`` is :func:`zyx_affine` of its own voxel sizes (so voxel sizes
+    alone keep it: no origin, no other orientation)."""
+    sizes = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
+    return bool(np.allclose(affine, zyx_affine(sizes), rtol=rtol, atol=rtol * sizes.max()))

@@ -4,8 +4,9 @@
 :func:`~conv3d_cli.io.volumes.create_output` pick the module by the
 extension of the path; nothing outside ``conv3d_cli/io`` asks which format a
 volume has. The table imports nothing heavy: a format's module (and its
-library: nibabel, h5py, zarr) is imported the first time a volume of that
-format is opened.
+library: nibabel, h5py, zarr, tifffile, pynrrd) is imported the first time a
+volume of that format is opened; an optional library that is missing is a
+one-line error naming the extra to install.
 
 Adding a format
 ---------------
@@ -55,6 +56,7 @@ import os
 from dataclasses import dataclass
 
 FLOATS = ("float16", "float32", "float64")
+INTS = ("int8", "uint8", "int16", "uint16", "int32")
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,7 @@ class Format:
     floats: tuple            # float dtypes every reader of the format understands
     inner: str | None = None  # containers: an example path to an inner array
     module: str | None = None  # conv3d_cli.io.<module> (default: the name), or a dotted path
+    ints: tuple = INTS       # integer dtypes it stores (--output-dtype int16 ...)
 
     def load(self):
         """The format's module (imported on first use)."""
@@ -78,6 +81,12 @@ FORMATS = [
     Format("nifti", (".nii", ".nii.gz"), "NIfTI", ("float32", "float64")),
     Format("hdf5", (".h5", ".hdf5", ".hdf", ".he5"), "HDF5", FLOATS, "file.h5:/group/dataset"),
     Format("zarr", (".zarr",), "Zarr", FLOATS, "store.zarr:/group/array", module="zarr_io"),
+    Format("mgh", (".mgh", ".mgz"), "MGH", ("float32",), ints=("uint8", "int16", "int32")),
+    Format("analyze", (".hdr", ".img"), "Analyze", ("float32", "float64")),
+    Format("nrrd", (".nrrd", ".nhdr"), "NRRD", ("float32", "float64"), module="nrrd_io"),
+    Format("ometiff", (".ome.tif", ".ome.tiff"), "OME-TIFF", ("float32", "float64"),
+           module="tiff"),
+    Format("tiff", (".tif", ".tiff"), "TIFF", ("float32",), ints=("uint8", "uint16", "int16")),
 ]
 
 BY_NAME = {f.name: f for f in FORMATS}
