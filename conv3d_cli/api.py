@@ -531,5 +531,7 @@ def _prepare_zarr(target, vol, layer, job, plan, out_layout, out_dtype):
     zarr_format = vol.array.zarr_format if vol.spec.format == "zarr" else 3
     done, recorded = target.prepare(out_layout.shape, out_dtype, chunks, record, zarr_format, ome)
     if recorded is not None:  # resuming: the tiles the store was chunked for
-        plan.tiles = [Tile(b0, b1, tuple(tuple(r) for r in box)) for b0, b1, box in recorded]
+        # Transitional (house-io plans with engine.plan_job(..., tiles=recorded) instead).
+        object.__setattr__(plan, "tiles", tuple(Tile(b0, b1, tuple(tuple(r) for r in box))
+                                                for b0, b1, box in recorded))
     return done

@@ -21,14 +21,17 @@ __all__ = ["run", "run_array", "plan_job", "Stats", "Plan", "parse_memory",
 
 
 def plan_job(job, method="auto", memory_limit=None, workers=None, chunk_shape=None,
-             split_order=(0, 1, 2), processes=True) -> Plan:
+             split_order=(0, 1, 2), processes=True, tiles=None) -> Plan:
+    """The tiles of ``job`` and the method that computes them. ``tiles`` (``(b0, b1,
+    box)`` triples, e.g. the tiling a resumed output was written in) forces
+    the tiling (see :func:`~conv3d_cli.engine.plan.make_plan`)."""
     workers = default_workers() if workers is None else workers
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         from ..errors import ArgumentError
         raise ArgumentError(f"Invalid `workers`: {workers!r}. Expected an integer >= 1.")
     return make_plan(job, choose_method(job, method), memory_limit=memory_limit,
                      workers=workers, chunk_shape=chunk_shape, split_order=split_order,
-                     processes=processes)
+                     processes=processes, tiles=tiles)
 
 
 def run(job, source, sink, plan, want_sums=False, progress=None, executor="processes",
