@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import pickle
 import threading
 import time
 from concurrent.futures import (FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor,
@@ -30,7 +31,7 @@ from concurrent.futures import (FIRST_COMPLETED, ProcessPoolExecutor, ThreadPool
 from concurrent.futures.process import BrokenProcessPool
 
 from .. import signals
-from ..errors import EngineError
+from ..errors import ArgumentError, EngineError
 from .fft import SpectrumCache
 from .task import TileTask, warm_up, write_block
 from .workers import init_worker, pool_context, run_in_worker, start_method
@@ -108,7 +109,10 @@ class ProcessPool:
             TileTask(task.job, task.method, task.source, None, task.threads, task.want_sums)
 
     def run(self, indices, on_done):
-        context = pool_context(start_method())
+        method = start_method()
+        if method != "fork":
+            _check_sendable(self.task, method)
+        context = pool_context(method)
         warm_up(self.task.job, self.task.method)  # compiled kernels, before any worker starts
         try:
             pool = ProcessPoolExecutor(self.workers, mp_context=context, initializer=init_worker,
@@ -146,6 +150,18 @@ class ProcessPool:
             del ready, fut
 
 
+def _check_sendable(task, method):
+    """Refuse a task that workers not forked from this process cannot receive
+    (they get it pickled: a lambda or a local function does not pickle)."""
+    try:
+        pickle.dumps(task, protocol=pickle.HIGHEST_PROTOCOL)
+    except (pickle.PicklingError, AttributeError, TypeError) as exc:
+        raise ArgumentError(
+            f"this job cannot be sent to worker processes started by {method} ({exc}). "
+            "Give the layer module-level functions (not lambdas or local functions), "
+            "or run with --workers 1.") from None
+
+
 def stop_pool(pool, grace=2.0):
     """Stop ``pool`` now: drop the queued tiles, terminate the workers, reap them.
 
@@ -167,6 +183,7 @@ def stop_pool(pool, grace=2.0):
 
 
 def _wait_exited(processes, timeout):
+    """Reap the ``processes`` that end within ``timeout`` seconds."""
     from multiprocessing.connection import wait as wait_for
     deadline = time.monotonic() + timeout
     pending = {p.sentinel: p for p in processes}
@@ -175,7 +192,10 @@ def _wait_exited(processes, timeout):
         if left <= 0:
             return
         for sentinel in wait_for(list(pending), left):
-            pending.pop(sentinel).join(0)
+            # The sentinel is ready once the process has closed its files, a
+            # moment before it can be reaped: join waits for that moment
+            # (join(0) could miss it and leave the process unreaped).
+            pending.pop(sentinel).join(max(left, 0.1))
 
 
 class _BlasThreads:
