@@ -1,6 +1,6 @@
 """The engine against PyTorch and SciPy, side by side in one process (`make bench`).
 
-    python benchmarks/bench.py [--only W1,W2,...,NF] [--repeats N] [--skip-w5] [--markdown]
+    python benchmarks/bench.py [--only W1,W2,...,NF,CH,ST] [--repeats N] [--skip-w5] [--markdown]
                                [--against GIT_REF]
 
 Every workload is timed as the median of repeats after one warm-up run (which
@@ -15,6 +15,11 @@ counted once) and /usr/bin/time's maximum RSS (of the largest process).
 NF is the cost on finite data of giving Keras's result on NaN and Inf: FFT
 and Winograd tiles check their input for them (the direct paths need no
 check); W2 and W3 are timed with the check and with it skipped, side by side.
+CH is the method-choice grid (``benchmarks/choice.py``): every suitable method
+timed on 38 layers, and how often ``--method auto`` picks one within 10% of
+the fastest.
+ST is the commands' start-up, as ratios to `python -c "import numpy, click"`
+(benchmarks/startup.py).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import time
 
 import numpy as np
 
+import choice
 from conv3d_cli import Conv3D, Conv3DTranspose
 
 try:
@@ -166,8 +172,8 @@ def bench_compute(only, repeats):
 def bench_finite_check(repeats):
     """NF: W2 (FFT) and W3 (Winograd) with the tiles' NaN/Inf check and without it,
     and the seconds spent in the check itself during one run."""
-    execute = importlib.import_module("conv3d_cli.engine.execute")
-    checked = execute.nonfinite_voxels
+    task = importlib.import_module("conv3d_cli.engine.task")
+    checked = task.nonfinite_voxels
     spent = [0.0]
 
     def timed_check(x):
@@ -178,11 +184,11 @@ def bench_finite_check(repeats):
             spent[0] += time.perf_counter() - start
 
     def run(layer, x, check):
-        execute.nonfinite_voxels = check
+        task.nonfinite_voxels = check
         try:
             layer(x, workers=CORES)
         finally:
-            execute.nonfinite_voxels = checked
+            task.nonfinite_voxels = checked
 
     rows = []
     for name, (desc, layer, x) in workloads(np.random.default_rng(0)).items():
@@ -238,7 +244,8 @@ class TreeRSS(threading.Thread):
 
 def run_cli(args):
     conv3d = os.path.join(os.path.dirname(sys.executable), "conv3d")
-    cmd = ["/usr/bin/time", "-v", conv3d, *args] if os.path.exists("/usr/bin/time") else [conv3d, *args]
+    timer = ["/usr/bin/time", "-v"] if os.path.exists("/usr/bin/time") else []
+    cmd = [*timer, conv3d, *args]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     sampler = TreeRSS(proc.pid)
@@ -277,12 +284,13 @@ def fmt_s(t):
     return f"{t:.3f}"
 
 
-def report(rows, sgemm, w5, markdown, nf=()):
+def report(rows, sgemm, w5, markdown, nf=(), grid=()):
     lines = []
     lines.append(f"cores: {CORES}; NumPy sgemm: {sgemm:.0f} GFLOP/s; "
                  f"torch: {torch.__version__ if torch else 'not installed (skipped)'}")
     lines.append("")
-    lines.append("| workload | method | conv3d 1 worker (s) | conv3d %d workers (s) | scaling | GFLOP/s (%% sgemm) | peer | peer (s) | ratio | goal | max rel. diff |" % CORES)
+    lines.append(f"| workload | method | conv3d 1 worker (s) | conv3d {CORES} workers (s) | "
+                 "scaling | GFLOP/s (% sgemm) | peer | peer (s) | ratio | goal | max rel. diff |")
     lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         t1, tn = r["ours"][1], r["ours"][max(r["ours"])]
@@ -295,7 +303,8 @@ def report(rows, sgemm, w5, markdown, nf=()):
             verdict = "" if goal is None or ratio is None else (
                 f"<= {goal}: {'met' if ratio <= goal else 'NOT met'}")
             head = (f"| {r['name']} {r['desc']} | {r['method']} | {fmt_s(t1)} | {fmt_s(tn)} | "
-                    f"{t1 / tn:.2f}x | {gf:.1f} ({100 * gf / sgemm:.0f}%) |") if i == 0 else "| | | | | | |"
+                    f"{t1 / tn:.2f}x | {gf:.1f} ({100 * gf / sgemm:.0f}%) |"
+                    ) if i == 0 else "| | | | | | |"
             err = f"{r['err']:.1e}" if (i == 0 and r["err"] is not None) else ""
             lines.append(f"{head} {peer} | {fmt_s(pt) if pt else '-'} | "
                          f"{'%.2f' % ratio if ratio else '-'} | {verdict} | {err} |")
@@ -303,20 +312,29 @@ def report(rows, sgemm, w5, markdown, nf=()):
         (lw, lpeak, lmax), (uw, upeak, umax) = w5
         mib = 1 << 20
         lines.append("")
-        lines.append("| W5: conv3d run, 1x512x1024x1024x1 .npy (2 GiB), k5 | wall (s) | peak PSS, process tree (MiB) | max RSS, largest process (MiB, /usr/bin/time -v) |")
+        lines.append("| W5: conv3d run, 1x512x1024x1024x1 .npy (2 GiB), k5 | wall (s) | "
+                     "peak PSS, process tree (MiB) | "
+                     "max RSS, largest process (MiB, /usr/bin/time -v) |")
         lines.append("|---|---|---|---|")
-        lines.append(f"| --memory-limit 512M | {lw:.1f} | {lpeak / mib:.0f} | {lmax / mib if lmax else float('nan'):.0f} |")
-        lines.append(f"| no limit | {uw:.1f} | {upeak / mib:.0f} | {umax / mib if umax else float('nan'):.0f} |")
+        for label, wall, peak, max_rss in (("--memory-limit 512M", lw, lpeak, lmax),
+                                           ("no limit", uw, upeak, umax)):
+            rss = max_rss / mib if max_rss else float("nan")
+            lines.append(f"| {label} | {wall:.1f} | {peak / mib:.0f} | {rss:.0f} |")
         lines.append(f"| goal: peak <= 768 MiB, wall <= 1.5x | {lw / uw:.2f}x | "
                      f"{'met' if lpeak <= 768 * mib else 'NOT met'} | |")
     if nf:
         lines.append("")
-        lines.append("| NF: finite data, with and without the NaN/Inf check (%d workers) | method | "
-                     "with (s) | without (s) | ratio | in the check (s) |" % CORES)
+        lines.append(f"| NF: finite data, with and without the NaN/Inf check ({CORES} workers) | "
+                     "method | with (s) | without (s) | ratio | in the check (s) |")
         lines.append("|---|---|---|---|---|---|")
         for name, desc, method, with_check, without, spent in nf:
             lines.append(f"| {name} {desc} | {method} | {fmt_s(with_check)} | {fmt_s(without)} | "
                          f"{with_check / without:.3f} | {spent:.4f} |")
+    if grid:
+        lines.append("")
+        lines.append(f"CH: method choice, every suitable method timed ({CORES} workers, medians)")
+        lines.append("")
+        lines.append(choice.report(grid, CORES))
     print("\n".join(lines))
 
 
@@ -332,9 +350,10 @@ def main():
     if torch is None:
         print("note: torch is not installed; its columns are skipped", file=sys.stderr)
     sgemm = sgemm_gflops()
-    compute = only - {"W5", "NF"} if only else None
+    compute = only - {"W5", "NF", "CH", "ST"} if only else None
     rows = bench_compute(compute, args.repeats) if compute is None or compute else []
     nf = bench_finite_check(args.repeats) if not only or "NF" in only else []
+    grid = choice.run_grid(max(3, args.repeats // 2), CORES) if not only or "CH" in only else []
     w5 = None
     if not args.skip_w5 and (not only or "W5" in only):
         tmp = tempfile.mkdtemp(prefix="conv3d-bench-", dir=os.environ.get("BENCH_TMP", "."))
@@ -342,7 +361,11 @@ def main():
             w5 = bench_w5(tmp)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    report(rows, sgemm, w5, args.markdown, nf)
+    report(rows, sgemm, w5, args.markdown, nf, grid)
+    if not only or "ST" in only:
+        import startup
+        print()
+        print(startup.report(startup.measure_all(startup.RUNS), startup.RUNS, args.markdown))
     if args.against:
         import kernels
         kernels.main(["--against", args.against, "--repeats", str(args.repeats)]

@@ -116,7 +116,7 @@ def _parse_length(text, spec, what):
 
 
 def parse_spec(spec):
-    """``NAME[:ARG,KEY=VALUE,...]`` -> (name, [positional], {keyword}); names are case-insensitive."""
+    """``NAME[:ARG,KEY=VALUE,...]`` -> (name, [positional], {keyword}), names case-insensitive."""
     text = str(spec).strip()
     name, _, rest = text.partition(":")
     name = name.strip().lower()
@@ -371,38 +371,18 @@ def parse_voxel_size(value):
     return tuple(sizes)
 
 
-# Millimetres per unit of NIfTI's xyzt_units (unknown: mm, as FSL and nibabel take it)
-# and of OME-Zarr axis units (UDUNITS-2 names).
-_NIFTI_MM = {"meter": 1000.0, "mm": 1.0, "micron": 1e-3, "unknown": 1.0}
-_OME_MM = {"meter": 1000.0, "centimeter": 10.0, "millimeter": 1.0, "micrometer": 1e-3,
-           "nanometer": 1e-6, "angstrom": 1e-7}
-
-
 def volume_voxel_size(vol):
-    """(D, H, W) voxel sizes in mm of an opened volume, or None where it has no geometry."""
-    if vol.is_nifti and vol.affine is not None:
-        units = vol.image.header.get_xyzt_units()[0] if vol.image is not None else "unknown"
-        mm = _NIFTI_MM.get(units)
-        if mm is None:
-            return None
-        return tuple(float(n) * mm for n in np.linalg.norm(vol.affine[:3, :3], axis=0))
-    if vol.is_ome:
-        found = vol.array.scale_translation()
-        axes = (vol.array.ome.get("axes") or [])[-3:]
-        units = [a.get("unit") if isinstance(a, dict) else None for a in axes]
-        if found is None or len(units) != 3 or any(u not in _OME_MM for u in units):
-            return None
-        return tuple(float(s) * _OME_MM[u] for s, u in zip(found[0], units))
-    return None
+    """(D, H, W) voxel sizes in mm of an opened volume, or None where it has no geometry
+    or its units are unknown (a NIfTI without units is in mm, as FSL and nibabel take it)."""
+    return vol.geometry.voxel_sizes_in("millimeter")
 
 
-def volume_channels(shape, data_format, is_nifti=False, is_ome=False):
-    """Input channels of a file of this shape (NIfTI: (X, Y, Z[, C]) and OME-Zarr:
-    ([t,] c, z, y, x) whatever the data_format)."""
+def volume_channels(shape, data_format, axes=None):
+    """Input channels of a file of this shape (``axes``: the data_format the file's
+    format fixes, e.g. NIfTI's (X, Y, Z[, C]) and OME-Zarr's ([t,] c, z, y, x))."""
     from .layout import Layout
-    data_format = "channels_last" if is_nifti else "channels_first" if is_ome else data_format
     try:
-        return Layout(tuple(shape), data_format).canonical_shape[4]
+        return Layout(tuple(shape), axes or data_format).canonical_shape[4]
     except ShapeError as exc:
         raise ShapeError(f"INPUT: {exc}") from None
 
@@ -415,13 +395,12 @@ def input_context(input=None, input_shape=None, input_channels=None, voxel_size=
         from .io import open_volume
         vol = open_volume(input, header_only=True)
         try:
-            shape, nifti, ome = vol.shape, vol.is_nifti, vol.is_ome
+            shape, axes = vol.shape, vol.axes
             own = volume_voxel_size(vol)
         finally:
             vol.close()
         return {"voxel_size": voxel_size if voxel_size is not None else own,
-                "input_channels": lambda data_format: volume_channels(shape, data_format, nifti,
-                                                                      ome)}
+                "input_channels": lambda data_format: volume_channels(shape, data_format, axes)}
     if input_shape is not None:
         return {"voxel_size": voxel_size,
                 "input_channels": lambda data_format: volume_channels(input_shape, data_format)}

@@ -65,36 +65,46 @@ class Layout:
             return (b,) + tuple(ks[-3:]) + (ks[-4],)
         return (b,) + tuple(ks[-4:])
 
-    def output_shape(self, canonical_out):
+    def output_shape(self, canonical_out, data_format=None):
         """Own-axes shape of the output whose canonical shape is ``canonical_out``.
 
         Exactly the axes the tool added are dropped: the batch axis of a rank
         3/4 volume, and the channel axis of a rank-3 volume when it has one
-        filter.
+        filter. ``data_format`` places the output's channels (default: where
+        this layout has them; a format may force its own, e.g. NIfTI's last).
         """
         b, d, h, w, f = canonical_out
-        spatial_c = ((f, d, h, w) if self.channels_first else (d, h, w, f))
+        first = self.channels_first if data_format is None else data_format == "channels_first"
+        spatial_c = ((f, d, h, w) if first else (d, h, w, f))
         if self.rank >= 5:
             return self.batch_shape + spatial_c
         if self.rank == 3 and f == 1:
             return (d, h, w)
         return spatial_c
 
+    def output_layout(self, canonical_out, data_format=None) -> Layout:
+        """The :class:`Layout` of that output (see :meth:`output_shape`)."""
+        return Layout(self.output_shape(canonical_out, data_format),
+                      data_format or self.data_format)
+
 
 class CanonicalView:
-    """Canonical ``(B, D, H, W, C)`` block access to an array in ``layout``."""
+    """Canonical ``(B, D, H, W, C)`` block access to an array in ``layout``.
+
+    The one way blocks go in and out of volumes: :meth:`read` and
+    :meth:`write` (and :meth:`region_view`, for the engine to compute into an
+    in-memory output in place). ``parallel_writes`` passes on the array's
+    (an output writer's) ``parallel_writes``: whether worker processes may
+    write their blocks themselves. An in-memory array says no: a forked
+    worker's writes into it would stay in that worker.
+    """
 
     def __init__(self, array, layout: Layout):
         self.array = array
         self.layout = layout
         self.shape = layout.canonical_shape
-        # An in-memory Keras-layout array: flatten the batch dims once (a view).
-        self._flat = None
-        if isinstance(array, np.ndarray) and layout.rank >= 5:
-            try:
-                self._flat = array.view().reshape((self.shape[0],) + tuple(layout.shape[-4:]))
-            except AttributeError:  # not viewable as a reshape: go element by element
-                self._flat = None
+        self.parallel_writes = bool(getattr(array, "parallel_writes", False))
+        self._flat = _flat_batches(array, layout)
 
     def _inner(self, ranges):
         sp = tuple(slice(a, z) for a, z in ranges)
@@ -139,3 +149,19 @@ class CanonicalView:
             return
         for i, b in enumerate(range(b0, b1)):
             self.array[self._own_index(b, ranges)] = block[i]
+
+
+def _flat_batches(array, layout):
+    """An in-memory Keras-layout array with its batch dims flattened into one, as a
+    view of it, or None.
+
+    The batch dims flatten into a view only when their strides chain (a
+    slice such as ``x[:, :3]`` breaks that); NumPy's ``reshape`` then
+    returns a copy without a word, and writes into a copy would be lost. A
+    copy never shares the array's memory, so it is detected and dropped:
+    such arrays are read and written one batch element at a time.
+    """
+    if not isinstance(array, np.ndarray) or layout.rank < 5:
+        return None
+    flat = array.reshape((layout.canonical_shape[0],) + tuple(layout.shape[-4:]))
+    return flat if np.may_share_memory(flat, array) else None

@@ -6,10 +6,13 @@ for NIfTI). Each volume maps its three spatial voxel indices ``v`` (in the
 order of its array axes) to the world by a 4x4 matrix ``A``:
 
 - NIfTI: the image's affine (sform, else qform);
-- OME-Zarr: the array axes are ``z, y, x``, so ``x = sx * v[2] + tx``,
-  ``y = sy * v[1] + ty``, ``z = sz * v[0] + tz`` (level 0 scale and translation);
+- OME-Zarr: each spatial axis along the world axis it is named after (axes
+  ``z, y, x`` give ``x = sx * v[2] + tx``, ``y = sy * v[1] + ty``,
+  ``z = sz * v[0] + tz``: level 0 scale and translation);
 - anything else (``.npy``, HDF5, plain Zarr): no geometry; the identity
   (array axes 0, 1, 2 are x, y, z in voxels), and the caller says so.
+
+(:attr:`conv3d_cli.io.Volume.geometry` holds that matrix.)
 
 All volumes are sampled on one world grid (isotropic spacing, the finest
 voxel size of them all, covering the union of their extents), so the same
@@ -80,41 +83,39 @@ class SliceSource:
 
 
 def slice_source(vol, channel=None, frame=None, data_format="channels_last"):
-    """A :class:`SliceSource` for an open :class:`~conv3d_cli.io.InputVolume`.
+    """A :class:`SliceSource` for an open :class:`~conv3d_cli.io.Volume`.
 
-    Non-spatial axes: a NIfTI image is ``(X, Y, Z[, C])``; an OME-Zarr image
-    ``[t,] [c,] z, y, x``; other arrays follow the tool's layout rules (rank 3
-    one volume, rank 4 with channels per ``data_format``, rank >= 5 Keras
-    layout with leading batch axes, counted together as frames). A volume with
-    no frame axis takes ``frame`` as its channel index (a 4-D NIfTI
-    ``(X, Y, Z, T)`` shows frame T through either option).
+    Non-spatial axes follow the tool's layout rules (rank 3 one volume, rank 4
+    with channels, rank >= 5 Keras layout with leading batch axes, counted
+    together as frames), with the channels where the format puts them (NIfTI
+    ``(X, Y, Z[, C])``, OME-Zarr ``[t,] [c,] z, y, x``), else per
+    ``data_format``. A volume with no frame axis takes ``frame`` as its
+    channel index (a 4-D NIfTI ``(X, Y, Z, T)`` shows frame T through either
+    option). The volume's geometry places it; without one, voxel = world.
     """
     shape = tuple(vol.shape)
     name = os.path.basename(vol.spec.path.rstrip("/")) + (
         f":{vol.spec.dataset}" if vol.spec.dataset else "")
-    rank = len(shape)
-    unit, geometry = "", "none"
-    if vol.spec.format == "nifti":
-        spatial, channel_axis, frame_axes = (0, 1, 2), (3 if rank == 4 else None), ()
-        affine, geometry = np.asarray(vol.affine, float), "affine"
-        unit = _nifti_unit(vol)
-    elif vol.is_ome:
-        spatial, channel_axis, frame_axes = _ome_axes(vol.array.ome.get("axes"), rank)
-        affine, unit = _ome_affine(vol.array), _ome_unit(vol.array.ome.get("axes"))
-        geometry = "ome"
+    spatial, channel_axis, frame_axes = _layout_axes(len(shape), vol.axes or data_format)
+    geometry = vol.geometry
+    if geometry.affine is not None:
+        affine, kind, unit = np.asarray(geometry.affine, float), geometry.kind, _unit(geometry)
     else:
-        spatial, channel_axis, frame_axes = _layout_axes(rank, data_format)
-        affine = np.eye(4)
+        affine, kind, unit = np.eye(4), "none", ""
     fixed, label = _fixed_indices(name, shape, channel_axis, frame_axes, channel, frame)
-    return SliceSource(name, shape, spatial, fixed, affine, geometry, unit, label)
+    return SliceSource(name, shape, spatial, fixed, affine, kind, unit, label)
 
 
-def _nifti_unit(vol):
-    try:
-        unit = vol.image.header.get_xyzt_units()[0]
-    except Exception:
-        unit = "unknown"
-    return {"mm": "mm", "micron": "µm", "meter": "m"}.get(unit, "mm")
+_SHORT_UNITS = {"millimeter": "mm", "micrometer": "µm", "meter": "m", "nanometer": "nm"}
+
+
+def _unit(geometry):
+    """The unit of the spatial axis that runs along world x, as a label."""
+    if not geometry.units:
+        return ""
+    axis = int(np.argmax(np.abs(geometry.affine[0, :3])))
+    unit = geometry.units[axis]
+    return _SHORT_UNITS.get(unit, unit) if unit else ""
 
 
 def _layout_axes(rank, data_format):
@@ -126,38 +127,6 @@ def _layout_axes(rank, data_format):
     if data_format == "channels_first":
         return (rank - 3, rank - 2, rank - 1), rank - 4, batch
     return (rank - 4, rank - 3, rank - 2), rank - 1, batch
-
-
-def _ome_axes(axes, rank):
-    """(spatial axes, channel axis, frame axes) from OME ``axes`` ([t,] [c,] z, y, x)."""
-    spatial = tuple(range(rank - 3, rank))
-    if axes and len(axes) == rank:
-        kinds = [a.get("type", "") if isinstance(a, dict) else "" for a in axes]
-        channel = [i for i, k in enumerate(kinds[:rank - 3]) if k == "channel"]
-        frames = tuple(i for i in range(rank - 3) if i not in channel)
-        return spatial, (channel[0] if channel else None), frames
-    if rank == 3:
-        return spatial, None, ()
-    return spatial, rank - 4, tuple(range(rank - 4))
-
-
-def _ome_affine(zarr_volume):
-    # Array axes (z, y, x) -> world (x, y, z): a permutation with scales.
-    scale, trans = zarr_volume.scale_translation()
-    a = np.zeros((4, 4))
-    for world_axis, array_axis in ((0, 2), (1, 1), (2, 0)):
-        a[world_axis, array_axis] = scale[array_axis]
-        a[world_axis, 3] = trans[array_axis]
-    a[3, 3] = 1
-    return a
-
-
-def _ome_unit(axes):
-    for a in axes or ():
-        if isinstance(a, dict) and a.get("name") == "x" and a.get("unit"):
-            return {"micrometer": "µm", "millimeter": "mm", "nanometer": "nm"}.get(
-                a["unit"], a["unit"])
-    return ""
 
 
 def _fixed_indices(name, shape, channel_axis, frame_axes, channel, frame):
@@ -213,7 +182,7 @@ def world_grid(sources, max_size=512):
     lo, hi = corners.min(axis=0), corners.max(axis=0)
     finest = min(min(s.voxel_size) for s in sources)
     spacing = max(finest, float((hi - lo).max()) / max_size)
-    size = tuple(max(1, int(math.ceil(round((h - l) / spacing, 6)))) for l, h in zip(lo, hi))
+    size = tuple(max(1, int(math.ceil(round((b - a) / spacing, 6)))) for a, b in zip(lo, hi))
     return WorldGrid(tuple(float(v) for v in lo), float(spacing), size)
 
 

@@ -190,7 +190,8 @@ def _nifti_kernel(path, max_bytes=None):
 
 def _real(a, path, name):
     if a.dtype.hasobject or a.dtype.kind not in "biuf":
-        raise WeightsError(f"--weights {path}: '{name}' must hold real numbers, got dtype {a.dtype}")
+        raise WeightsError(
+            f"--weights {path}: '{name}' must hold real numbers, got dtype {a.dtype}")
     return a
 
 

@@ -57,6 +57,15 @@ def rng():
     return np.random.default_rng(0)
 
 
+@pytest.fixture(autouse=True)
+def compiled_kernels_for_small_jobs(monkeypatch):
+    """The suite's arrays are small; let them take the compiled (numba) kernels as
+    large jobs do. Outside the tests, jobs under ``MIN_COMPILED_FLOPS`` take the
+    NumPy paths, so that a small run never loads numba (tests/test_startup.py)."""
+    from conv3d_cli.engine import jit
+    monkeypatch.setattr(jit, "MIN_COMPILED_FLOPS", 0)
+
+
 def pytest_unconfigure(config):
     import shutil
     shutil.rmtree(_KERAS_HOME, ignore_errors=True)

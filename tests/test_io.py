@@ -12,7 +12,7 @@ import pytest
 from conv3d_cli import Conv3D, Conv3DTranspose
 from conv3d_cli.api import apply_to_file
 from conv3d_cli.errors import OutputExistsError, VolumeError
-from conv3d_cli.io import OutputTarget, open_volume, read_volume, write_volume
+from conv3d_cli.io import create_output, open_volume, read_volume, write_volume
 from conv3d_cli.io.rawfile import RawArrayFile
 
 
@@ -122,9 +122,8 @@ def test_output_target_is_atomic(tmp_path):
     out = tmp_path / "o.npy"
     out.write_bytes(b"precious")
     with pytest.raises(OutputExistsError, match="pass --overwrite"):
-        OutputTarget(str(out))
-    target = OutputTarget(str(out), overwrite=True)
-    target.create((3, 3, 3), np.float32)
+        create_output(str(out), shape=(3, 3, 3), dtype=np.float32)
+    target = create_output(str(out), shape=(3, 3, 3), dtype=np.float32, overwrite=True)
     target.abort()
     assert out.read_bytes() == b"precious" and os.listdir(tmp_path) == ["o.npy"]
 

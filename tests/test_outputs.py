@@ -28,7 +28,7 @@ from conv3d_cli import Conv3D
 from conv3d_cli.api import apply_to_file
 from conv3d_cli.cli.main import cli
 from conv3d_cli.errors import OutputExistsError, VolumeError, WeightsError
-from conv3d_cli.io import OutputTarget, open_volume, write_volume
+from conv3d_cli.io import create_output, open_volume, write_volume
 from conv3d_cli.io import tempfiles
 
 zarr = pytest.importorskip("zarr", reason="zarr is part of the test extra")
@@ -154,8 +154,7 @@ def test_stale_names_are_recognised_and_nothing_else(tmp_path):
 # ------------------------------------------------------------------ commits
 def test_output_created_meanwhile_is_not_replaced_without_overwrite(tmp_path):
     out = tmp_path / "o.npy"
-    target = OutputTarget(str(out))
-    target.create((3, 3, 3), np.float32)
+    target = create_output(str(out), shape=(3, 3, 3), dtype=np.float32)
     out.write_bytes(b"another run's result")
     with pytest.raises(OutputExistsError, match="created by another process"):
         try:
@@ -262,10 +261,10 @@ def test_hdf5_file_held_open_by_another_writer_is_never_replaced(npy, tmp_path, 
 _WRITER = """
 import os, sys, time
 import numpy as np
-from conv3d_cli.io import OutputTarget
-target = OutputTarget(sys.argv[1])
+from conv3d_cli.io import create_output
+target = create_output(sys.argv[1], shape=(8, 8, 8), dtype=np.float32)
 try:
-    target.create((8, 8, 8), np.float32)[:, :, :] = float(sys.argv[3])
+    target[:, :, :] = float(sys.argv[3])
     while not os.path.exists(sys.argv[2]):
         time.sleep(0.01)
     target.commit()
@@ -397,13 +396,9 @@ def test_zarr_replacement_moves_the_old_output_aside_first(tmp_path, monkeypatch
 
 
 def test_two_runs_to_one_zarr_output_do_not_mix(npy, tmp_path):
-    from conv3d_cli.io.paths import parse_spec
-    from conv3d_cli.io.zarr_io import ZarrOutput
-    first = ZarrOutput(parse_spec(f"{tmp_path}/o.zarr"))
-    first.prepare((2, 2, 2), np.float32, (2, 2, 2), {})
-    second = ZarrOutput(parse_spec(f"{tmp_path}/o.zarr"))
+    first = create_output(f"{tmp_path}/o.zarr", shape=(2, 2, 2), dtype=np.float32)
     with pytest.raises(VolumeError, match="being written by another run"):
-        second.prepare((2, 2, 2), np.float32, (2, 2, 2), {})
+        create_output(f"{tmp_path}/o.zarr", shape=(2, 2, 2), dtype=np.float32)
     first.commit()
     assert sorted(os.listdir(tmp_path)) == ["in.npy", "o.zarr"]
 

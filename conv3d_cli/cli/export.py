@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
-from ..api import check_kernel_fits
 from ..errors import ArgumentError
-from ..io.keras_export import export_keras
 from .options import layer_from_kwargs, layer_options
 
 
@@ -26,7 +26,8 @@ def export(output, input_channels, overwrite, **kwargs):
       conv3d export edge.keras --weights sobel3.npz --padding same
       conv3d export down.keras --filters 8 --kernel-size 3 --strides 2 --input-channels 1 --seed 0
     """
-    import os
+    from ..build import check_kernel_fits
+    from ..io.keras_export import export_keras
     if os.path.exists(output) and not overwrite:
         raise ArgumentError(f"OUTPUT {output} exists; pass --overwrite to replace it")
     layer = layer_from_kwargs(kwargs, input_channels=input_channels)

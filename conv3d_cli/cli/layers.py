@@ -7,8 +7,6 @@ import math
 
 import click
 
-from ..io.keras_files import ModelFile
-
 
 @click.command(short_help="List the convolution layers of a Keras model file.")
 @click.argument("model", metavar="MODEL", type=click.Path(dir_okay=False))
@@ -22,6 +20,7 @@ def layers(model, as_json):
     Example:
       conv3d layers unet.keras
     """
+    from ..io.keras_files import ModelFile
     rows = []
     with ModelFile(model) as mf:
         for entry in mf.layers:
@@ -31,7 +30,8 @@ def layers(model, as_json):
                 "name": entry.name, "class_name": entry.class_name,
                 "kernel_shape": list(w["kernel"]),
                 "strides": cfg.get("strides"), "padding": cfg.get("padding"),
-                "dilation_rate": cfg.get("dilation_rate"), "activation": _act(cfg.get("activation")),
+                "dilation_rate": cfg.get("dilation_rate"),
+                "activation": _act(cfg.get("activation")),
                 "params": math.prod(w["kernel"]) + (math.prod(w["bias"])
                                                     if w["bias"] is not None else 0),
                 "dtype": _policy(cfg.get("dtype")),

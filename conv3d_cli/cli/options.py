@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import click
 
-from ..engine.plan import parse_memory
 from ..errors import ArgumentError
+
+# The CLI group and every command import this module: it imports nothing but
+# click (the engine, layers and I/O load inside the callbacks and commands).
+
+# --output-dtype values: conv3d_cli.io.dtypes.OUTPUT_DTYPES (tests/test_startup.py
+# pins them equal), written out so that defining the option imports no I/O code.
+OUTPUT_DTYPES = ("compute", "input", "float16", "float32", "float64")
 
 
 def int_or_tuple(ctx, param, value):
@@ -48,6 +54,7 @@ def chunk_shape(ctx, param, value):
 def memory_size(ctx, param, value):
     if value is None:
         return None
+    from ..engine.plan import parse_memory
     try:
         return parse_memory(value)
     except ArgumentError as exc:
@@ -112,8 +119,11 @@ LAYER_OPTIONS = [
 ]
 
 ENGINE_OPTIONS = [
-    click.option("--method", type=click.Choice(["auto", "direct", "fft", "winograd"], case_sensitive=False),
-                 default="auto", show_default=True, help="Convolution algorithm."),
+    click.option("--method", type=click.Choice(["auto", "measure", "direct", "fft", "winograd"],
+                                               case_sensitive=False),
+                 default="auto", show_default=True,
+                 help="Convolution algorithm: auto (the cost model's pick), measure (time "
+                      "each suitable one on a tile, then run the fastest), or one of them."),
     click.option("--workers", type=click.IntRange(min=1), default=None,
                  help="Worker processes. Default: the cores this process may use."),
     click.option("--memory-limit", callback=memory_size, default=None, metavar="SIZE",
@@ -148,7 +158,7 @@ def layer_from_kwargs(kwargs, input=None, input_shape=None, input_channels=None,
     INPUT (its header), ``--input-shape`` or ``--input-channels`` give a
     ``--kernel`` its voxel size and input channels; weights files (and named
     kernels) declaring more than ``memory_limit`` bytes are refused unread."""
-    from ..api import build_layer
+    from ..build import build_layer
     overrides = {k: kwargs.pop(k) for k in KERAS_KEYS}
     kernel, voxel_size = kwargs.pop("kernel"), kwargs.pop("voxel_size")
     context = {}

@@ -10,8 +10,6 @@ import numpy as np
 
 from .. import viz
 from ..errors import ArgumentError, OutputExistsError, VolumeError
-from ..io import open_volume
-from ..layers.args import standardize_data_format
 
 ROW_INCHES = 2.6  # height of a row's tallest panel
 MAX_PANELS_INCHES = 14  # width of a row's three panels, at most (elongated volumes)
@@ -96,6 +94,7 @@ def preview(volumes, output, at, at_voxel, channel, frame, data_format, window, 
         raise ArgumentError("give --at or --at-voxel, not both")
     if vmin is not None and vmax is not None and vmax <= vmin:
         raise ArgumentError(f"--vmax must be above --vmin. Received: vmin={vmin}, vmax={vmax}")
+    from ..layers.args import standardize_data_format
     _check_output(output, overwrite)
     colormap = _colormap(_require_matplotlib(), cmap)
     opened = _open_all(volumes, channel, frame, standardize_data_format(data_format))
@@ -125,6 +124,7 @@ def preview(volumes, output, at, at_voxel, channel, frame, data_format, window, 
 
 def _open_all(volumes, channel, frame, data_format):
     """[(open volume, its SliceSource)]; nothing left open if one fails."""
+    from ..io import open_volume
     opened = []
     try:
         for spec in volumes:

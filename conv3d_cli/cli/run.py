@@ -7,13 +7,8 @@ import os
 
 import click
 
-from ..api import apply_to_file
 from ..errors import Conv3DError
-from ..io.dtypes import OUTPUT_DTYPES
-from ..io.paths import parse_spec
-from ..io.tempfiles import StagedFile
-from ..weights import check_weights_path, stage_weights
-from .options import engine_options, layer_from_kwargs, layer_options
+from .options import OUTPUT_DTYPES, engine_options, layer_from_kwargs, layer_options
 
 
 @click.command(short_help="Apply the layer to a volume file.")
@@ -28,7 +23,8 @@ from .options import engine_options, layer_from_kwargs, layer_options
               help="OUTPUT's dtype: the layer's compute dtype (float32 where the format has "
                    "no float16/bfloat16), the input's (float inputs), or a float dtype.")
 @click.option("--report", type=click.Path(dir_okay=False, allow_dash=True), default=None,
-              help="Write a JSON report (shapes, params, config, method, seconds, losses); - for stdout.")
+              help="Write a JSON report (shapes, params, config, method, seconds, losses); "
+                   "- for stdout.")
 @click.option("--overwrite", is_flag=True,
               help="Replace OUTPUT, --save-weights and --report if they exist (in an HDF5 "
                    "file or Zarr store: only the named dataset or array).")
@@ -45,8 +41,8 @@ from .options import engine_options, layer_from_kwargs, layer_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary line.")
 @click.option("-v", "--verbose", is_flag=True,
               help="Log to stderr where temporary files go and what is cleaned up.")
-def run(input, output, save_weights, output_dtype, report, overwrite, scheduler, resume, progress, quiet,
-        tmp_dir, verbose, **kwargs):
+def run(input, output, save_weights, output_dtype, report, overwrite, scheduler, resume, progress,
+        quiet, tmp_dir, verbose, **kwargs):
     """Apply one Conv3D / Conv3DTranspose layer to INPUT and write OUTPUT.
 
     INPUT and OUTPUT are .npy, .nii, .nii.gz, HDF5 (file.h5:/group/dataset;
@@ -83,7 +79,7 @@ def run(input, output, save_weights, output_dtype, report, overwrite, scheduler,
     if report == "-":
         click.echo(json.dumps(result, indent=2))
     if not quiet and report != "-":
-        for note in result["plan"].get("notes", []):
+        for note in result["plan"].get("notes", []) + result.get("output_notes", []):
             click.echo(f"note: {note}", err=True)
         if result["output_dtype_note"]:
             click.echo(f"note: {result['output_dtype_note']}", err=True)
@@ -92,10 +88,19 @@ def run(input, output, save_weights, output_dtype, report, overwrite, scheduler,
                    f"workers, {result['seconds']:.2f} s)", err=True)
 
 
+def apply_to_file(*args, **kwargs):
+    """:func:`conv3d_cli.api.apply_to_file`, imported when a run starts (not for --help)."""
+    from ..api import apply_to_file
+    return apply_to_file(*args, **kwargs)
+
+
 class _SideFiles:
     """``--save-weights`` and ``--report``: checked first, committed right after OUTPUT."""
 
     def __init__(self, output, save_weights, report, overwrite):
+        from ..io.paths import parse_spec
+        from ..io.tempfiles import StagedFile
+        from ..weights import check_weights_path
         self.staged = []
         self.weights = check_weights_path(save_weights, overwrite) if save_weights else None
         self.report = None
@@ -115,6 +120,7 @@ class _SideFiles:
     def stage(self, layer, result):
         """Write both files under their temporary names (OUTPUT is complete, not yet in place)."""
         if self.weights is not None:
+            from ..weights import stage_weights
             stage_weights(self.weights, layer.kernel, layer.bias if layer.use_bias else None)
             self.staged.append(self.weights)
         if self.report is not None:

@@ -6,9 +6,7 @@ import json
 
 import click
 
-from ..api import describe
 from ..errors import ArgumentError
-from ..io import open_volume
 from .options import engine_options, layer_from_kwargs, layer_options, shape_tuple
 
 
@@ -21,19 +19,24 @@ from .options import engine_options, layer_from_kwargs, layer_options, shape_tup
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def shape(input, input_shape, as_json, **kwargs):
     """Show what the layer would produce from INPUT (only its header is read) or
-    from --input-shape.
+    from --input-shape. With --method measure, each suitable method is timed
+    on its plan's largest tile of zeros (nothing is read).
 
     \b
     Example:
       conv3d shape --input-shape 4,28,28,28,1 --filters 8 --kernel-size 3 --strides 2
     """
+    from ..api import describe
     if (input is None) == (input_shape is None):
         raise ArgumentError("give either INPUT or --input-shape (not both)")
     method, workers = kwargs.pop("method"), kwargs.pop("workers")
     memory_limit, chunk_shape = kwargs.pop("memory_limit"), kwargs.pop("chunk_shape")
     layer = layer_from_kwargs(kwargs, input=input, input_shape=input_shape,
                               memory_limit=memory_limit)
-    vol = open_volume(input, header_only=True) if input is not None else None
+    vol = None
+    if input is not None:
+        from ..io import open_volume
+        vol = open_volume(input, header_only=True)
     try:
         info, _, _ = describe(layer, input_shape=input_shape, volume=vol, method=method.lower(),
                               workers=workers, memory_limit=memory_limit,
@@ -56,11 +59,18 @@ def shape(input, input_shape, as_json, **kwargs):
     lines.append(f"params         {info['params']}")
     for ax in info["padding"]:
         if "pad_before" in ax:
-            lines.append(f"padding {ax['axis']}      {ax['pad_before']} before, {ax['pad_after']} after")
+            lines.append(f"padding {ax['axis']}      {ax['pad_before']} before, "
+                         f"{ax['pad_after']} after")
         else:
-            lines.append(f"crop {ax['axis']}         {ax['crop_before']} before, {ax['crop_after']} after")
+            lines.append(f"crop {ax['axis']}         {ax['crop_before']} before, "
+                         f"{ax['crop_after']} after")
+    lines += [f"method         {plan['method']}"]
+    if "method_timings" in plan:
+        lines.append(f"measured       {_seconds(plan['method_timings'])} "
+                     "(the largest tile, zeros)")
+    if "method_estimates" in plan:
+        lines.append(f"estimated      {_seconds(plan['method_estimates'])} (the whole run)")
     lines += [
-        f"method         {plan['method']}",
         f"tiles          {plan['tiles']} of {tuple(plan['tile_shape'])} "
         f"x {plan['batch_per_tile']} batch, {plan['workers']} workers",
         f"peak memory    ~{_size(plan['estimated_peak_bytes'])} "
@@ -69,6 +79,10 @@ def shape(input, input_shape, as_json, **kwargs):
     ]
     lines += [f"note           {note}" for note in plan.get("notes", [])]
     click.echo("\n".join(lines))
+
+
+def _seconds(by_method):
+    return ", ".join(f"{m} {s:.3g} s" for m, s in by_method.items())
 
 
 def _size(n):

@@ -8,13 +8,22 @@ in-memory NumPy array in Keras layout.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 
+from ..errors import ArgumentError
 from ..layout import CanonicalView, Layout
-from .choose import choose_method
-from .execute import Stats, execute
+from .choose import candidates, check_method, estimate_plans, pick
 from .plan import Plan, default_workers, make_plan, parse_memory
+
+
+def __getattr__(name):
+    if name == "Stats":
+        from .execute import Stats
+        return Stats
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["run", "run_array", "plan_job", "Stats", "Plan", "parse_memory",
            "default_workers"]
@@ -22,20 +31,50 @@ __all__ = ["run", "run_array", "plan_job", "Stats", "Plan", "parse_memory",
 
 def plan_job(job, method="auto", memory_limit=None, workers=None, chunk_shape=None,
              split_order=(0, 1, 2), processes=True, tiles=None) -> Plan:
-    """The tiles of ``job`` and the method that computes them. ``tiles`` (``(b0, b1,
-    box)`` triples, e.g. the tiling a resumed output was written in) forces
-    the tiling (see :func:`~conv3d_cli.engine.plan.make_plan`)."""
+    """The tiles of ``job`` and the method that computes them.
+
+    ``method`` ``"auto"`` plans every candidate method and takes the plan the
+    cost model estimates fastest (:func:`conv3d_cli.engine.choose.pick`: near
+    ties go to the direct path); ``"measure"`` times each candidate plan's
+    largest tile instead (:mod:`conv3d_cli.engine.measure`). A candidate whose
+    tiles cannot fit the memory limit is left out. The plan's ``choice``
+    records the estimates (and timings) behind the pick. ``tiles`` (``(b0, b1,
+    box)`` triples, e.g. the tiling a resumed output was written in) forces the
+    tiling (see :func:`~conv3d_cli.engine.plan.make_plan`).
+    """
     workers = default_workers() if workers is None else workers
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        from ..errors import ArgumentError
         raise ArgumentError(f"Invalid `workers`: {workers!r}. Expected an integer >= 1.")
-    return make_plan(job, choose_method(job, method), memory_limit=memory_limit,
-                     workers=workers, chunk_shape=chunk_shape, split_order=split_order,
-                     processes=processes, tiles=tiles)
+    method = check_method(job, method)
+
+    def plan_for(m):
+        return make_plan(job, m, memory_limit=memory_limit, workers=workers,
+                         chunk_shape=chunk_shape, split_order=split_order, processes=processes,
+                         tiles=tiles)
+
+    if method not in ("auto", "measure"):
+        return plan_for(method)
+    plans, refused = {}, None
+    for m in candidates(job):
+        try:
+            plans[m] = plan_for(m)
+        except ArgumentError as exc:  # this method's tiles do not fit the memory limit
+            refused = refused or exc
+    if not plans:
+        raise refused
+    choice = {}
+    if method == "measure":
+        from .measure import measure_plans
+        choice["method_timings"], seconds = measure_plans(job, plans)
+    else:
+        seconds = estimate_plans(job, plans)
+    choice["method_estimates"] = seconds
+    return replace(plans[pick(seconds)], choice=choice)
 
 
 def run(job, source, sink, plan, want_sums=False, progress=None, executor="processes",
-        skip=(), on_done=None, scheduler=None) -> Stats:
+        skip=(), on_done=None, scheduler=None):
+    from .execute import execute  # the executors load the kernels: not for planning
     return execute(job, plan, source, sink, want_sums=want_sums, progress=progress,
                    executor=executor, skip=skip, on_done=on_done, scheduler=scheduler)
 
@@ -83,4 +122,5 @@ def _run_empty(job, want_sums=False):
     if want_sums:
         y64 = y.astype(np.float64)
         sums = (float(np.abs(y64).sum()), float(np.square(y64).sum()))
+    from .execute import Stats
     return np.ascontiguousarray(y), Stats(method="none", tiles=0, activity_sums=sums)

@@ -26,8 +26,13 @@ import os
 import pickle
 import threading
 import time
-from concurrent.futures import (FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor,
-                                as_completed, wait)
+from concurrent.futures import (
+    FIRST_COMPLETED,
+    ProcessPoolExecutor,
+    ThreadPoolExecutor,
+    as_completed,
+    wait,
+)
 from concurrent.futures.process import BrokenProcessPool
 
 from .. import signals
@@ -43,7 +48,7 @@ IN_FLIGHT = 2
 
 def parallel_writes(sink) -> bool:
     """Whether several processes may write regions of ``sink`` at once."""
-    return getattr(sink, "parallel_writes", not getattr(sink, "single_writer", False))
+    return getattr(sink, "parallel_writes", True)
 
 
 def make_executor(job, plan, source, sink, tiles, want_sums=False, executor="processes",

@@ -31,7 +31,11 @@ from dataclasses import replace
 from itertools import product
 
 import numpy as np
-from scipy import fft as sfft
+
+from .fftsize import next_fast_len
+
+# scipy.fft is imported in the functions that transform: importing it costs more
+# than the rest of a small run, which may never take the FFT path.
 
 
 def tile_scratch_bytes(job, nb, shape) -> int:
@@ -43,7 +47,7 @@ def tile_scratch_bytes(job, nb, shape) -> int:
     layer holds one set per output phase (counted as two).
     """
     isz = job.work_dtype.itemsize
-    per = math.prod(sfft.next_fast_len(e, real=True) for e in job.input_extent(shape))
+    per = math.prod(next_fast_len(e) for e in job.input_extent(shape))
     scratch = nb * per * (job.in_channels + 2 * job.filters) * isz * 2
     scratch += per * job.in_channels * job.filters // job.groups * isz
     if job.kind != "conv":
@@ -79,6 +83,7 @@ class SpectrumCache:
         return hit
 
     def get(self, taps_w, terms, fshape, dtype, workers=1):
+        from scipy import fft as sfft
         key = (tuple(t.taps for t in terms), fshape)
         with self._lock:
             hit = self._store.get(key)
@@ -111,6 +116,7 @@ class SpectrumCache:
 
 
 def _fft_shape(combo):
+    from scipy import fft as sfft
     return tuple(sfft.next_fast_len(L, real=True) for _, _, L in map(_term_extent, combo))
 
 
@@ -123,6 +129,7 @@ MAX_SPLIT_GROWTH = 1.25
 def _split_axis0(terms, parts):
     """``terms`` with axis 0's terms cut into ``parts`` runs of outputs, or None
     when the overlap makes the parts' FFTs too much longer than the whole's."""
+    from scipy import fft as sfft
     pieces = []
     for p in range(parts):
         axis0 = []
@@ -173,6 +180,7 @@ def correlate_fft(x, terms, taps_w, out, cache=None, workers=1, bias=None):
 
 
 def _correlate(x, terms, taps_w, out, cache, workers, bias):
+    from scipy import fft as sfft
     nb = x.shape[0]
     g, cg, fg = taps_w.shape[3:]
     for combo in product(*terms):

@@ -69,6 +69,7 @@ class Plan:
     process_bytes: int = 0   # all processes' baseline (parent and forked workers)
     threads: int = 1         # BLAS/FFT threads per tile: workers x threads <= --workers
     notes: tuple = ()        # what the planner changed from what was asked, for the user
+    choice: dict = field(default_factory=dict)  # how the method was chosen (plan_job)
 
     def __post_init__(self):
         object.__setattr__(self, "tiles", tuple(self.tiles))
@@ -85,7 +86,8 @@ class Plan:
                 "workers": self.workers, "threads_per_worker": self.threads,
                 "memory_limit": self.memory_limit,
                 "estimated_peak_bytes": self.peak_bytes, "flops": job.flops(),
-                "notes": list(self.notes)}
+                "notes": list(self.notes),
+                **{k: {m: round(s, 6) for m, s in v.items()} for k, v in self.choice.items()}}
 
 
 def parse_memory(text) -> int:

@@ -14,10 +14,8 @@ from itertools import product
 
 import numpy as np
 
-try:
-    import numba
-except ImportError:  # pragma: no cover - numba is a dependency; keep a clear fallback
-    numba = None
+# numba.njit, importing numba on a kernel's first call (None without numba)
+from .jit import numba, worth_compiling
 
 # Channels-per-group x filters-per-group up to which the stencil beats GEMM
 # (measured by `make bench`: GEMM needs a wide K x N to reach BLAS speed).
@@ -35,7 +33,7 @@ FASTMATH = {"nsz", "arcp", "contract", "afn"}
 
 def stencil_suits(job) -> bool:
     cg, fg = job.in_channels // job.groups, job.filters // job.groups
-    return numba is not None and cg * fg <= MAX_CG_FG
+    return numba is not None and cg * fg <= MAX_CG_FG and worth_compiling(job)
 
 
 if numba is not None:

@@ -23,8 +23,14 @@ from ..shapes import CONV
 from .choose import exact_fixup_pays
 from .direct import correlate_gemm, scatter_transpose
 from .fft import SpectrumCache, correlate_fft
-from .nonfinite import (affected_boxes, all_finite, nonfinite_voxels, spread_nan,
-                        zero_products, zeroed)
+from .nonfinite import (
+    affected_boxes,
+    all_finite,
+    nonfinite_voxels,
+    spread_nan,
+    zero_products,
+    zeroed,
+)
 from .stencil import correlate_stencil, stencil_suits
 from .winograd import correlate_winograd
 
@@ -129,8 +135,8 @@ def read_padded(source, job, b0, b1, ranges):
     if tuple(clipped) == tuple(ranges):
         return _as_input(inner, job)
     x = np.zeros((b1 - b0,) + full + (job.in_channels,), job.work_dtype)
-    x[(slice(None),) + tuple(slice(ca - a, cz - a) for (a, _), (ca, cz) in zip(ranges, clipped))] = \
-        _as_input(inner, job)
+    inside = tuple(slice(ca - a, cz - a) for (a, _), (ca, cz) in zip(ranges, clipped))
+    x[(slice(None),) + inside] = _as_input(inner, job)
     return x
 
 
@@ -241,14 +247,15 @@ def _direct_box(job, tile, origin, x, box, acc, bias):
 
 # ------------------------------------------------------------------ warm-up
 class ZerosSource:
-    """A canonical source of zeros in the job's work dtype."""
+    """A canonical source of zeros in the job's work dtype: ``read`` gives a
+    written (not lazily mapped) block of the asked region, as a file read would."""
 
     def __init__(self, job):
         self.channels, self.dtype = job.in_channels, job.work_dtype
 
     def read(self, b0, b1, ranges):
-        return np.zeros((b1 - b0,) + tuple(z - a for a, z in ranges) + (self.channels,),
-                        self.dtype)
+        shape = (b1 - b0,) + tuple(z - a for a, z in ranges) + (self.channels,)
+        return np.full(shape, 0, self.dtype)
 
 
 def warm_up(job, method):

@@ -23,19 +23,14 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import ArgumentError
+from .registry import BY_NAME, FORMATS
 
 # --output-dtype values. "compute" (the default) and "input" name a dtype; the
 # others are dtypes. Integer outputs (with rounding and clipping rules) would
 # be further names here.
 OUTPUT_DTYPES = ("compute", "input", "float16", "float32", "float64")
 
-FORMAT_FLOATS = {
-    "npy": ("float16", "float32", "float64"),
-    "hdf5": ("float16", "float32", "float64"),
-    "zarr": ("float16", "float32", "float64"),
-    "nifti": ("float32", "float64"),
-}
-FORMAT_NAMES = {"npy": ".npy", "hdf5": "HDF5", "zarr": "Zarr", "nifti": "NIfTI"}
+# Each format's storable floats are in its line of :data:`~conv3d_cli.io.registry.FORMATS`.
 
 
 def output_dtype(requested, compute_dtype, input_dtype, fmt):
@@ -48,8 +43,8 @@ def output_dtype(requested, compute_dtype, input_dtype, fmt):
     if requested not in OUTPUT_DTYPES:
         raise ArgumentError(f"Invalid `output_dtype`: {requested!r}. Expected one of "
                             f"{', '.join(OUTPUT_DTYPES)}.")
-    fmt_name = FORMAT_NAMES.get(fmt, fmt)
-    storable = FORMAT_FLOATS.get(fmt, ("float32", "float64"))
+    fmt_name = BY_NAME[fmt].title if fmt in BY_NAME else fmt
+    storable = BY_NAME[fmt].floats if fmt in BY_NAME else ("float32", "float64")
     if requested == "compute":
         if compute_dtype in storable:
             return np.dtype(compute_dtype), None
@@ -68,14 +63,22 @@ def output_dtype(requested, compute_dtype, input_dtype, fmt):
     if want not in storable:
         raise ArgumentError(
             f"--output-dtype {requested}: {fmt_name} cannot store {want}; use "
-            f"{' or '.join(storable)}" + (", or a .npy, HDF5 or Zarr output"
-                                          if fmt == "nifti" else ""))
+            f"{' or '.join(storable)}" + _formats_storing(want))
     note = None
     if _narrower(want, compute_dtype):
         note = f"the {compute_dtype} results are rounded to {want}"
         if want == "float16":
             note += " (magnitudes above 65504 become inf)"
     return np.dtype(want), note
+
+
+def _formats_storing(dtype):
+    """", or a .npy, HDF5 or Zarr output": the formats that store ``dtype``."""
+    names = [f.title for f in FORMATS if dtype in f.floats]
+    if not names:
+        return ""
+    return ", or a " + (" or ".join(names) if len(names) < 3 else
+                        ", ".join(names[:-1]) + " or " + names[-1]) + " output"
 
 
 _PRECISION = {"bfloat16": 8, "float16": 11, "float32": 24, "float64": 53}

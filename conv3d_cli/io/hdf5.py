@@ -20,9 +20,11 @@ import h5py
 import numpy as np
 
 from .. import signals
-from ..errors import VolumeError
+from ..errors import OutputExistsError, VolumeError
+from .base import FileWriter, Volume
 from .npy import check_dtype
 from .paths import check_input_path
+from .tempfiles import FolderLock, place
 
 DEFAULT_DATASET = "/data"
 
@@ -161,6 +163,10 @@ def _reason(exc):
         "Can't synchronously ", "can't ")
 
 
+def open_volume(spec, header_only=False, tmp_dir=None) -> Volume:
+    return Volume(spec, open_hdf5(spec.path, spec.dataset))
+
+
 def open_hdf5(path, dataset=None) -> H5Array:
     check_input_path(path, path)
     probe(lambda: _inspect(path, dataset, corner=True), path, VolumeError)
@@ -270,16 +276,11 @@ def _wait(pid, done, timeout):
 class H5Writer:
     """The output dataset in a new file, written by the parent process only."""
 
-    single_writer = True
-
-    def __init__(self, path, dataset, shape, dtype, chunks=None, attrs=None):
+    def __init__(self, path, dataset, shape, dtype):
         self.file = h5py.File(path, "w")
-        chunks = tuple(min(c, n) for c, n in zip(chunks, shape)) if chunks else True
         self.ds = self.file.create_dataset(dataset, shape=tuple(shape), dtype=np.dtype(dtype),
-                                           chunks=chunks, compression="gzip",
+                                           chunks=True, compression="gzip",
                                            compression_opts=4, shuffle=True)
-        for k, v in (attrs or {}).items():
-            self.ds.attrs[k] = v
         self.shape, self.dtype = self.ds.shape, self.ds.dtype
 
     def __setitem__(self, idx, value):
@@ -287,6 +288,66 @@ class H5Writer:
 
     def close(self):
         self.file.close()
+
+
+class Writer(FileWriter):
+    """An HDF5 dataset (``file.h5:/group/name``, default ``/data``), chunked and
+    compressed, its parent groups created.
+
+    HDF5 files take one writer: the engine sends every block to this process.
+    The dataset is written into a new temporary file beside OUTPUT; committing
+    it into an existing file copies it in (:func:`copy_dataset_into`), with
+    commits into files of one folder taking turns, so concurrent runs writing
+    datasets of one file all keep theirs and no other dataset is touched.
+    Chunks are h5py's choice, not the tiles': one process writes them all, and
+    a tile-sized chunk could pass HDF5's 4 GiB chunk limit.
+    """
+
+    def __init__(self, spec, *, shape, dtype, overwrite=False, inputs=(), resume=False, **_):
+        dataset = spec.dataset or DEFAULT_DATASET
+        super().__init__(spec, shape, dtype, lambda tmp: H5Writer(tmp, dataset, shape, dtype),
+                         overwrite, inputs, resume)
+
+    @property
+    def dataset(self):
+        return self.spec.dataset or DEFAULT_DATASET
+
+    @classmethod
+    def _check_existing(cls, spec, overwrite):
+        dataset = spec.dataset or DEFAULT_DATASET
+        if not dataset.strip("/"):
+            raise VolumeError(f"OUTPUT {spec} names the file's root group; name a dataset "
+                              "(file.h5:/group/name)")
+        if not has_hdf5_signature(spec.path):
+            if os.path.exists(spec.path) and not overwrite:
+                raise OutputExistsError(f"OUTPUT {spec} exists and is not an HDF5 file; pass "
+                                        "--overwrite to replace it")
+            return
+        what = f"OUTPUT {spec.path}:{dataset}"
+        found = existing_dataset(spec.path, dataset, what)
+        if found == "group":
+            raise VolumeError(f"{what} is a group, not a dataset; name a dataset (its members "
+                              "are never replaced)")
+        if found and not overwrite:
+            raise OutputExistsError(f"{what} exists; pass --overwrite to replace it")
+
+    def commit(self):
+        """Copy the dataset into an existing HDF5 file, or put the new file in place."""
+        self._close()
+        path, what = self.spec.path, f"OUTPUT {self.spec}"
+        with FolderLock(self.folder):
+            if has_hdf5_signature(path):
+                copy_dataset_into(self._tmp, self.dataset, path, self.overwrite,
+                                  f"OUTPUT {path}:{self.dataset}")
+                self.committed = True
+                os.unlink(self._tmp)
+                return
+            if os.path.lexists(path) and not self.overwrite:
+                raise OutputExistsError(f"{what} exists and is not an HDF5 file; pass "
+                                        "--overwrite to replace it")
+            with signals.shielded():
+                place(self._tmp, path, True, what)
+                self.committed = True
 
 
 # ------------------------------------------------------------------ output side
@@ -367,7 +428,6 @@ def copy_dataset_into(src_path, dataset, dst_path, overwrite, what):
     goes under a temporary name next to ``dataset`` and is then moved onto
     it; other datasets are never touched.
     """
-    from ..errors import OutputExistsError
     from .tempfiles import is_stale, token
     with h5py.File(src_path, "r") as src:
         ds = src[dataset]

@@ -7,6 +7,12 @@ A ``.nii.gz`` cannot be read at random offsets: it is first decompressed, as
 a stream, to a temporary ``.nii`` (disk, not memory, holds the volume), and a
 ``.nii.gz`` output is written as a temporary ``.nii`` and compressed as a
 stream at the end.
+
+Geometry: the voxel-to-world affine by the rules of :func:`best_affine`, the
+spatial unit of ``xyzt_units`` (unknown read as millimetres, as FSL and
+nibabel take it), and the header itself, which an output copies
+(:func:`create_nifti`). The image is ``(X, Y, Z[, C])`` whatever the layer's
+data_format, stored in Fortran order (X fastest).
 """
 
 from __future__ import annotations
@@ -20,10 +26,14 @@ import tempfile
 
 import nibabel as nib
 import numpy as np
+from nibabel.nifti1 import extension_codes, xform_codes
 from nibabel.volumeutils import native_code
 
-from ..errors import VolumeError
+from ..errors import ShapeError, VolumeError
+from ..geometry import UNIT_METERS, Geometry
+from .base import FileWriter, Volume
 from .npy import check_dtype
+from .paths import check_input_path
 from .rawfile import RawArrayFile
 from .tempfiles import remove_stale, temp_path
 
@@ -112,8 +122,7 @@ def open_nifti(path, header_only=False, tmp_dir=None):
     """(array, image header object, affine, temporary file or None).
 
     A .nii.gz is decompressed into ``tmp_dir`` (default: :func:`default_tmp_dir`)."""
-    if not os.path.exists(path):
-        raise VolumeError(f"{path}: no such file")
+    check_input_path(path, path)
     try:
         img = nib.load(path)
         header = img.header
@@ -144,6 +153,48 @@ def open_nifti(path, header_only=False, tmp_dir=None):
     if not (slope == 1 and inter == 0):
         arr = Scaled(arr, slope, inter)
     return arr, img, affine, tmp
+
+
+# xyzt_units -> the geometry's unit names; "unknown" is read as millimetres.
+_UNITS_IN = {"meter": "meter", "mm": "millimeter", "micron": "micrometer",
+             "unknown": "millimeter"}
+_UNITS_OUT = {"meter": "meter", "millimeter": "mm", "micrometer": "micron"}
+
+
+def open_volume(spec, header_only=False, tmp_dir=None) -> Volume:
+    array, img, affine, tmp = open_nifti(spec.path, header_only=header_only, tmp_dir=tmp_dir)
+    try:
+        unit = _UNITS_IN.get(img.header.get_xyzt_units()[0])
+    except Exception:  # a units code nibabel does not know
+        unit = None
+    geometry = Geometry(affine, (unit,) * 3, img.header, "affine")
+    details, text = header_details(img.header)
+    return Volume(spec, array, geometry, axes="channels_last", split_order=(2, 1, 0),
+                  temp_files=[tmp] if tmp else [], details=details, details_text=text)
+
+
+def header_details(header):
+    """``conv3d info``'s fields of a header: the orientation codes and the header
+    extensions (code, name, size on disk, copied or not); and each field as text."""
+    extensions = [{"code": int(e.get_code()), "name": _label(extension_codes, e.get_code()),
+                   "bytes": int(e.get_sizeondisk()), "copied_to_outputs": is_copied(e)}
+                  for e in header.extensions]
+    details = {"sform_code": int(header["sform_code"]),
+               "qform_code": int(header["qform_code"]), "extensions": extensions}
+    text = {key: f"{details[key]} ({_label(xform_codes, details[key])})"
+            for key in ("sform_code", "qform_code")}
+    text["extensions"] = ", ".join(
+        f"{e['name']} (code {e['code']}, {e['bytes']} bytes"
+        f"{'' if e['copied_to_outputs'] else ', not copied to outputs'})"
+        for e in extensions) or "none"
+    return details, text
+
+
+def _label(codes, code):
+    try:
+        return codes.label[int(code)]
+    except KeyError:
+        return "unknown"
 
 
 def _check_shape(shape, path):
@@ -223,23 +274,25 @@ def copied_extensions(header):
     return [e for e in header.extensions if is_copied(e)]
 
 
-def create_nifti(path, shape, dtype, affine, like=None, description=""):
+def create_nifti(path, shape, dtype, affine, header=None, description="", unit="mm"):
     """A new uncompressed NIfTI at ``path`` with ``affine``; data written by region.
 
-    With ``like`` (the input image), ``affine`` is the output's voxel-to-world
-    matrix by :func:`best_affine` of ``like``'s header, and the output header
-    is ``like``'s, native-endian, with both transforms moved the same way.
+    With ``header`` (the input's), ``affine`` is the output's voxel-to-world
+    matrix by :func:`best_affine` of ``header``, and the output header is
+    ``header``, native-endian, with both transforms moved the same way.
+    Without, both transforms are ``affine`` (code 1, scanner) in ``unit``.
     """
     note = ""
-    if like is not None:
-        header = _output_header(like.header, affine)
-        if len(header.extensions) < len(like.header.extensions):
+    if header is not None:
+        source = header
+        header = _output_header(source, affine)
+        if len(header.extensions) < len(source.extensions):
             note = "; AFNI extension dropped"
     else:
         header = nib.Nifti1Header()
         header.set_sform(affine, code=1)
         header.set_qform(affine, code=1)
-        header.set_xyzt_units("mm")
+        header.set_xyzt_units(unit)
     header.set_data_shape(shape)
     header.set_data_dtype(np.dtype(dtype))
     header.set_slope_inter(np.nan, np.nan)
@@ -295,3 +348,61 @@ def _clear_non_spatial(header):
 def gzip_file(src, dst):
     with open(src, "rb") as fin, gzip.open(dst, "wb", compresslevel=6) as fout:
         shutil.copyfileobj(fin, fout, 16 << 20)
+
+
+def _placement(geometry):
+    """(affine, the input header to copy or None, xyzt unit) of an output of ``geometry``.
+
+    A geometry from a NIfTI input brings its header; one of another format
+    gets a new header in the unit of its axes (converted to millimetres where
+    NIfTI has no name for it); one without world coordinates lies on its
+    input's voxel grid (``to_source``).
+    """
+    geometry = geometry if geometry is not None else Geometry()
+    if isinstance(geometry.header, nib.Nifti1Header):  # NIfTI-2 headers are a subclass
+        return geometry.affine, geometry.header, None
+    if geometry.affine is None:
+        return geometry.to_source, None, "mm"
+    units = geometry.units or (None,) * 3
+    if len(set(units)) == 1 and units[0] in _UNITS_OUT:
+        return geometry.affine, None, _UNITS_OUT[units[0]]
+    if all(u in UNIT_METERS for u in units):  # e.g. nanometre axes: written in mm
+        affine = np.array(geometry.affine)
+        affine[:3, :3] *= [UNIT_METERS[u] / UNIT_METERS["millimeter"] for u in units]
+        return affine, None, "mm"
+    return geometry.affine, None, "mm"  # unknown units: NIfTI readers take mm
+
+
+class Writer(FileWriter):
+    """A NIfTI output: one volume ``(X, Y, Z[, C])``, channels last; ``.nii.gz``
+    written uncompressed first and compressed by ``commit()``."""
+
+    parallel_writes = True
+
+    def __init__(self, spec, *, shape, dtype, geometry=None, description="", overwrite=False,
+                 inputs=(), resume=False, **_):
+        if len(shape) > 4:
+            raise ShapeError(f"OUTPUT {spec}: a NIfTI output holds one volume "
+                             f"(X, Y, Z[, C]); this output has shape {tuple(shape)}")
+        base = os.path.basename(spec.path)
+        affine, header, unit = _placement(geometry)
+
+        def create(tmp):
+            return create_nifti(tmp, shape, dtype, affine, header, description, unit)
+        super().__init__(spec, shape, dtype, create, overwrite, inputs, resume,
+                         name=base[:-3] if spec.gzipped else base)
+        self._tmp_gz = temp_path(self.folder, base) if spec.gzipped else None
+
+    @classmethod
+    def output_axes(cls, geometry=None):
+        return "channels_last"
+
+    def _finish(self, tmp):
+        if not self.spec.gzipped:
+            return tmp
+        gzip_file(tmp, self._tmp_gz)
+        os.unlink(tmp)
+        return self._tmp_gz
+
+    def _temporary_files(self):
+        return [self._tmp, getattr(self, "_tmp_gz", None)]

@@ -1,4 +1,8 @@
-"""``.npy`` volumes, read and written region by region; never unpickles."""
+"""``.npy`` volumes, read and written region by region; never unpickles.
+
+A ``.npy`` has no geometry; a C-ordered file stores its first spatial axis
+slowest, a Fortran-ordered one its last.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import numpy as np
 from numpy.lib import format as npformat
 
 from ..errors import VolumeError
+from .base import FileWriter, Volume
 from .paths import check_input_path
 from .rawfile import RawArrayFile
 
@@ -52,3 +57,18 @@ def create_npy(path, shape, dtype) -> RawArrayFile:
     offset = mm.offset
     del mm  # nothing was touched: the file is sparse until regions are written
     return RawArrayFile(path, offset, shape, dtype, writable=True)
+
+
+def open_volume(spec, header_only=False, tmp_dir=None) -> Volume:
+    array = open_npy(spec.path)
+    return Volume(spec, array, split_order=(2, 1, 0) if array.fortran_order else (0, 1, 2))
+
+
+class Writer(FileWriter):
+    """A ``.npy`` written by region; forked and Dask workers write their own regions."""
+
+    parallel_writes = True
+
+    def __init__(self, spec, *, shape, dtype, overwrite=False, inputs=(), resume=False, **_):
+        super().__init__(spec, shape, dtype, lambda tmp: create_npy(tmp, shape, dtype),
+                         overwrite, inputs, resume)

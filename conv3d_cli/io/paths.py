@@ -7,20 +7,14 @@ import stat
 from dataclasses import dataclass
 
 from ..errors import VolumeError
-
-HDF5_EXTENSIONS = (".h5", ".hdf5", ".hdf", ".he5")
-FORMATS = {".npy": "npy", ".nii": "nifti", ".nii.gz": "nifti"}
-FORMATS.update({ext: "hdf5" for ext in HDF5_EXTENSIONS})
-FORMATS[".zarr"] = "zarr"
-# Container formats whose path may carry an inner array: file.h5:/group/data
-INNER_PATH_EXTENSIONS = HDF5_EXTENSIONS + (".zarr",)
+from .registry import BY_EXTENSION, expected_formats, extension, inner_path_extensions
 
 
 @dataclass(frozen=True)
 class VolumeSpec:
     path: str
     format: str
-    dataset: str | None = None  # HDF5 only
+    dataset: str | None = None  # containers (HDF5, Zarr): the inner array's path
 
     def __str__(self):
         return f"{self.path}:{self.dataset}" if self.dataset else self.path
@@ -28,13 +22,6 @@ class VolumeSpec:
     @property
     def gzipped(self):
         return self.path.lower().endswith(".gz")
-
-
-def extension(path: str) -> str:
-    low = path.lower().rstrip("/")
-    if low.endswith(".nii.gz"):
-        return ".nii.gz"
-    return os.path.splitext(low)[1]
 
 
 def refuse_input(spec: VolumeSpec, inputs) -> None:
@@ -52,21 +39,20 @@ def parse_spec(text: str, role: str = "INPUT") -> VolumeSpec:
     text = os.fspath(text)
     path, dataset = text, None
     low = text.lower()
-    for ext in INNER_PATH_EXTENSIONS:
+    for ext in inner_path_extensions():
         marker = ext + ":"
         i = low.rfind(marker)
         if i != -1:
             path, dataset = text[:i + len(ext)], text[i + len(marker):] or None
             break
     ext = extension(path)
-    if ext not in FORMATS:
+    if ext not in BY_EXTENSION:
         raise VolumeError(
             f"{role} {text}: unknown volume format {ext or '(no extension)'!r}; expected "
-            ".npy, .nii, .nii.gz, .h5/.hdf5 (file.h5:/group/dataset) or .zarr "
-            "(store.zarr:/group/array)")
+            f"{expected_formats()}")
     if dataset is not None and not dataset.startswith("/"):
         dataset = "/" + dataset
-    return VolumeSpec(path, FORMATS[ext], dataset)
+    return VolumeSpec(path, BY_EXTENSION[ext].name, dataset)
 
 
 def check_input_path(path, where, error=VolumeError, directory=False):

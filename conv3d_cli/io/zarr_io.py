@@ -8,9 +8,10 @@ therefore chunked exactly like the engine's tiles.
 An OME-Zarr image (a group with ``multiscales`` metadata, NGFF 0.4 in Zarr v2
 or 0.5 in Zarr v3) is read at level 0 by its ``axes``: ``[t,] [c,] z, y, x``,
 t a batch axis, so it is a channels-first volume whatever the layer's
-data_format; other axes are refused. The output is written as an OME-Zarr image with
-one level whose ``coordinateTransformations`` (scale, translation) are
-updated the way the NIfTI affine is (``geometry.voxel_map``).
+data_format; other axes are refused. An output placed by an axis-aligned
+affine (from an OME-Zarr or a NIfTI input) is written as an OME-Zarr image
+with one level whose ``coordinateTransformations`` (scale, translation) come
+from the moved affine (:mod:`conv3d_cli.io.ome`).
 
 Resumable runs: the output is written to ``OUTPUT.partial`` first (an array
 of an existing store: ``store.zarr/group/new.partial``), and every finished
@@ -26,11 +27,15 @@ import json
 import math
 import os
 import shutil
+from dataclasses import dataclass
 
 import numpy as np
 
 from .. import signals
 from ..errors import ArgumentError, OutputExistsError, VolumeError
+from ..geometry import Geometry
+from . import ome
+from .base import Volume, VolumeWriter
 from .npy import check_dtype
 from .paths import check_input_path
 from .tempfiles import check_writable_dir, is_stale, place, remove_stale, temp_path
@@ -44,85 +49,6 @@ def require_zarr():
             "Zarr volumes need the zarr package: pip install zarr (or pip install "
             "\".[distributed]\" in the conv3d clone)") from None
     return zarr
-
-
-def _multiscales(attrs):
-    """(multiscales, NGFF version) of a group's attributes, or (None, None); the
-    multiscales are checked by :func:`_ome_image`."""
-    attrs = dict(attrs)
-    if "ome" in attrs:  # NGFF 0.5 (Zarr v3)
-        ome = attrs["ome"] if isinstance(attrs["ome"], dict) else {}
-        return ome.get("multiscales", "missing"), ome.get("version", "0.5")
-    if "multiscales" in attrs:  # NGFF 0.4 (Zarr v2)
-        ms = attrs["multiscales"]
-        first = ms[0] if isinstance(ms, list) and ms and isinstance(ms[0], dict) else {}
-        return ms, first.get("version", "0.4")
-    return None, None
-
-
-# NGFF axis types; an axis without a type is known by its name.
-_ROLES = {"time": "t", "channel": "c", "space": "s"}
-_NAMED = {"t": "t", "time": "t", "c": "c", "channel": "c", "z": "s", "y": "s", "x": "s"}
-# NGFF 0.1-0.2 images have no axes: they are always 5-D.
-_DEFAULT_AXES = [{"name": "t", "type": "time"}, {"name": "c", "type": "channel"}] + \
-    [{"name": n, "type": "space"} for n in "zyx"]
-
-
-def _ome_image(multiscales, version, where):
-    """{axes, version, transforms, name, path} of an OME-Zarr image's level 0."""
-    if not isinstance(multiscales, list) or not multiscales or \
-            not isinstance(multiscales[0], dict):
-        raise VolumeError(f"{where}: bad OME-Zarr metadata: 'multiscales' is not a list of images")
-    image = multiscales[0]
-    datasets = image.get("datasets")
-    if not isinstance(datasets, list) or not datasets or not isinstance(datasets[0], dict) \
-            or not isinstance(datasets[0].get("path"), str):
-        raise VolumeError(f"{where}: bad OME-Zarr metadata: no 'datasets' with a 'path' "
-                          "for level 0")
-    axes = image.get("axes")
-    if axes is not None:
-        if not isinstance(axes, list):
-            raise VolumeError(f"{where}: bad OME-Zarr metadata: 'axes' is not a list")
-        axes = [{"name": a} if isinstance(a, str) else a for a in axes]  # NGFF 0.3: names
-        if not all(isinstance(a, dict) and isinstance(a.get("name"), str) for a in axes):
-            raise VolumeError(f"{where}: bad OME-Zarr metadata: an axis has no name")
-    transforms = datasets[0].get("coordinateTransformations") or []
-    if not isinstance(transforms, list) or not all(isinstance(t, dict) for t in transforms):
-        raise VolumeError(f"{where}: bad OME-Zarr metadata: level 0's "
-                          "'coordinateTransformations' is not a list of objects")
-    name = image.get("name", "image")
-    return {"axes": axes, "version": str(version), "transforms": transforms,
-            "name": name if isinstance(name, str) else "image", "path": datasets[0]["path"]}
-
-
-def _axis_roles(axes, ndim, where):
-    """Each axis as t (time: a batch axis), c (channel) or s (space); refuses what
-    is not ``[t,] [c,] z, y, x``, the order NGFF prescribes."""
-    if axes is None:
-        if ndim != 5:
-            raise VolumeError(f"{where}: OME-Zarr image without 'axes' and of rank {ndim}; "
-                              "without axes only the 5-D (t, c, z, y, x) of NGFF 0.1-0.2 "
-                              "is understood")
-        axes = _DEFAULT_AXES
-    if len(axes) != ndim:
-        raise VolumeError(f"{where}: bad OME-Zarr metadata: {len(axes)} axes for an array "
-                          f"of rank {ndim}")
-    roles = []
-    for a in axes:
-        kind = a.get("type")
-        role = _ROLES.get(kind) if isinstance(kind, str) else None
-        if role is None:
-            role = _NAMED.get(a["name"].lower())
-        if role is None:
-            raise VolumeError(f"{where}: OME-Zarr axis {a['name']!r} (type {kind!r}) cannot "
-                              "be mapped; expected time, channel and space axes")
-        roles.append(role)
-    text = "".join(roles)
-    if text not in ("sss", "csss", "tsss", "tcsss"):
-        names = ", ".join(a["name"] for a in axes)
-        raise VolumeError(f"{where}: OME-Zarr axes ({names}) cannot be mapped to a 3-D "
-                          "volume; expected [t,] [c,] z, y, x (three space axes)")
-    return axes, text
 
 
 def _refuse_pickle(node, where):
@@ -188,24 +114,7 @@ class ZarrVolume:
         except Exception as exc:
             raise VolumeError(f"{where}: not a readable Zarr array or group ({exc})") from None
         if not hasattr(node, "shape"):  # a group: OME-Zarr image, or the only array
-            try:
-                multiscales, version = _multiscales(node.attrs)
-            except (AttributeError, TypeError, KeyError, IndexError, ValueError):
-                raise VolumeError(f"{where}: bad OME-Zarr metadata (no readable "
-                                  "'multiscales')") from None
-            if multiscales is not None:
-                self.ome = _ome_image(multiscales, version, where)
-                array_path = "/".join(p for p in ((array_path or "").strip("/"),
-                                                  self.ome["path"].strip("/")) if p)
-            else:
-                try:
-                    arrays = [name for name, _ in node.arrays()]
-                except Exception as exc:
-                    raise VolumeError(f"{where}: cannot list the group's arrays ({exc})") from None
-                if len(arrays) != 1:
-                    raise VolumeError(f"{path}: name the array as {path}:/path; the group holds "
-                                      f"{len(arrays)} arrays{': ' + ', '.join(arrays) if arrays else ''}")
-                array_path = "/".join(p for p in ((array_path or "").strip("/"), arrays[0]) if p)
+            array_path = self._array_in_group(node, array_path, where)
             try:
                 node = zarr.open_array(store=path, mode="r", path=array_path)
             except Exception as exc:
@@ -221,10 +130,10 @@ class ZarrVolume:
         shape = tuple(int(n) for n in node.shape)
         self._insert = None  # position of an added channel axis of one
         if self.ome is not None:
-            axes, roles = _axis_roles(self.ome["axes"], len(shape), where)
+            axes, roles = ome.axis_roles(self.ome["axes"], len(shape), where)
             self.ome["file_axes"] = axes
-            self.ome["scale"], self.ome["translation"] = _transforms(self.ome["transforms"],
-                                                                     len(shape), where)
+            self.ome["scale"], self.ome["translation"] = ome.level0_transforms(
+                self.ome["transforms"], len(shape), where)
             if roles == "tsss":  # a batch of one-channel volumes
                 self._insert = 1
                 shape = shape[:1] + (1,) + shape[1:]
@@ -232,6 +141,29 @@ class ZarrVolume:
             self.ome["axes"] = axes
         self.shape, self.dtype = shape, np.dtype(node.dtype)
         self.zarr_format = node.metadata.zarr_format
+
+    def _array_in_group(self, group, array_path, where):
+        """The path of the array a group stands for: an OME-Zarr image's level 0
+        (``self.ome`` set), else the group's only array."""
+        path = self.path
+        try:
+            multiscales, version = ome.multiscales_of(group.attrs)
+        except (AttributeError, TypeError, KeyError, IndexError, ValueError):
+            raise VolumeError(f"{where}: bad OME-Zarr metadata (no readable "
+                              "'multiscales')") from None
+        if multiscales is not None:
+            self.ome = ome.image_of(multiscales, version, where)
+            inner = self.ome["path"].strip("/")
+        else:
+            try:
+                arrays = [name for name, _ in group.arrays()]
+            except Exception as exc:
+                raise VolumeError(f"{where}: cannot list the group's arrays ({exc})") from None
+            if len(arrays) != 1:
+                raise VolumeError(f"{path}: name the array as {path}:/path; the group holds "
+                                  f"{len(arrays)} arrays{': ' + ', '.join(arrays) if arrays else ''}")
+            inner = arrays[0]
+        return "/".join(p for p in ((array_path or "").strip("/"), inner) if p)
 
     @property
     def channels_first(self):
@@ -264,35 +196,60 @@ class ZarrVolume:
         self.__dict__.update(state)
         self._array = require_zarr().open_array(store=self.path, mode="r", path=self.array_path)
 
-    def scale_translation(self):
-        """(scale, translation) of the spatial axes (z, y, x) at level 0, or None."""
+    def geometry(self) -> Geometry:
+        """An OME-Zarr image's placement (level 0); for any array the Zarr format, which
+        an output follows."""
         if not self.ome:
-            return None
-        return self.ome["scale"][-3:], self.ome["translation"][-3:]
+            return Geometry(header=ZarrHeader(self.zarr_format))
+        axes = self.ome["axes"]
+        return Geometry(ome.affine_of(axes, self.ome["scale"], self.ome["translation"]),
+                        ome.units_of(axes), ZarrHeader(self.zarr_format, axes), "ome")
 
 
-def _transforms(transforms, ndim, where):
-    """Level 0's (scale, translation), one finite number per axis."""
-    scale, trans = [1.0] * ndim, [0.0] * ndim
-    for t in transforms:
-        kind = t.get("type")
-        if kind not in ("scale", "translation"):
-            continue
-        values = t.get(kind)
-        if not isinstance(values, list) or len(values) != ndim or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
-                for v in values):
-            raise VolumeError(f"{where}: bad OME-Zarr metadata: the {kind} of level 0 is not "
-                              f"{ndim} finite numbers (got {str(values)[:80]})")
-        if kind == "scale":
-            scale = [float(v) for v in values]
-        else:
-            trans = [float(v) for v in values]
-    return scale, trans
+@dataclass(frozen=True, eq=False)
+class ZarrHeader:
+    """What a Zarr output copies from a Zarr input: its Zarr format and OME axes."""
+
+    zarr_format: int = 3
+    axes: list | None = None
 
 
-class ZarrOutput:
-    """The output: chunked like the tiles, written in place by every worker.
+def open_volume(spec, header_only=False, tmp_dir=None) -> Volume:
+    array = ZarrVolume(spec.path, spec.dataset)
+    return Volume(spec, array, array.geometry(),
+                  axes="channels_first" if array.channels_first else None)
+
+
+@dataclass(frozen=True)
+class _Location:
+    """Where a Zarr OUTPUT goes (see :class:`Writer`)."""
+
+    spec: object
+    in_store: bool   # an array of an existing store
+    root: str        # the store the partial output is written in
+    node: str        # the partial node's path in ``root`` ("" when it is the store)
+    final: str       # the folder OUTPUT ends up as
+    partial: str     # the folder written first
+    shown: str       # OUTPUT, as messages show it
+
+    @classmethod
+    def of(cls, spec):
+        store = spec.path.rstrip("/")
+        inner = (spec.dataset or "").strip("/")
+        if inner and os.path.isdir(store):  # one array (or OME image group) of a store
+            final = os.path.join(store, *inner.split("/"))
+            return cls(spec, True, store, inner + ".partial", final, final + ".partial",
+                       f"{store}:/{inner}")
+        return cls(spec, False, store + ".partial", "", store, store + ".partial", store)
+
+    @property
+    def inner(self):
+        """The array's path under the image or store: the spec's, else "data"."""
+        return (self.spec.dataset or "").strip("/") or "data"
+
+
+class Writer(VolumeWriter):
+    """A Zarr output: chunked like the tiles, written in place by every worker.
 
     Two cases. OUTPUT names a store (``out.zarr``, or an array of a store that
     does not exist yet): the store is the output, built as ``OUTPUT.partial``.
@@ -304,114 +261,129 @@ class ZarrOutput:
     leaves it to be moved back by the next run. The partial store or array is
     locked (``flock``) while a run writes it: a second run to the same OUTPUT
     is refused instead of overwriting the first one's tiles.
+
+    With a ``resume_record`` (what the run computes, and its ``tiles``), the
+    record is kept in ``.conv3d/plan.json`` and every finished tile leaves a
+    marker: a failed run keeps the partial output, and ``resume`` reuses one
+    whose record matches but for the tiles (``recorded_tiles``,
+    ``done_tiles()``). The Zarr format follows the input's; a geometry with an
+    axis-aligned affine makes the output an OME-Zarr image (:mod:`.ome`).
     """
 
-    single_writer = False
+    parallel_writes = True
+    resumable = True
 
-    def __init__(self, spec, overwrite=False, resume=False):
-        self.spec, self.overwrite, self.resume = spec, overwrite, resume
-        store = spec.path.rstrip("/")
-        inner = (spec.dataset or "").strip("/")
-        folder = os.path.dirname(os.path.abspath(store))
-        check_writable_dir(folder, f"OUTPUT {spec}")
-        self.in_store = bool(inner) and os.path.isdir(store)
-        if self.in_store:  # one array (or OME image group) of an existing store
-            self.root, self.node = store, inner + ".partial"
-            self.final = os.path.join(store, *inner.split("/"))
-            self.partial = self.final + ".partial"
-            self.array_path = self.node
-            self.shown = f"{store}:/{inner}"
-        else:
-            self.final = store
-            self.root = self.partial = store + ".partial"
-            self.node = ""
-            self.array_path = inner or "data"
-            self.shown = store
-        _recover_aside(self.final)
-        remove_stale(os.path.dirname(self.final))
-        if os.path.lexists(self.final) and not overwrite:
+    def __init__(self, spec, *, shape, dtype, chunks=None, geometry=None, overwrite=False,
+                 inputs=(), resume_record=None, resume=False, **_):
+        super().__init__(spec, shape, dtype)
+        self.check(spec, overwrite, inputs, resume)
+        self.loc = _Location.of(spec)
+        self.overwrite = overwrite
+        self.done_dir = os.path.join(self.loc.partial, ".conv3d", "done")
+        self.array_path = self.loc.inner if not self.loc.in_store else self.loc.node
+        self._keep = resume_record is not None
+        self._lock = self._array = None
+        self._done = set()
+        chunks = tuple(min(int(c), n) for c, n in zip(chunks or self.shape, self.shape))
+        multiscales, note = ome.multiscales_for(geometry, len(self.shape), _header_axes(geometry))
+        self.notes = (note,) if note else ()
+        try:
+            self._lock_partial()
+            if not (resume and self._reopen(resume_record or {}, multiscales)):
+                self._create(chunks, geometry, multiscales, resume_record)
+        except BaseException:
+            self._unlock()
+            raise
+
+    @classmethod
+    def check(cls, spec, overwrite=False, inputs=(), resume=False):
+        super().check(spec, overwrite, inputs, resume)
+        loc = _Location.of(spec)
+        check_writable_dir(os.path.dirname(os.path.abspath(spec.path.rstrip("/"))),
+                           f"OUTPUT {spec}")
+        _recover_aside(loc.final)
+        remove_stale(os.path.dirname(loc.final))
+        if os.path.lexists(loc.final) and not overwrite:
             raise OutputExistsError(f"OUTPUT {spec} exists; pass --overwrite to replace it")
-        if self.in_store and os.path.isdir(self.final) and _is_group(self.final):
-            raise VolumeError(f"OUTPUT {spec} is a group of {store}, not an array; name an "
+        if loc.in_store and os.path.isdir(loc.final) and _is_group(loc.final):
+            raise VolumeError(f"OUTPUT {spec} is a group of {loc.root}, not an array; name an "
                               "array (a group's members are never replaced)")
-        self.done_dir = os.path.join(self.partial, ".conv3d", "done")
-        self._lock = None
-        self._array = None
-        self.committed = False
+        for source in inputs:
+            _refuse_input(loc, source)
 
-    def check_input(self, volume):
-        """Refuse an OUTPUT that is, or holds, the input array (writing it would delete it)."""
-        if volume.spec.format != "zarr" or not os.path.exists(self.final):
-            return
-        array = volume.array
-        if self.in_store:
-            if not os.path.samefile(array.path, self.root):
-                return
-            node = self.node[:-len(".partial")]
-            inside = array.array_path.strip("/") == node or \
-                array.array_path.strip("/").startswith(node + "/")
-        else:
-            inside = os.path.samefile(array.path, self.final)
-        if inside:
-            raise VolumeError(f"OUTPUT {self.spec} is or holds the input {volume.spec}; write to "
-                              "another store, or to a new array of this one (store.zarr:/name)")
+    @classmethod
+    def output_axes(cls, geometry=None):
+        """Channels first for an OME-Zarr output (NGFF puts channels before z, y, x)."""
+        if geometry is not None and geometry.affine is not None and \
+                ome.aligned_axes(geometry.affine) is not None:
+            return "channels_first"
+        return None
 
-    def prepare(self, shape, dtype, chunks, plan_record, zarr_format=3, ome=None):
-        """Create (or, resuming, reopen) the partial store or array.
+    def _image_path(self, multiscales):
+        """The array's path in ``loc.root``: an OME image's level 0 is "data" in its group."""
+        if multiscales is None:
+            return self.loc.node or self.loc.inner
+        return "/".join(p for p in (self.loc.node, "data") if p)
 
-        Returns (indices of the tiles already done, the recorded tiles or None).
-        The record's ``tiles`` are the tiling the store is chunked for; the
-        rest (input, layer, weights, output shape) must match to resume.
-        """
+    def _reopen(self, record, multiscales):
+        """Reopen a partial output written for ``record`` (but its tiles); False if none."""
+        record_path = os.path.join(self.loc.partial, ".conv3d", "plan.json")
+        if not os.path.exists(record_path):
+            return False
+        old = _read_record(record_path, self.loc.partial)
+        if {k: v for k, v in old.items() if k != "tiles"} != \
+                {k: v for k, v in record.items() if k != "tiles"}:
+            raise ArgumentError(
+                f"--resume: {self.loc.partial} was written by another job (input, layer, "
+                "weights or output differ); remove it or run without --resume")
+        self.array_path = self._image_path(multiscales)
+        try:
+            self._array = require_zarr().open_array(store=self.loc.root, mode="r+",
+                                                    path=self.array_path)
+            self._done = {int(n) for n in os.listdir(self.done_dir) if n.isdigit()}
+        except Exception as exc:
+            raise ArgumentError(f"--resume: {self.loc.partial} cannot be reopened ({exc}); "
+                                "remove it or run without --resume") from None
+        self.recorded_tiles = tuple((b0, b1, tuple(tuple(r) for r in box))
+                                    for b0, b1, box in old["tiles"])
+        return True
+
+    def _create(self, chunks, geometry, multiscales, record):
+        """Create the partial store or array (emptied first), and record ``record``."""
         zarr = require_zarr()
-        record_path = os.path.join(self.partial, ".conv3d", "plan.json")
-        same = {k: v for k, v in plan_record.items() if k != "tiles"}
-        self._lock_partial()
-        if ome is not None:  # an OME-Zarr image: metadata on the group, level 0 at "data"
-            self.array_path = "/".join(p for p in (self.node, "data") if p)
-        if self.resume and os.path.exists(record_path):
-            old = _read_record(record_path, self.partial)
-            if {k: v for k, v in old.items() if k != "tiles"} != same:
-                raise ArgumentError(
-                    f"--resume: {self.partial} was written by another job (input, layer, "
-                    "weights or output differ); remove it or run without --resume")
-            try:
-                self._array = zarr.open_array(store=self.root, mode="r+", path=self.array_path)
-                done = {int(n) for n in os.listdir(self.done_dir) if n.isdigit()}
-            except Exception as exc:
-                raise ArgumentError(f"--resume: {self.partial} cannot be reopened ({exc}); "
-                                    "remove it or run without --resume") from None
-            return done, old["tiles"]
-        _empty_folder(self.partial)
-        if self.in_store:
-            zarr_format = zarr.open_group(store=self.root, mode="r").metadata.zarr_format
-            root = zarr.open_group(store=self.root, mode="r+")
-            if ome is not None:
-                root = root.create_group(self.node)
+        loc = self.loc
+        _empty_folder(loc.partial)
+        if loc.in_store:
+            zarr_format = zarr.open_group(store=loc.root, mode="r").metadata.zarr_format
+            root = zarr.open_group(store=loc.root, mode="r+")
+            if multiscales is not None:
+                root = root.create_group(loc.node)
         else:
-            root = zarr.open_group(store=self.root, mode="w-", zarr_format=zarr_format)
-        name = self.array_path[len(self.node):].lstrip("/") if ome is not None or not self.node \
-            else self.node
-        self._array = root.create_array(name=name, shape=tuple(shape), chunks=tuple(chunks),
-                                        dtype=np.dtype(dtype), fill_value=0)
-        if ome is not None:
-            root.attrs.update(ome)
+            header = geometry.header if geometry is not None else None
+            zarr_format = header.zarr_format if isinstance(header, ZarrHeader) else 3
+            root = zarr.open_group(store=loc.root, mode="w-", zarr_format=zarr_format)
+        self.array_path = self._image_path(multiscales)
+        name = "data" if multiscales is not None else (loc.node or loc.inner)
+        self._array = root.create_array(name=name, shape=self.shape, chunks=chunks,
+                                        dtype=self.dtype, fill_value=0)
+        if multiscales is not None:
+            root.attrs.update(ome.group_attrs(multiscales, zarr_format))
         os.makedirs(self.done_dir, exist_ok=True)
-        with open(record_path, "w") as fh:
-            json.dump(plan_record, fh)
-        return set(), None
+        if record is not None:
+            with open(os.path.join(loc.partial, ".conv3d", "plan.json"), "w") as fh:
+                json.dump(record, fh)
 
     def _lock_partial(self):
         """Hold an exclusive flock on the partial folder (made if missing) for the run."""
         import fcntl
-        os.makedirs(self.partial, exist_ok=True)
-        fd = os.open(self.partial, os.O_RDONLY)
+        os.makedirs(self.loc.partial, exist_ok=True)
+        fd = os.open(self.loc.partial, os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             raise VolumeError(f"OUTPUT {self.spec} is being written by another run (its "
-                              f"partial {self.partial} is locked)") from None
+                              f"partial {self.loc.partial} is locked)") from None
         except OSError:  # no flock here: unlocked, as before
             pass
         self._lock = fd
@@ -424,7 +396,7 @@ class ZarrOutput:
     def __setitem__(self, idx, value):
         self._array[idx] = value
 
-    def __getstate__(self):
+    def __getstate__(self):  # reopened in each worker process
         state = dict(self.__dict__)
         state["_array"] = None
         state["_lock"] = None
@@ -432,54 +404,85 @@ class ZarrOutput:
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        self._array = require_zarr().open_array(store=self.root, mode="r+",
+        self._array = require_zarr().open_array(store=self.loc.root, mode="r+",
                                                 path=self.array_path)
+
+    def done_tiles(self) -> set:
+        return set(self._done)
 
     def mark_done(self, index):
         open(os.path.join(self.done_dir, str(index)), "w").close()
 
     def commit(self):
         """Rename the complete partial store or array to OUTPUT."""
-        what = f"OUTPUT {self.spec}"
+        what, final = f"OUTPUT {self.spec}", self.loc.final
         self._array = None
         try:
             with signals.shielded():
-                if os.path.lexists(self.final):
+                if os.path.lexists(final):
                     if not self.overwrite:
                         raise OutputExistsError(f"{what} was created by another process while "
                                                 "this run computed; pass --overwrite to replace it")
-                    aside = temp_path(os.path.dirname(self.final), os.path.basename(self.final))
-                    os.rename(self.final, aside)
+                    aside = temp_path(os.path.dirname(final), os.path.basename(final))
+                    os.rename(final, aside)
                     try:
-                        place(self.partial, self.final, False, what)
+                        place(self.loc.partial, final, False, what)
                     except BaseException:
-                        os.rename(aside, self.final)
+                        os.rename(aside, final)
                         raise
                     shutil.rmtree(aside, ignore_errors=True)
                 else:
-                    place(self.partial, self.final, False, what)
+                    place(self.loc.partial, final, False, what)
                 self.committed = True
         finally:
             self._unlock()
-        shutil.rmtree(os.path.join(self.final, ".conv3d"), ignore_errors=True)
+        shutil.rmtree(os.path.join(final, ".conv3d"), ignore_errors=True)
 
-    def abort(self, keep=True):
-        """A failed run keeps its partial store or array for --resume (or removes it).
-
-        Returns what it kept, as a sentence for the user, or None."""
+    def abort(self):
+        """A failed run keeps a partial output that records its plan (for resume);
+        otherwise removes it. Returns what it kept, as a sentence for the user, or None."""
         self._unlock()
         if self.committed:
-            return f"OUTPUT {self.shown} was written"
-        if not os.path.exists(os.path.join(self.partial, ".conv3d", "plan.json")):
-            if os.path.isdir(self.partial) and not os.listdir(self.partial):
-                os.rmdir(self.partial)  # made to be locked, nothing written yet
+            return f"OUTPUT {self.loc.shown} was written"
+        partial = self.loc.partial
+        if not (self._keep and os.path.exists(os.path.join(partial, ".conv3d", "plan.json"))):
+            shutil.rmtree(partial, ignore_errors=True)
             return None
-        if not keep:
-            shutil.rmtree(self.partial, ignore_errors=True)
-            return None
-        shown = f"{self.root}:/{self.node}" if self.in_store else self.partial
+        shown = f"{self.loc.root}:/{self.loc.node}" if self.loc.in_store else partial
         return (f"its partial output {shown} is kept: run again with --resume to continue, "
                 "or delete it")
+
+
+def _header_axes(geometry):
+    header = geometry.header if geometry is not None else None
+    return header.axes if isinstance(header, ZarrHeader) else None
+
+
+def _refuse_input(loc, source):
+    """Refuse an OUTPUT that is, or holds, the input array (writing it would delete it).
+
+    ``source`` is an input's spec, or the opened input (whose array path is
+    resolved: a store's only array, an OME image's level 0)."""
+    array = getattr(source, "array", None)
+    spec = getattr(source, "spec", source)
+    if isinstance(array, ZarrVolume):
+        store, path = array.path, array.array_path or ""
+    elif spec.format == "zarr":
+        store, path = spec.path, spec.dataset or ""
+    else:
+        return
+    if not os.path.exists(loc.final) or not os.path.exists(store):
+        return
+    if loc.in_store:
+        if not os.path.samefile(store, loc.root):
+            return
+        node, path = loc.node[:-len(".partial")], path.strip("/")
+        inside = path == node or path.startswith(node + "/")
+    else:
+        inside = os.path.samefile(store, loc.final)
+    if inside:
+        raise VolumeError(f"OUTPUT {loc.spec} is or holds the input {spec}; write to "
+                          "another store, or to a new array of this one (store.zarr:/name)")
 
 
 def _is_group(path):
@@ -534,30 +537,3 @@ def _read_record(path, partial):
                     for r in t[2]) for t in tiles):
         raise junk
     return record
-
-
-def ome_output_attrs(volume, geoms, shape, version=None):
-    """OME-Zarr multiscales metadata for the output (one level, path "data")."""
-    st = volume.scale_translation() if volume is not None else None
-    scale, trans = st if st else ([1.0] * 3, [0.0] * 3)
-    new_scale, new_trans = [], []
-    for s, t, g in zip(scale, trans, geoms):
-        p0, p1 = g.position(0), g.position(1)
-        new_scale.append(s * (p1 - p0))
-        new_trans.append(t + s * p0)
-    n = len(shape)
-    axes = (volume.ome["axes"] if volume is not None and volume.ome and volume.ome["axes"]
-            and len(volume.ome["axes"]) == n else
-            ([{"name": "c", "type": "channel"}] if n == 4 else []) +
-            [{"name": a, "type": "space"} for a in "zyx"])
-    full_scale = [1.0] * (n - 3) + new_scale
-    full_trans = [0.0] * (n - 3) + new_trans
-    ms = [{"version": version or "0.4", "name": "conv3d", "axes": axes,
-           "datasets": [{"path": "data", "coordinateTransformations": [
-               {"type": "scale", "scale": full_scale},
-               {"type": "translation", "translation": full_trans}]}]}]
-    if version and version.startswith("0.5"):
-        for m in ms:
-            m.pop("version")
-        return {"ome": {"version": version, "multiscales": ms}}
-    return {"multiscales": ms}

@@ -73,7 +73,8 @@ def standardize_padding(value):
 
 
 def _keras_json(key, default, allowed):
-    """``key`` of keras.json ($KERAS_HOME, else ~/.keras) if one of ``allowed``, else ``default``."""
+    """``key`` of keras.json ($KERAS_HOME, else ~/.keras) if one of ``allowed``, else
+    ``default``."""
     home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
     path = Path(home) / "keras.json"
     try:

@@ -49,7 +49,8 @@ class MinMaxNorm(Constraint):
 
     def __call__(self, w):
         norms = _norms(w, self.axis)
-        desired = self.rate * np.clip(norms, self.min_value, self.max_value) + (1 - self.rate) * norms
+        clipped = np.clip(norms, self.min_value, self.max_value)
+        desired = self.rate * clipped + (1 - self.rate) * norms
         return w * (desired / (_EPSILON + norms))
 
     def get_config(self):

@@ -8,15 +8,20 @@ computation in :mod:`conv3d_cli.engine`.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from .. import shapes
 from ..errors import ArgumentError, ShapeError, WeightsError, brief
 from . import activations, constraints, initializers, regularizers
-from .args import (is_float_dtype, numpy_dtype, positive_int, standardize_data_format,
-                   standardize_dtype_policy, standardize_padding, standardize_tuple)
+from .args import (
+    is_float_dtype,
+    numpy_dtype,
+    positive_int,
+    standardize_data_format,
+    standardize_dtype_policy,
+    standardize_padding,
+    standardize_tuple,
+)
 
 # Keys of a Keras layer config that carry no meaning for inference here
 # (tf.keras 2's `batch_size` goes with `input_shape`, for a model's input).
@@ -210,7 +215,9 @@ class BaseConv3D:
     def set_weights(self, weights):
         """Set ``[kernel]`` or ``[kernel, bias]`` in Keras layout.
 
-        An unbuilt layer is built from the kernel's input-channel dimension.
+        The shapes are checked against the layer's arguments (``kernel_size``,
+        ``filters``, ``groups``, ``use_bias``) before anything is allocated. An
+        unbuilt layer is then built from the kernel's input-channel dimension.
         """
         weights = list(weights)
         expected = 2 if self.use_bias else 1
@@ -223,22 +230,28 @@ class BaseConv3D:
         if kernel.ndim != 5:
             raise WeightsError(
                 f"Layer '{self.name}' expects a 5-D kernel; received shape {kernel.shape}.")
-        if not self.built:
-            self._initial_weights = None  # the weights given now win
-            channels = kernel.shape[-2] * self.groups if self.kind == shapes.CONV else kernel.shape[-1]
-            self.build(shapes.join_layout((None,), (None,) * 3, channels, self.data_format))
-        for label, current, new in (("kernel", self.kernel, kernel),
-                                    ("bias", self.bias, weights[1] if self.use_bias else None)):
-            if current is None:
-                continue
+        if self.built:
+            channels = self.input_channels
+        elif self.kind == shapes.CONV:
+            channels = kernel.shape[-2] * self.groups
+        else:
+            channels = kernel.shape[-1]
+        given = [("kernel", self.kernel_shape(channels), kernel)]
+        if self.use_bias:
+            given.append(("bias", (self.filters,), weights[1]))
+        for label, want, new in given:
             new = np.asarray(new)
-            if new.shape != current.shape:
+            if new.shape != want:
                 raise WeightsError(
-                    f"Layer '{self.name}' {label} weight shape {current.shape} is not "
+                    f"Layer '{self.name}' {label} weight shape {want} is not "
                     f"compatible with provided weight shape {new.shape}.")
             if not (np.issubdtype(new.dtype, np.number) or is_float_dtype(new.dtype)) \
                     or np.iscomplexobj(new):
-                raise WeightsError(f"Layer '{self.name}' {label} must be real numbers, got {new.dtype}.")
+                raise WeightsError(
+                    f"Layer '{self.name}' {label} must be real numbers, got {new.dtype}.")
+        if not self.built:
+            self._initial_weights = None  # the weights given now win
+            self.build(shapes.join_layout((None,), (None,) * 3, channels, self.data_format))
         vdtype = numpy_dtype(self.variable_dtype)  # assigning casts to the variable's dtype
         self.kernel = kernel.astype(vdtype, copy=True)
         if self.use_bias:
