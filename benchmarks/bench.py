@@ -172,8 +172,8 @@ def bench_compute(only, repeats):
 def bench_finite_check(repeats):
     """NF: W2 (FFT) and W3 (Winograd) with the tiles' NaN/Inf check and without it,
     and the seconds spent in the check itself during one run."""
-    execute = importlib.import_module("conv3d_cli.engine.execute")
-    checked = execute.nonfinite_voxels
+    task = importlib.import_module("conv3d_cli.engine.task")
+    checked = task.nonfinite_voxels
     spent = [0.0]
 
     def timed_check(x):
@@ -184,11 +184,11 @@ def bench_finite_check(repeats):
             spent[0] += time.perf_counter() - start
 
     def run(layer, x, check):
-        execute.nonfinite_voxels = check
+        task.nonfinite_voxels = check
         try:
             layer(x, workers=CORES)
         finally:
-            execute.nonfinite_voxels = checked
+            task.nonfinite_voxels = checked
 
     rows = []
     for name, (desc, layer, x) in workloads(np.random.default_rng(0)).items():

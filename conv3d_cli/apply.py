@@ -189,20 +189,12 @@ def _names(axes):
 def _plan(job, volume, method, memory_limit, workers, chunk_shape, tiles=None):
     split_order = volume.split_order if volume is not None else (0, 1, 2)
     try:
-        return _plan_job(job, method, memory_limit, workers, chunk_shape,
-                         split_order=split_order, tiles=tiles)
+        return engine.plan_job(job, method, memory_limit, workers, chunk_shape,
+                               split_order=split_order, tiles=tiles)
     except ArgumentError as exc:
         if volume is None:
             raise
         raise ArgumentError(f"INPUT {volume.spec} {tuple(volume.shape)}: {exc}") from None
-
-
-def _plan_job(*args, tiles=None, **kwargs):
-    """``engine.plan_job(..., tiles=)``, with the recorded tiling of a resumed output."""
-    plan = engine.plan_job(*args, **kwargs)
-    if tiles is not None:  # house-engine: plan_job(tiles=)
-        plan.tiles = list(tiles)
-    return plan
 
 
 def _padding(job):
@@ -344,7 +336,7 @@ def _open_output(layer, vol, job, plan, out_spec, options, overwrite, resume, re
                            resume=resume)
     if writer.recorded_tiles is not None:
         plan = _plan(edges.compute_job(job, modes["boundary"]), vol,
-                     tiles=_tiles(writer.recorded_tiles), **options)
+                     tiles=writer.recorded_tiles, **options)
     array = writer if axes is None else series.AxesView(writer, axes)
     return writer, CanonicalView(array, out_layout), plan, note
 
@@ -363,7 +355,7 @@ def _chunks(job, plan, out_layout):
     """The output's chunk shape: one tile's block, in the output's own axes."""
     tile = tuple(plan.tile_shape)
     f = job.out_canonical_shape[4]
-    if job.activation.halves_last_axis and job.act_axis == 3:
+    if job.halved_axis == 3:  # the activation halves W: a tile's block spans it whole
         tile = tile[:2] + (job.out_canonical_shape[3],)
     spatial_c = (f,) + tile if out_layout.channels_first else tile + (f,)
     if out_layout.rank >= 5:
@@ -390,11 +382,6 @@ def _record(layer, vol, plan, out_shape, out_dtype, modes):
     # Keras's own runs keep the record they always had.
     record.update({k: v for k, v in modes.items() if v not in (False, "zeros")})
     return record
-
-
-def _tiles(recorded):
-    from .engine.plan import Tile
-    return [Tile(b0, b1, tuple(tuple(r) for r in box)) for b0, b1, box in recorded]
 
 
 def _compute(layer, job, source, sink, writer, plan, phases, scheduler, boundary):

@@ -103,8 +103,17 @@ class ProgressBar:
 
     def _open(self):
         from tqdm import tqdm
-        self._bar = tqdm(total=self.total, initial=self.n, unit=self.unit, unit_scale=True,
-                         unit_divisor=1024 if self.unit == "B" else 1000,
-                         desc=self.desc, file=sys.stderr, leave=False, dynamic_ncols=True)
+
+        class Bar(tqdm):
+            # No monitor thread (tqdm starts one per process for its bars): a
+            # process with other threads starts its workers by forkserver, not
+            # fork (conv3d_cli.engine.workers). The bar is redrawn on its own
+            # updates, one per tile (miniters=1), at most every 0.1 s.
+            monitor_interval = 0
+
+        self._bar = Bar(total=self.total, initial=self.n, unit=self.unit, unit_scale=True,
+                        unit_divisor=1024 if self.unit == "B" else 1000,
+                        desc=self.desc, file=sys.stderr, leave=False, dynamic_ncols=True,
+                        miniters=1)
         if self.postfix is not None:
             self._bar.set_postfix_str(self.postfix)

@@ -15,9 +15,11 @@ swallows an exception raised where it cannot propagate (an at-fork hook, a
 and :func:`received` tells the CLI a signal arrived even if some library
 turned the exception into another one.
 
-Forked workers call :func:`worker_defaults`: they ignore SIGINT (a Ctrl-C
+Worker processes call :func:`worker_defaults`: they ignore SIGINT (a Ctrl-C
 reaches the whole process group; the parent stops them), die on SIGTERM and
-SIGHUP, and on Linux are killed when their parent dies, however it dies.
+SIGHUP, and on Linux are killed when their parent dies, however it dies (a
+forkserver's workers when the forkserver dies, which it does when the run's
+process does).
 """
 
 from __future__ import annotations
@@ -171,8 +173,21 @@ def worker_defaults(parent_pid):
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, CAUGHT)
     _die_with_parent()
-    if os.getppid() != parent_pid:  # the parent died before the line above took effect
+    if not _child_of(parent_pid):  # the parent died before the line above took effect
         os._exit(1)
+
+
+def _child_of(pid):
+    """Whether ``pid`` started this process: it is the parent, or the parent's parent
+    when the parent is a forkserver (which ends when ``pid`` does)."""
+    ppid = os.getppid()
+    if ppid == pid:
+        return True
+    try:
+        with open(f"/proc/{ppid}/stat") as fh:
+            return int(fh.read().rsplit(")", 1)[1].split()[1]) == pid
+    except (OSError, ValueError, IndexError):
+        return False
 
 
 def _die_with_parent():

@@ -17,7 +17,7 @@ from conv3d_cli import Conv3D, Conv3DTranspose
 from reference import conv3d as ref_conv3d
 from reference import conv3d_transpose as ref_conv3d_transpose
 
-execute_mod = importlib.import_module("conv3d_cli.engine.execute")
+task_mod = importlib.import_module("conv3d_cli.engine.task")
 stencil_mod = importlib.import_module("conv3d_cli.engine.stencil")
 KERNELS = ("correlate_stencil", "correlate_gemm", "scatter_transpose", "correlate_winograd",
            "correlate_fft")
@@ -63,13 +63,13 @@ def kernels_run(monkeypatch):
     """The names of the tile kernels called while the test runs."""
     called = set()
     for name in KERNELS:
-        real = getattr(execute_mod, name)
+        real = getattr(task_mod, name)
 
         def spy(*args, _real=real, _name=name, **kwargs):
             called.add(_name)
             return _real(*args, **kwargs)
 
-        monkeypatch.setattr(execute_mod, name, spy)
+        monkeypatch.setattr(task_mod, name, spy)
     return called
 
 

@@ -20,7 +20,7 @@ from reference import conv3d as ref_conv3d
 
 zarr = pytest.importorskip("zarr", reason="zarr is part of the test extra")
 distributed = pytest.importorskip("distributed", reason="dask.distributed is part of the test extra")
-execute_mod = importlib.import_module("conv3d_cli.engine.execute")
+task_mod = importlib.import_module("conv3d_cli.engine.task")
 
 
 def _layer(seed=0, **kw):
@@ -135,7 +135,7 @@ def test_real_scheduler_and_two_workers_on_loopback(volume):
 def test_interrupted_run_resumes(volume, monkeypatch):
     tmp, a = volume
     layer = _layer(seed=4)
-    real = execute_mod.compute_tile
+    real = task_mod.compute_tile
     calls = []
 
     def failing(*args, **kwargs):
@@ -144,7 +144,7 @@ def test_interrupted_run_resumes(volume, monkeypatch):
             raise KeyboardInterrupt("simulated interruption")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(execute_mod, "compute_tile", failing)
+    monkeypatch.setattr(task_mod, "compute_tile", failing)
     with pytest.raises(KeyboardInterrupt):
         apply_to_file(layer, str(tmp / "v3.zarr"), str(tmp / "out.zarr"), workers=1,
                       chunk_shape=(5, 6, 7), progress=False)
@@ -156,7 +156,7 @@ def test_interrupted_run_resumes(volume, monkeypatch):
     with pytest.raises(ArgumentError, match="written by another job"):
         apply_to_file(other, str(tmp / "v3.zarr"), str(tmp / "out.zarr"), resume=True,
                       progress=False)
-    monkeypatch.setattr(execute_mod, "compute_tile", real)
+    monkeypatch.setattr(task_mod, "compute_tile", real)
     # Resumed with other workers: the recorded tiling is kept.
     report = apply_to_file(layer, str(tmp / "v3.zarr"), str(tmp / "out.zarr"), workers=2,
                            resume=True, progress=False)

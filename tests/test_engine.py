@@ -2,6 +2,7 @@
 the planner's memory bound, a killed worker."""
 
 import importlib
+import multiprocessing
 import os
 import signal
 
@@ -17,7 +18,6 @@ from conv3d_cli.errors import ArgumentError, EngineError
 from reference import conv3d as ref_conv3d
 from reference import conv3d_transpose as ref_conv3d_transpose
 
-execute_mod = importlib.import_module("conv3d_cli.engine.execute")
 
 CONV_CASES = [  # kernel, strides, dilation, padding, groups, channels, filters
     ((3, 3, 3), 1, 1, "valid", 1, 2, 3),
@@ -142,18 +142,17 @@ def test_method_choice_follows_cost_model():
     assert choose_method(strided.job((1, 32, 32, 32, 16))) == "direct"
 
 
-def test_killed_worker_gives_clean_error(tmp_path, rng, monkeypatch):
-    parent = os.getpid()
-    real = execute_mod.compute_tile
+def _dies_in_a_worker(x):
+    """An activation that kills the worker process computing it (pickled by name,
+    so it reaches workers however they start)."""
+    if multiprocessing.parent_process() is not None:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x
 
-    def dying(*args, **kwargs):
-        if os.getpid() != parent:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return real(*args, **kwargs)
 
-    monkeypatch.setattr(execute_mod, "compute_tile", dying)
+def test_killed_worker_gives_clean_error(tmp_path, rng):
     np.save(tmp_path / "in.npy", rng.standard_normal((20, 20, 20)).astype(np.float32))
-    layer = Conv3D(1, 3)
+    layer = Conv3D(1, 3, activation=_dies_in_a_worker)
     with pytest.raises(EngineError, match="worker process died"):
         apply_to_file(layer, str(tmp_path / "in.npy"), str(tmp_path / "out.npy"), workers=2,
                       chunk_shape=(5, 5, 5), progress=False)

@@ -102,6 +102,8 @@ def test_plan_fits_every_worker_under_the_limit(monkeypatch, workers, processes,
     per worker, plus the processes' own memory. The limits are tight for this
     volume, so a model sized for one worker goes over."""
     monkeypatch.setattr(plan_mod, "process_baseline", lambda: 150 << 20)
+    # Forked workers (a conv3d run's; threads in this process would make them forkserver's).
+    monkeypatch.setenv("CONV3D_START_METHOD", "fork")
     job = Conv3D(8, 3, padding="same").job((1, 160, 160, 160, 4))
     limit = limit_mib << 20
     plan = plan_job(job, "direct", memory_limit=limit, workers=workers, processes=processes)
@@ -147,7 +149,7 @@ def test_memory_model_counts_the_halo_every_tile_reads(cls, kwargs):
     for chunk in [(1, 2, 3), (4, 3, 5), job.out_spatial]:
         plan = plan_job(job, "direct", workers=1, chunk_shape=chunk)
         for tile in plan.tiles:
-            modelled = plan_mod.input_extent(job, tile.shape)
+            modelled = job.input_extent(tile.shape)
             for g, (o0, o1), m in zip(job.geoms, tile.out, modelled):
                 i0, i1, _ = g.terms(o0, o1)
                 assert m >= i1 - i0 and (cls is not Conv3D or m == i1 - i0), (tile, g)

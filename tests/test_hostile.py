@@ -35,7 +35,7 @@ from conv3d_cli.weights import load_weights
 from reference import conv3d as ref_conv3d
 
 MODELS = os.path.join(FIXTURES, "models")
-execute_mod = importlib.import_module("conv3d_cli.engine.execute")
+executors_mod = importlib.import_module("conv3d_cli.engine.executors")
 # Python exception class names must never reach the user.
 EXCEPTION_NAME = re.compile(r"\b(\w+Error|\w*Exception|StopIteration|Traceback)\b")
 
@@ -288,7 +288,7 @@ def test_parent_holds_few_blocks_for_a_single_writer(tmp_path, monkeypatch, rng)
     a = rng.standard_normal((24, 20, 20)).astype(np.float32)
     np.save(tmp_path / "in.npy", a)
     submitted, written, worst = [0], [0], [0]
-    real_submit = execute_mod.ProcessPoolExecutor.submit
+    real_submit = executors_mod.ProcessPoolExecutor.submit
 
     def submit(self, fn, *args):
         submitted[0] += 1
@@ -301,14 +301,14 @@ def test_parent_holds_few_blocks_for_a_single_writer(tmp_path, monkeypatch, rng)
             return write(*args)
         return wrapped
 
-    monkeypatch.setattr(execute_mod.ProcessPoolExecutor, "submit", submit)
+    monkeypatch.setattr(executors_mod.ProcessPoolExecutor, "submit", submit)
     from conv3d_cli.layout import CanonicalView
     monkeypatch.setattr(CanonicalView, "write", track(CanonicalView.write))
     layer = Conv3D(2, 3, padding="same")
     layer.build((1, 24, 20, 20, 1))
     apply_to_file(layer, str(tmp_path / "in.npy"), f"{tmp_path}/o.h5:/y", workers=2,
                   chunk_shape=(2, 20, 20), progress=False)
-    assert written[0] == 12 and worst[0] <= getattr(execute_mod, "IN_FLIGHT", 2) * 2, worst
+    assert written[0] == 12 and worst[0] <= executors_mod.IN_FLIGHT * 2, worst
     with h5py.File(tmp_path / "o.h5") as f:
         expected = ref_conv3d(a[None, ..., None], layer.kernel, layer.bias, padding="same")[0]
         assert_close(f["y"][...], expected)

@@ -148,7 +148,7 @@ def test_transpose_zero_length_output_from_nonempty_input():
                                             ((1, 8, 8, 0, 3), [1, 8, 8, 0, 2])])
 def test_describe_an_empty_input_plans_no_tiles(shape, expected):
     info, _, plan = describe(Conv3D(2, 3, padding="same"), input_shape=shape, workers=2)
-    assert info["output_shape"] == expected and plan.tiles == []
+    assert info["output_shape"] == expected and plan.tiles == ()
 
 
 def _write_h5(path, array):

@@ -22,7 +22,8 @@ from conftest import FIXTURES, FLOAT32_RTOL
 from conv3d_cli import Conv3D, Conv3DTranspose
 from conv3d_cli.api import apply_to_file
 from conv3d_cli.engine import plan_job
-from conv3d_cli.engine.distributed import _tile_task
+from conv3d_cli.engine.distributed import tile_task
+from conv3d_cli.engine.task import TileTask
 from conv3d_cli.layers import activations, from_config
 from conv3d_cli.layout import CanonicalView, Layout
 from reference import conv3d as ref_conv3d
@@ -33,7 +34,7 @@ pytestmark = pytest.mark.filterwarnings("error")
 
 stencil_mod = importlib.import_module("conv3d_cli.engine.stencil")
 winograd_mod = importlib.import_module("conv3d_cli.engine.winograd")
-execute_mod = importlib.import_module("conv3d_cli.engine.execute")
+task_mod = importlib.import_module("conv3d_cli.engine.task")
 nonfinite_mod = importlib.import_module("conv3d_cli.engine.nonfinite")
 FIX = np.load(os.path.join(FIXTURES, "keras3_nonfinite.npz"))
 LAYER_CASES = sorted({k.split("/")[0] for k in FIX.files
@@ -61,7 +62,7 @@ def _path(request, monkeypatch):
     """
     name, direct = request.param
     monkeypatch.setattr(stencil_mod, "MAX_CG_FG", 10 ** 9 if direct == "stencil" else 0)
-    monkeypatch.setattr(execute_mod, "exact_fixup_pays", lambda *args: True)
+    monkeypatch.setattr(task_mod, "exact_fixup_pays", lambda *args: True)
     monkeypatch.setattr(nonfinite_mod, "BLOCK", 3)
     return name
 
@@ -246,8 +247,9 @@ def test_dask_tasks_match_reference(name, method):
     y = np.empty(expected.shape, np.float32)
     source = CanonicalView(x, Layout(x.shape, job.data_format))
     sink = CanonicalView(y, Layout(y.shape, job.data_format))
+    task = TileTask(job, plan.method, source, sink)
     for index in range(len(plan.tiles)):
-        _tile_task(job, plan, source, sink, index, False)
+        assert tile_task(task, plan, index) == (index, None)
     assert_same_result(y, expected)
 
 
@@ -256,7 +258,7 @@ def route(monkeypatch):
     """How FFT/Winograd tiles went: ``transforms`` run, output ``boxes``
     recomputed by the direct path."""
     seen = {"transforms": 0, "boxes": []}
-    transform, direct_box = execute_mod._by_transform, execute_mod._direct_box
+    transform, direct_box = task_mod._by_transform, task_mod._direct_box
 
     def spy_transform(*args):
         seen["transforms"] += 1
@@ -266,8 +268,8 @@ def route(monkeypatch):
         seen["boxes"].append(box)
         return direct_box(job, tile, origin, x, box, acc, bias)
 
-    monkeypatch.setattr(execute_mod, "_by_transform", spy_transform)
-    monkeypatch.setattr(execute_mod, "_direct_box", spy_box)
+    monkeypatch.setattr(task_mod, "_by_transform", spy_transform)
+    monkeypatch.setattr(task_mod, "_direct_box", spy_box)
     return seen
 
 

@@ -358,11 +358,11 @@ def test_zarr_array_of_a_store_replaces_only_that_array(tmp_path, fmt):
 
 def test_failed_zarr_run_says_what_it_kept(npy, tmp_path, monkeypatch):
     import importlib
-    execute_mod = importlib.import_module("conv3d_cli.engine.execute")
+    task_mod = importlib.import_module("conv3d_cli.engine.task")
 
     def fail(*args, **kwargs):
         raise VolumeError("a read failed")
-    monkeypatch.setattr(execute_mod, "compute_tile", fail)
+    monkeypatch.setattr(task_mod, "compute_tile", fail)
     r = run(npy, tmp_path / "o.zarr", "--filters", 1, "--kernel-size", 3, "--workers", 1)
     assert r.exit_code == 1
     assert r.output.strip() == (f"Error: a read failed; its partial output "

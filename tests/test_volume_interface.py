@@ -193,6 +193,9 @@ def test_a_format_is_one_module_and_one_line(tmp_path, rng, monkeypatch):
     mod = types.ModuleType("conv3d_tests.rawformat")
     exec(_RAW, mod.__dict__)
     monkeypatch.setitem(sys.modules, mod.__name__, mod)
+    # The module exists in this process only: workers must be forked from it (not
+    # started by a forkserver, as they are once other threads run here).
+    monkeypatch.setenv("CONV3D_START_METHOD", "fork")
     line = registry.Format("raw", (".rawvol",), "raw", registry.FLOATS, module=mod.__name__)
     monkeypatch.setattr(registry, "FORMATS", registry.FORMATS + [line])
     monkeypatch.setitem(registry.BY_NAME, "raw", line)

@@ -30,7 +30,7 @@ __all__ = ["run", "run_array", "plan_job", "Stats", "Plan", "parse_memory",
 
 
 def plan_job(job, method="auto", memory_limit=None, workers=None, chunk_shape=None,
-             split_order=(0, 1, 2), processes=True) -> Plan:
+             split_order=(0, 1, 2), processes=True, tiles=None) -> Plan:
     """The tiles of ``job`` and the method that computes them.
 
     ``method`` ``"auto"`` plans every candidate method and takes the plan the
@@ -38,7 +38,9 @@ def plan_job(job, method="auto", memory_limit=None, workers=None, chunk_shape=No
     ties go to the direct path); ``"measure"`` times each candidate plan's
     largest tile instead (:mod:`conv3d_cli.engine.measure`). A candidate whose
     tiles cannot fit the memory limit is left out. The plan's ``choice``
-    records the estimates (and timings) behind the pick.
+    records the estimates (and timings) behind the pick. ``tiles`` (``(b0, b1,
+    box)`` triples, e.g. the tiling a resumed output was written in) forces the
+    tiling (see :func:`~conv3d_cli.engine.plan.make_plan`).
     """
     workers = default_workers() if workers is None else workers
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
@@ -47,7 +49,8 @@ def plan_job(job, method="auto", memory_limit=None, workers=None, chunk_shape=No
 
     def plan_for(m):
         return make_plan(job, m, memory_limit=memory_limit, workers=workers,
-                         chunk_shape=chunk_shape, split_order=split_order, processes=processes)
+                         chunk_shape=chunk_shape, split_order=split_order, processes=processes,
+                         tiles=tiles)
 
     if method not in ("auto", "measure"):
         return plan_for(method)

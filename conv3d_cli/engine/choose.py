@@ -155,7 +155,7 @@ def load_model(path=None) -> CostModel:
 
 # ----------------------------------------------------------------- the counts
 def direct_path(job) -> str:
-    """Which direct formulation computes ``job`` (as ``execute._direct`` decides)."""
+    """Which direct formulation computes ``job`` (as ``task._direct`` decides)."""
     if stencil_suits(job):
         return "stencil"
     if job.kind != CONV and any(g.s > 1 for g in job.geoms):
@@ -191,7 +191,7 @@ def _groups(job):
 
 def _covers(terms, shape):
     """Whether one term per axis writes every output of the tile once (as
-    ``execute._covers``): the stencil and FFT paths then skip a pass over it."""
+    ``task._covers``): the stencil and FFT paths then skip a pass over it."""
     return all(len(t) == 1 and t[0].out_step == 1 and t[0].count == n
                for t, n in zip(terms, shape))
 

@@ -18,6 +18,7 @@ Two formulations, chosen by channel count:
 
 from __future__ import annotations
 
+import math
 from itertools import product
 
 import numpy as np
@@ -27,6 +28,29 @@ import numpy as np
 COLS_BLOCK_BYTES = 8 << 20
 # Bytes of the scatter form's product block (half of L2).
 SCATTER_BLOCK_BYTES = 1 << 20
+
+
+def tile_scratch_bytes(job, nb, shape) -> int:
+    """Peak scratch bytes of one tile of output ``shape`` (``nb`` batch elements)
+    on the direct path: the im2col GEMM's column block and its product (two
+    blocks of at most ``COLS_BLOCK_BYTES``, smaller for small tiles); where
+    larger, the stencil's channels-first copy of the input block (several
+    channels) or the scatter form's product slab (``SCATTER_BLOCK_BYTES``, or
+    one input row's products) with all taps' weights, twice."""
+    from .stencil import stencil_suits
+    isz = job.work_dtype.itemsize
+    taps = math.prod(g.k for g in job.geoms)
+    scratch = min(COLS_BLOCK_BYTES * 2,
+                  2 * math.prod(shape) * nb * job.in_channels * taps * isz)
+    if stencil_suits(job):
+        if job.in_channels > 1:
+            x = nb * math.prod(job.input_extent(shape)) * job.in_channels * isz
+            scratch = max(scratch, x)
+    elif job.kind != "conv" and any(g.s > 1 for g in job.geoms):
+        row = job.input_extent(shape)[2] * taps * job.filters * isz
+        weights = job.in_channels * taps * job.filters * isz
+        scratch = max(scratch, max(SCATTER_BLOCK_BYTES, row) + 2 * weights)
+    return scratch
 
 
 def _axis_slice(term, off, q0, q1):

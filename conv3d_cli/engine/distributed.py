@@ -1,17 +1,22 @@
 """The engine's tiles on a Dask cluster (``--scheduler ADDRESS`` or ``local``).
 
-Each tile is one Dask task: it reads its input region from shared storage,
-computes, and writes its block straight into the output store (a Zarr store
-chunked like the tiles, so no two tasks touch a chunk and no lock is needed).
-Only the job description (layer geometry and weights) and the small results
-(activity sums) travel through the scheduler; no volume passes the client.
-Lost workers' tasks are recomputed by Dask (``retries``).
+Each tile is one Dask task running the engine's tile task
+(:class:`~conv3d_cli.engine.task.TileTask`): it reads its input region from
+shared storage, computes, and writes its block straight into the output (a
+Zarr store chunked like the tiles, so no two tasks touch a chunk and no lock
+is needed). The task (job, weights, source, sink) and the plan go to every
+worker once; each tile's Dask task carries only its index, and a bounded
+number of them are submitted at a time, so the client's memory does not grow
+with the number of tiles. Only the small results (activity sums) come back;
+no volume passes the client. Lost workers' tasks are recomputed by Dask
+(``retries``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 
@@ -122,34 +127,45 @@ def _quiet_logs():
             lg.setLevel(level)
 
 
-def _tile_task(job, plan, source, sink, index, want_sums):
-    from .execute import run_tile
+def tile_task(task, plan, index):
+    """Tile ``index`` of ``plan`` by ``task`` on a Dask worker: ``(index, sums)``."""
     from .fft import SpectrumCache
-    return index, run_tile(job, plan, index, source, sink, SpectrumCache(), 1, want_sums)
+    _, sums = task(plan.tiles[index], SpectrumCache())
+    return index, sums
 
 
-def run_on_dask(scheduler, job, plan, source, sink, indices, want_sums, done, workers):
-    """Run ``indices`` of ``plan`` on the cluster; returns the number of workers used."""
-    distributed = require_distributed()
-    if not getattr(sink, "parallel_writes", True):
-        raise ArgumentError("--scheduler writes from many workers: use a Zarr OUTPUT "
-                            "(store.zarr), .npy or .nii, not HDF5")
-    if scheduler != "local":
-        check_address(scheduler)
-    timeout = scheduler_timeout()
-    with _quiet_logs():
-        try:
-            return _run(distributed, scheduler, timeout, job, plan, source, sink, indices,
-                        want_sums, done, workers)
-        except (Conv3DError, KeyboardInterrupt):
-            raise
-        except Exception as exc:  # the cluster's own failures: lost workers, closed comms
-            raise EngineError(f"--scheduler {scheduler}: the cluster failed "
-                              f"({_reason(exc)}); no output was written") from None
+class Dask:
+    """The tiles on a Dask cluster (the executor interface of
+    :mod:`~conv3d_cli.engine.executors`); ``workers`` is known once it ran."""
+
+    def __init__(self, scheduler, task, plan):
+        self.scheduler, self.task, self.plan = scheduler, task, plan
+        self.workers = plan.workers
+
+    def run(self, indices, on_done):
+        distributed = require_distributed()
+        from .executors import parallel_writes
+        if not parallel_writes(self.task.sink):
+            raise ArgumentError("--scheduler writes from many workers: use a Zarr OUTPUT "
+                                "(store.zarr), .npy or .nii, not HDF5")
+        if self.scheduler != "local":
+            check_address(self.scheduler)
+        timeout = scheduler_timeout()
+        with _quiet_logs():
+            try:
+                with _client(distributed, self.scheduler, timeout, self.plan.workers) as client:
+                    self.workers = _run(distributed, client, self.task, self.plan, indices,
+                                        on_done, self.plan.workers)
+            except (Conv3DError, KeyboardInterrupt):
+                raise
+            except Exception as exc:  # the cluster's own failures: lost workers, closed comms
+                raise EngineError(f"--scheduler {self.scheduler}: the cluster failed "
+                                  f"({_reason(exc)}); no output was written") from None
 
 
-def _run(distributed, scheduler, timeout, job, plan, source, sink, indices, want_sums, done,
-         workers):
+@contextlib.contextmanager
+def _client(distributed, scheduler, timeout, workers):
+    """A client of the cluster at ``scheduler`` (a new local one for ``"local"``)."""
     cluster = None
     try:
         if scheduler == "local":
@@ -170,22 +186,53 @@ def _run(distributed, scheduler, timeout, job, plan, source, sink, indices, want
             cluster.close()
         raise EngineError(f"--scheduler {scheduler}: cannot connect ({_reason(exc)})") from None
     try:
-        n_workers = len(client.scheduler_info().get("workers", {})) or workers
-        [job_f] = client.scatter([job], broadcast=True)
-        futures = [client.submit(_tile_task, job_f, plan, source, sink, i, want_sums,
-                                 key=f"conv3d-tile-{i}-{id(plan)}", retries=3, pure=False)
-                   for i in indices]
-        try:
-            for fut in distributed.as_completed(futures):
-                index, sums = fut.result()
-                done(index, sums)
-        except distributed.client.FutureCancelledError as exc:
-            raise EngineError(f"the cluster cancelled a tile ({_reason(exc)})") from None
-        except BaseException:
-            client.cancel(futures)
-            raise
-        return n_workers
+        yield client
     finally:
         client.close()
         if cluster is not None:
             cluster.close()
+
+
+# Tiles submitted per worker thread of the cluster at a time: enough to keep
+# every thread busy while results travel back, few enough that the client
+# holds a handful of futures however many tiles the plan has.
+IN_FLIGHT = 2
+
+
+def _run(distributed, client, task, plan, indices, on_done, workers):
+    """Run ``indices`` of ``plan``; returns the number of workers of the cluster.
+
+    The task and the plan go to every worker once; each tile's Dask task then
+    carries only its index. Its key is the job's token and the index, so the
+    keys of two runs of different jobs (or outputs) never meet on a cluster.
+    """
+    from dask.base import tokenize
+    info = client.scheduler_info().get("workers", {})
+    n_workers = len(info) or workers
+    threads = sum(w.get("nthreads", 1) for w in info.values()) or n_workers
+    task_f, plan_f = client.scatter([task, plan], broadcast=True, hash=False)
+    token = tokenize(task, plan.method, plan.tile_shape, plan.batch_per_tile, len(plan.tiles))
+    todo = iter(indices)
+    pending = set()
+
+    def submit(count):
+        for index in itertools.islice(todo, count):
+            fut = client.submit(tile_task, task_f, plan_f, index, retries=3, pure=False,
+                                key=f"conv3d-tile-{token}-{index}")
+            pending.add(fut)
+            running.add(fut)
+
+    running = distributed.as_completed()
+    submit(IN_FLIGHT * threads)
+    try:
+        for fut in running:
+            pending.discard(fut)
+            index, sums = fut.result()
+            on_done(index, sums)
+            submit(1)
+    except distributed.client.FutureCancelledError as exc:
+        raise EngineError(f"the cluster cancelled a tile ({_reason(exc)})") from None
+    except BaseException:
+        client.cancel(list(pending))
+        raise
+    return n_workers

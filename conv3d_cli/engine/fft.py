@@ -24,6 +24,7 @@ small, else one part with threaded FFTs.
 
 from __future__ import annotations
 
+import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -31,8 +32,27 @@ from itertools import product
 
 import numpy as np
 
+from .fftsize import next_fast_len
+
 # scipy.fft is imported in the functions that transform: importing it costs more
 # than the rest of a small run, which may never take the FFT path.
+
+
+def tile_scratch_bytes(job, nb, shape) -> int:
+    """Peak scratch bytes of one tile of output ``shape`` (``nb`` batch elements).
+
+    Over the FFT shape of the tile's input extent: the input and output
+    spectra and the inverse transform (complex = 2 reals), and the kernel
+    spectra (C x F / G per frequency, half the frequencies); a transposed
+    layer holds one set per output phase (counted as two).
+    """
+    isz = job.work_dtype.itemsize
+    per = math.prod(next_fast_len(e) for e in job.input_extent(shape))
+    scratch = nb * per * (job.in_channels + 2 * job.filters) * isz * 2
+    scratch += per * job.in_channels * job.filters // job.groups * isz
+    if job.kind != "conv":
+        scratch *= 2
+    return scratch
 
 
 def _term_extent(term):

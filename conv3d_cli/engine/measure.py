@@ -27,23 +27,11 @@ import math
 import time
 from dataclasses import replace
 
-import numpy as np
 from threadpoolctl import threadpool_limits
 
 from . import choose
-from .execute import compute_tile
 from .fft import SpectrumCache
-
-class ZerosSource:
-    """A canonical source of zeros: ``read`` gives a written (not lazily mapped)
-    block of the asked region, as a file read would."""
-
-    def __init__(self, job):
-        self.channels, self.dtype = job.in_channels, job.work_dtype
-
-    def read(self, b0, b1, ranges):
-        shape = (b1 - b0,) + tuple(z - a for a, z in ranges) + (self.channels,)
-        return np.full(shape, 0, self.dtype)
+from .task import ZerosSource, compute_tile
 
 
 def largest_tile(plan):

@@ -1,16 +1,23 @@
 """Split a job's output into tiles that fit a memory limit.
 
-A tile is a pure task: a batch range and an output box; the input region it
-needs (its halo) follows from the per-axis geometry
+A tile is a batch range and an output box; the input region it reads (its
+halo) follows from the per-axis geometry
 (:meth:`~conv3d_cli.shapes.AxisGeometry.terms`), including the inverse
 mapping of transposed convolutions. The planner starts from the whole output
 and halves the longest axis (preferring the axes the file stores slowest, so
-reads stay contiguous) until a tile's estimated peak memory fits the per-worker
-budget, then splits further only to give every worker work.
+reads stay contiguous) until a tile's estimated peak memory fits the
+per-worker budget, then splits further only to give every worker work. A
+tile's estimate is its input and output blocks plus the scratch memory of the
+method that computes it, which each method's module states
+(``tile_scratch_bytes`` in :mod:`~conv3d_cli.engine.direct`,
+:mod:`~conv3d_cli.engine.fft`, :mod:`~conv3d_cli.engine.winograd`). A forced
+tile shape (``chunk_shape``) or a recorded tiling (``tiles``, when a run is
+resumed) is kept, and only as many tiles run at once as fit the limit.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import re
@@ -19,16 +26,16 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import ArgumentError
-from .direct import COLS_BLOCK_BYTES
-from .fftsize import next_fast_len
 
 # Memory a process needs besides its tiles: measured at plan time (the
 # interpreter, NumPy/SciPy, numba, h5py, nibabel are loaded by then), at least
 # this much, plus room to load the compiled stencil.
 MIN_PROCESS_BYTES = 100 << 20
 JIT_MARGIN = 48 << 20
-# A forked worker shares the parent's pages; what it adds besides its tiles
-# (pages it writes to, its own compiled-kernel load, allocator slack).
+# A forked worker shares the parent's pages (a forkserver's worker, the
+# server's); what it adds besides its tiles (pages it writes to, its own
+# compiled-kernel load, allocator slack). A spawned worker is a process of
+# its own (MIN_PROCESS_BYTES), and so is a forkserver.
 WORKER_PRIVATE = 64 << 20
 # Work below this many FLOPs is not worth splitting for parallelism.
 MIN_PARALLEL_FLOPS = 2e8
@@ -50,12 +57,12 @@ class Tile:
         return tuple(b - a for a, b in self.out)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Plan:
     method: str
     tile_shape: tuple
     batch_per_tile: int
-    tiles: list = field(repr=False)
+    tiles: tuple = field(repr=False)
     tile_bytes: int
     workers: int             # tiles computed at once
     memory_limit: int
@@ -63,6 +70,11 @@ class Plan:
     threads: int = 1         # BLAS/FFT threads per tile: workers x threads <= --workers
     notes: tuple = ()        # what the planner changed from what was asked, for the user
     choice: dict = field(default_factory=dict)  # how the method was chosen (plan_job)
+
+    def __post_init__(self):
+        object.__setattr__(self, "tiles", tuple(self.tiles))
+        object.__setattr__(self, "tile_shape", tuple(self.tile_shape))
+        object.__setattr__(self, "notes", tuple(self.notes))
 
     @property
     def peak_bytes(self):
@@ -139,116 +151,195 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def input_extent(job, shape) -> list:
-    """Per axis, the most input voxels a tile of output ``shape`` reads, its halo
-    included: ``(n - 1) * s + ke`` for Conv3D; for a transposed layer, the
-    ``ceil(n / s)`` rows its outputs sit over plus the ``ceil(ke / s) + 1`` rows
-    one output phase's taps span."""
-    spans = [g.ke if g.kind == "conv" else -(-g.ke // g.s) + 1 for g in job.geoms]
-    steps = [g.s if g.kind == "conv" else 1 for g in job.geoms]
-    return [(n - 1) * st + sp if g.kind == "conv" else -(-n // g.s) + sp
-            for n, st, sp, g in zip(shape, steps, spans, job.geoms)]
-
-
 def tile_bytes(job, nb, shape, method) -> int:
-    """Estimated peak bytes of computing one tile of ``shape`` with ``nb`` batch elements."""
+    """Estimated peak bytes of computing one tile of ``shape`` with ``nb`` batch elements:
+    the input block twice (as read, and with the halo's zeros around it), the
+    output block three times (the sums, the activation's result, a copy on its
+    way to the sink) and the scratch of the method that computes it."""
     isz = job.work_dtype.itemsize  # the sums' dtype (float32 for float16 layers)
-    in_ext = input_extent(job, shape)
-    x = nb * math.prod(in_ext) * job.in_channels * isz
+    x = nb * math.prod(job.input_extent(shape)) * job.in_channels * isz
     out = nb * math.prod(shape) * job.filters * isz
-    if method == "fft":
-        per = math.prod(next_fast_len(e) for e in in_ext)
-        # input and output spectra and the inverse transform, complex = 2 reals
-        scratch = nb * per * (job.in_channels + 2 * job.filters) * isz * 2
-        # the kernel spectra (C x F / G per frequency, half the frequencies)
-        scratch += per * job.in_channels * job.filters // job.groups * isz
-        if job.kind != "conv":  # one set per output phase
-            scratch *= 2
-    else:
-        scratch = min(COLS_BLOCK_BYTES * 2, 2 * math.prod(shape) * nb * job.in_channels
-                      * math.prod(g.k for g in job.geoms) * isz)
-    return int(2 * x + 3 * out + scratch)
+    return int(2 * x + 3 * out + _scratch_bytes(job, nb, shape, method))
+
+
+def _scratch_bytes(job, nb, shape, method):
+    """The method's own estimate: ``tile_scratch_bytes`` of its module (direct,
+    fft, winograd), imported when a plan needs it."""
+    module = importlib.import_module(f"{__package__}.{method}")
+    return module.tile_scratch_bytes(job, nb, shape)
 
 
 def make_plan(job, method, memory_limit=None, workers=1, chunk_shape=None,
-              split_order=(0, 1, 2), processes=True) -> Plan:
-    """Tiles for ``job``: ``processes`` says whether workers > 1 are forked
-    processes (each with its own baseline memory) or threads of this one."""
+              split_order=(0, 1, 2), processes=True, tiles=None) -> Plan:
+    """Tiles for ``job`` by ``method`` under ``memory_limit``.
+
+    ``processes`` says whether workers > 1 are worker processes (each with
+    its own baseline memory) or threads of this one. ``chunk_shape`` forces
+    the tile shape; ``tiles`` (``(b0, b1, box)`` triples, e.g. the tiling a
+    resumed output was written in) forces the tiles themselves: they must
+    cover the output exactly once. Either way as many tiles run at once as fit.
+    """
     limit = parse_memory(memory_limit)
-    out = job.out_spatial
-    whole = job.whole_axis
     asked = workers
-    forked = workers if processes and workers > 1 else 0
-    base = _baseline(job, forked)
-    budget = (limit - base) // max(workers, 1)
-    min_len = [max(4, 2 * (g.ke - 1)) for g in job.geoms]
-    nb = 1
-    notes = []
+    if tiles is not None:
+        tiles = _recorded_tiles(job, tiles)
+        shape = tuple(max((t.shape[a] for t in tiles), default=0) for a in range(3))
+        nb = max((t.b1 - t.b0 for t in tiles), default=1)
+        per = max((tile_bytes(job, t.b1 - t.b0, t.shape, method) for t in tiles), default=0)
+        workers, notes = _workers_that_fit(job, per, limit, workers, processes,
+                                           "tile (the recorded tiling)",
+                                           _recorded_refusal(shape, nb))
+        return _plan(job, method, shape, nb, tiles, workers, asked, limit, processes, notes)
     if chunk_shape is not None:
-        tile = [min(c, n) for c, n in zip(_chunk_shape(chunk_shape), out)]
-        if whole is not None and tile[whole] < out[whole]:
-            # The activation needs whole rows along W: widen the tile rather
-            # than refuse the run.
-            notes.append(
-                f"chunk_shape W widened from {tile[whole]} to the whole axis ({out[whole]}): "
-                f"the '{job.activation.name}' activation acts along W under channels_first")
-            tile[whole] = out[whole]
-        workers, note = _workers_for_forced_tile(job, tile, method, limit, workers, processes,
-                                                 chunk_shape)
-        notes += [note] if note else []
-        forked = workers if processes and workers > 1 else 0
-        base = _baseline(job, forked)
+        shape, notes = _forced_shape(job, chunk_shape)
+        per = tile_bytes(job, 1, shape, method)
+        workers, more = _workers_that_fit(job, per, limit, workers, processes,
+                                          f"{'x'.join(map(str, shape))} tile (--chunk-shape)",
+                                          _forced_refusal(chunk_shape, shape))
+        nb = 1
+        notes += more
     else:
-        tile = list(out)
-        while tile_bytes(job, 1, tile, method) > budget:
-            axis = _axis_to_split(tile, whole, split_order, min_len)
-            if axis is None:
-                need = base + workers * tile_bytes(job, 1, tile, method)
-                raise ArgumentError(
-                    f"`memory_limit` {_mib(limit)} is too small for this layer with {workers} "
-                    f"worker(s): it needs at least about {_mib(need)} ({_mib(base)} for the "
-                    f"process{'es' if forked else ''} themselves). Raise --memory-limit "
-                    "or use fewer --workers.")
-            tile[axis] = -(-tile[axis] // 2)
-        # Several batch elements per tile when whole volumes are small.
-        if tile == list(out) and job.batch > 1:
-            per = tile_bytes(job, 1, tile, method)
-            nb = max(1, min(job.batch, budget // max(per, 1)))
-            nb = max(1, min(nb, -(-job.batch // max(workers, 1))))
-        # Give every worker something to do: two tiles each for balance. FFT
-        # tiles pay for their overlap, so an FFT job keeps its tiles and runs
-        # each FFT on several threads instead.
-        if workers > 1 and job.flops() > MIN_PARALLEL_FLOPS and method != "fft":
-            want = 2 * workers
-            while _count(job.batch, nb, out, tile) < want:
-                if nb > 1:
-                    nb = -(-nb // 2)
-                    continue
-                axis = _axis_to_split(tile, whole, split_order, min_len)
-                if axis is None:
-                    break
-                tile[axis] = -(-out[axis] // (-(-out[axis] // tile[axis]) * 2))  # even pieces
-    count = _count(job.batch, nb, out, tile)
+        shape, nb = _fitted_shape(job, method, limit, workers, processes, split_order)
+        notes = []
+    count = _count(job.batch, nb, job.out_spatial, shape)
     if count > MAX_TILES:
         raise ArgumentError(
-            f"this job would need {count} tiles of {tuple(tile)} x {nb} batch, more than "
-            f"{MAX_TILES}: the volume ({job.batch} x {'x'.join(map(str, out))} output voxels) "
-            f"is too large for `memory_limit` {_mib(limit)}. Raise --memory-limit.")
+            f"this job would need {count} tiles of {tuple(shape)} x {nb} batch, more than "
+            f"{MAX_TILES}: the volume ({job.batch} x {'x'.join(map(str, job.out_spatial))} "
+            f"output voxels) is too large for `memory_limit` {_mib(limit)}. "
+            "Raise --memory-limit.")
     tiles = [Tile(b, min(b + nb, job.batch), box)
-             for b in range(0, job.batch, nb) for box in _boxes(out, tile)]
-    return Plan(method=method, tile_shape=tuple(tile), batch_per_tile=nb, tiles=tiles,
-                tile_bytes=tile_bytes(job, nb, tile, method),
-                workers=max(1, min(workers, len(tiles))),
-                threads=max(1, asked // max(1, min(workers, len(tiles)))),
-                memory_limit=limit, process_bytes=base, notes=tuple(notes))
+             for b in range(0, job.batch, nb) for box in _boxes(job.out_spatial, shape)]
+    return _plan(job, method, shape, nb, tiles, workers, asked, limit, processes, notes)
 
 
-def _baseline(job, forked):
-    """Bytes besides the tiles: this process now, each forked worker's private
-    pages, and each computing process's copy of the kernel as per-tap matrices
-    (``Job.taps``, made where tiles are computed: once here, or once per worker)."""
+def _plan(job, method, shape, nb, tiles, workers, asked, limit, processes, notes):
+    """The plan of ``tiles``: ``workers`` of them at once (at most one per tile),
+    the ``asked`` workers shared out among them as BLAS/FFT threads."""
+    busy = max(1, min(workers, len(tiles)))
+    return Plan(method=method, tile_shape=tuple(shape), batch_per_tile=nb, tiles=tiles,
+                tile_bytes=tile_bytes(job, nb, shape, method), workers=busy,
+                threads=max(1, asked // busy), memory_limit=limit,
+                process_bytes=_baseline(job, workers, processes), notes=tuple(notes))
+
+
+def _fitted_shape(job, method, limit, workers, processes, split_order):
+    """(tile shape, batch elements per tile): the largest tiles whose estimate fits
+    the per-worker budget, then smaller ones until every worker has work."""
+    out = job.out_spatial
+    whole = job.whole_axis
+    base = _baseline(job, workers, processes)
+    budget = (limit - base) // max(workers, 1)
+    min_len = [max(4, 2 * (g.ke - 1)) for g in job.geoms]
+    tile = list(out)
+    while tile_bytes(job, 1, tile, method) > budget:
+        axis = _axis_to_split(tile, whole, split_order, min_len)
+        if axis is None:
+            need = base + workers * tile_bytes(job, 1, tile, method)
+            several = processes and workers > 1
+            raise ArgumentError(
+                f"`memory_limit` {_mib(limit)} is too small for this layer with {workers} "
+                f"worker(s): it needs at least about {_mib(need)} ({_mib(base)} for the "
+                f"process{'es' if several else ''} themselves). Raise --memory-limit "
+                "or use fewer --workers.")
+        tile[axis] = -(-tile[axis] // 2)
+    nb = 1
+    # Several batch elements per tile when whole volumes are small.
+    if tile == list(out) and job.batch > 1:
+        per = tile_bytes(job, 1, tile, method)
+        nb = max(1, min(job.batch, budget // max(per, 1)))
+        nb = max(1, min(nb, -(-job.batch // max(workers, 1))))
+    # Give every worker something to do: two tiles each for balance. FFT
+    # tiles pay for their overlap, so an FFT job keeps its tiles and runs
+    # each FFT on several threads instead.
+    if workers > 1 and job.flops() > MIN_PARALLEL_FLOPS and method != "fft":
+        while _count(job.batch, nb, out, tile) < 2 * workers:
+            if nb > 1:
+                nb = -(-nb // 2)
+                continue
+            axis = _axis_to_split(tile, whole, split_order, min_len)
+            if axis is None:
+                break
+            tile[axis] = -(-out[axis] // (-(-out[axis] // tile[axis]) * 2))  # even pieces
+    return tile, nb
+
+
+def _forced_shape(job, chunk_shape):
+    """(tile shape, notes) of ``--chunk-shape``: clipped to the output, and widened
+    along W when the activation needs whole rows along W."""
+    out = job.out_spatial
+    whole = job.whole_axis
+    tile = [min(c, n) for c, n in zip(_chunk_shape(chunk_shape), out)]
+    notes = []
+    if whole is not None and tile[whole] < out[whole]:
+        # The activation needs whole rows along W: widen the tile rather
+        # than refuse the run.
+        notes.append(
+            f"chunk_shape W widened from {tile[whole]} to the whole axis ({out[whole]}): "
+            f"the '{job.activation.name}' activation acts along W under channels_first")
+        tile[whole] = out[whole]
+    return tile, notes
+
+
+def _recorded_tiles(job, tiles):
+    """``tiles`` as Tiles, checked: inside the output, whole along an axis the
+    activation needs whole, and covering every output voxel exactly once."""
+    try:
+        tiles = tuple(t if isinstance(t, Tile) else
+                      Tile(int(t[0]), int(t[1]), tuple((int(a), int(b)) for a, b in t[2]))
+                      for t in tiles)
+    except (TypeError, ValueError, IndexError):
+        tiles = None
+    bounds = (job.batch,) + tuple(job.out_spatial)
+    if tiles is None or not all(_inside(t, bounds) for t in tiles):
+        raise ArgumentError("Invalid `tiles`: expected (b0, b1, ((d0, d1), (h0, h1), "
+                            f"(w0, w1))) boxes inside the output {bounds}.")
+    whole = job.whole_axis
+    if whole is not None and any(t.out[whole] != (0, bounds[1 + whole]) for t in tiles):
+        raise ArgumentError(f"Invalid `tiles`: the '{job.activation.name}' activation "
+                            "needs every tile to span W whole.")
+    if not _cover_once(tiles, bounds):
+        raise ArgumentError(f"Invalid `tiles`: they do not cover the output {bounds} "
+                            "exactly once.")
+    return tiles
+
+
+def _inside(tile, bounds):
+    ranges = ((tile.b0, tile.b1),) + tuple(tile.out)
+    return len(ranges) == 4 and all(0 <= a < b <= n for (a, b), n in zip(ranges, bounds))
+
+
+def _cover_once(tiles, bounds):
+    """Whether the boxes (each inside ``bounds``) cover it exactly once: counted on
+    the grid of cells that every box's edges cut the output into."""
+    if math.prod(bounds) == 0:
+        return not tiles
+    boxes = [((t.b0, t.b1),) + tuple(t.out) for t in tiles]
+    cuts = [sorted({0, n} | {e for box in boxes for e in box[a]}) for a, n in enumerate(bounds)]
+    if math.prod(len(c) - 1 for c in cuts) > 4 * MAX_TILES:
+        return False
+    cell = [{edge: i for i, edge in enumerate(c)} for c in cuts]
+    hits = np.zeros([len(c) - 1 for c in cuts], np.int32)
+    for box in boxes:
+        hits[tuple(slice(at[a], at[b]) for at, (a, b) in zip(cell, box))] += 1
+    return bool((hits == 1).all())
+
+
+def _baseline(job, workers, processes):
+    """Bytes besides the tiles: this process now, what the worker processes add
+    (``WORKER_PRIVATE`` each when they are forked, from this process or from a
+    forkserver; a process of their own when spawned), and each computing
+    process's copy of the kernel as per-tap matrices (``Job.taps``, made where
+    tiles are computed: once here, or once per worker)."""
     taps = math.prod(job.kernel.shape) * job.work_dtype.itemsize if job.kernel is not None else 0
-    return process_baseline() + forked * WORKER_PRIVATE + max(forked, 1) * taps
+    forked = workers if processes and workers > 1 else 0
+    if not forked:
+        return process_baseline() + taps
+    from .workers import start_method
+    own = {"fork": forked * WORKER_PRIVATE,
+           "forkserver": MIN_PROCESS_BYTES + forked * WORKER_PRIVATE,
+           "spawn": forked * MIN_PROCESS_BYTES}[start_method()]
+    return process_baseline() + own + forked * taps
 
 
 def _chunk_shape(chunk_shape):
@@ -264,23 +355,34 @@ def _chunk_shape(chunk_shape):
     return [int(n) for n in sizes]
 
 
-def _workers_for_forced_tile(job, tile, method, limit, workers, processes, asked):
-    """(tiles computed at once, note): a forced tile shape is kept; as many
-    tiles run at once as fit ``limit``, none if one does not fit."""
-    per = tile_bytes(job, 1, tile, method)
+def _workers_that_fit(job, per, limit, workers, processes, what, refusal):
+    """(tiles computed at once, notes) for forced tiles (``what``) of ``per`` bytes
+    each: as many as fit ``limit``; ``refusal(per, need, limit)`` is the
+    error's text when not even one does."""
     for n in range(workers, 0, -1):
-        forked = n if processes and n > 1 else 0
-        if _baseline(job, forked) + n * per <= limit:
+        if _baseline(job, n, processes) + n * per <= limit:
             if n == workers:
-                return workers, ""
-            return n, (f"{n} of the {workers} workers run at once: each "
-                       f"{'x'.join(map(str, tile))} tile (--chunk-shape) needs about "
-                       f"{_mib(per)} and the memory limit is {_mib(limit)}")
-    need = _baseline(job, 0) + per
-    raise ArgumentError(
-        f"--chunk-shape {','.join(map(str, asked))}: a {'x'.join(map(str, tile))} tile needs "
-        f"about {_mib(per)} ({_mib(need)} with the process itself), more than "
-        f"`memory_limit` {_mib(limit)}. Give a smaller --chunk-shape or raise --memory-limit.")
+                return workers, []
+            return n, [f"{n} of the {workers} workers run at once: each {what} needs about "
+                       f"{_mib(per)} and the memory limit is {_mib(limit)}"]
+    raise ArgumentError(refusal(per, _baseline(job, 1, processes) + per, limit))
+
+
+def _forced_refusal(asked, shape):
+    def text(per, need, limit):
+        return (f"--chunk-shape {','.join(map(str, asked))}: a {'x'.join(map(str, shape))} "
+                f"tile needs about {_mib(per)} ({_mib(need)} with the process itself), more "
+                f"than `memory_limit` {_mib(limit)}. Give a smaller --chunk-shape or raise "
+                "--memory-limit.")
+    return text
+
+
+def _recorded_refusal(shape, nb):
+    def text(per, need, limit):
+        return (f"the recorded tiling's largest tile ({'x'.join(map(str, shape))} x {nb} "
+                f"batch) needs about {_mib(per)} ({_mib(need)} with the process itself), "
+                f"more than `memory_limit` {_mib(limit)}. Raise --memory-limit.")
+    return text
 
 
 def _axis_to_split(tile, whole, order, min_len):

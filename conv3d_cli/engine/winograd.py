@@ -56,6 +56,25 @@ def winograd_suits(job) -> bool:
             and cg >= 8 and fg >= 8)
 
 
+def tile_scratch_bytes(job, nb, shape) -> int:
+    """Peak scratch bytes of one tile of output ``shape`` (``nb`` batch elements):
+    the kernel transform U (64 x C x F / G), one slab of transformed input and
+    GEMM product, the input padded by one zero row on axes of odd output
+    length, and one batch element's contiguous copy of it."""
+    isz = job.work_dtype.itemsize
+    c, f, g = job.in_channels, job.filters, job.groups
+    per_tile = 64 * (c + f) * isz
+    total = 1
+    for n in shape:
+        total *= -(-n // 2)
+    slab = max(1, min(total, max(MIN_SLAB_TILES, SLAB_BYTES // per_tile)))
+    need = 1
+    for n in shape:
+        need *= 2 * -(-n // 2) + 2
+    padded = nb * need * c * isz if any(n % 2 for n in shape) else 0
+    return 64 * c * (f // g) * isz + slab * per_tile + padded + need * c * isz
+
+
 def kernel_transform(taps_w, terms):
     """``U = G g G^T`` per axis: (64, G, C/G, F/G), taps laid out by offset."""
     order = [[j for j, _ in sorted(t.taps, key=lambda t: t[1])] for t in terms]

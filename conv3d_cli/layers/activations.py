@@ -192,6 +192,13 @@ def _from_serialized(config):
     return name, args
 
 
+def _builtin(name, keras2=False):
+    """The function of the built-in activation ``name`` (None if there is none)."""
+    if keras2 and name in _KERAS2:
+        return _KERAS2[name]
+    return _AXISWISE.get(name) or _ELEMENTWISE.get(name)
+
+
 class Activation:
     """A named activation with fixed arguments."""
 
@@ -201,12 +208,9 @@ class Activation:
         self.kwargs = dict(kwargs or {})
         self.keras2 = keras2
         self.axiswise = name in _AXISWISE
-        if fn is not None:
-            self._fn = fn
-        elif keras2 and name in _KERAS2:
-            self._fn = _KERAS2[name]
-        else:
-            self._fn = _AXISWISE.get(name) or _ELEMENTWISE[name]
+        self._fn = fn if fn is not None else _builtin(name, keras2)
+        if self._fn is None:
+            raise KeyError(name)
 
     @property
     def is_linear(self) -> bool:
@@ -229,6 +233,19 @@ class Activation:
             else:
                 out = self._fn(x, **self.kwargs)
         return np.asarray(out, dtype=x.dtype)
+
+    def __getstate__(self):
+        # A built-in activation is found again by name: the tables hold lambdas,
+        # which pickle (worker processes that are not forked) cannot send.
+        state = dict(self.__dict__)
+        if state["_fn"] is _builtin(self.name, self.keras2):
+            state["_fn"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if self._fn is None:
+            self._fn = _builtin(self.name, self.keras2)
 
     def serialize(self):
         if self.kwargs:
