@@ -11,7 +11,7 @@ S       = sample_data
 
 help:
 	@echo "make demo    run conv3d on sample_data/ (writes $(DEMO)/)"
-	@echo "make test    run the test suite"
+	@echo "make test    lint, then run the test suite"
 	@echo "make lint    check the code with ruff (rules in pyproject.toml)"
 	@echo "make bench   benchmark the engine against PyTorch and SciPy"
 	@echo "make batch IN=dir OUT=dir ARGS='...' [SUFFIX=_x] [EXT=.nii.gz]"
@@ -47,7 +47,7 @@ demo: $(STAMP)
 	@echo
 	@echo "Wrote:"; ls -l $(DEMO)
 
-test: $(STAMP)
+test: lint
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)

@@ -35,9 +35,9 @@ import tempfile
 import threading
 import time
 
+import choice
 import numpy as np
 
-import choice
 from conv3d_cli import Conv3D, Conv3DTranspose
 
 try:

@@ -19,7 +19,8 @@ from conv3d_cli.errors import ArgumentError
 from reference import conv3d as ref_conv3d
 
 zarr = pytest.importorskip("zarr", reason="zarr is part of the test extra")
-distributed = pytest.importorskip("distributed", reason="dask.distributed is part of the test extra")
+distributed = pytest.importorskip("distributed",
+                                  reason="dask.distributed is part of the test extra")
 task_mod = importlib.import_module("conv3d_cli.engine.task")
 
 
@@ -27,7 +28,8 @@ def _layer(seed=0, **kw):
     layer = Conv3D(2, 3, padding="same", **kw)
     layer.build((1, 8, 8, 8, 1))
     rng = np.random.default_rng(seed)
-    layer.set_weights([rng.standard_normal(w.shape).astype(np.float32) for w in layer.get_weights()])
+    layer.set_weights([rng.standard_normal(w.shape).astype(np.float32)
+                       for w in layer.get_weights()])
     return layer
 
 
@@ -54,7 +56,8 @@ def test_zarr_in_and_out_chunked_like_tiles(volume, fmt):
     out = _read(tmp / "o.zarr", "grp/out")
     assert out.metadata.zarr_format == fmt and out.chunks == (5, 6, 7, 2)
     assert report["tiles"] == 3 * 3 * 3
-    assert_close(out[...], ref_conv3d(a[None, ..., None], layer.kernel, layer.bias, padding="same")[0])
+    assert_close(out[...], ref_conv3d(a[None, ..., None], layer.kernel, layer.bias,
+                                      padding="same")[0])
     assert not os.path.exists(f"{tmp}/o.zarr.partial")
 
 
@@ -63,11 +66,14 @@ def test_ome_zarr_level0_and_transforms(tmp_path):
     root = zarr.open_group(store=str(tmp_path / "img.zarr"), mode="w", zarr_format=2)
     root.create_array("0", shape=a.shape, chunks=(1, 6, 5, 9), dtype="f4")[:] = a
     root.create_array("1", shape=(2, 6, 5, 4), chunks=(1, 6, 5, 4), dtype="f4")
-    axes = [{"name": "c", "type": "channel"}] + [{"name": n, "type": "space", "unit": "micrometer"} for n in "zyx"]
+    axes = [{"name": "c", "type": "channel"}] + [
+        {"name": n, "type": "space", "unit": "micrometer"} for n in "zyx"]
+    level0 = [{"type": "scale", "scale": [1, 2.0, 0.5, 0.5]},
+              {"type": "translation", "translation": [0, 10, 20, 30]}]
+    level1 = [{"type": "scale", "scale": [1, 4.0, 1.0, 1.0]}]
     root.attrs["multiscales"] = [{"version": "0.4", "axes": axes, "datasets": [
-        {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1, 2.0, 0.5, 0.5]},
-                                                    {"type": "translation", "translation": [0, 10, 20, 30]}]},
-        {"path": "1", "coordinateTransformations": [{"type": "scale", "scale": [1, 4.0, 1.0, 1.0]}]}]}]
+        {"path": "0", "coordinateTransformations": level0},
+        {"path": "1", "coordinateTransformations": level1}]}]
     layer = Conv3D(3, 3, strides=2, padding="same", data_format="channels_first")
     layer.build((1, 2, 12, 10, 9))
     apply_to_file(layer, str(tmp_path / "img.zarr"), str(tmp_path / "out.zarr"), progress=False)
@@ -80,7 +86,8 @@ def test_ome_zarr_level0_and_transforms(tmp_path):
     assert transforms["scale"] == [1, 4.0, 1.0, 1.0]
     assert transforms["translation"] == [0] + [t + s * (1 - p) for t, s, p in
                                                zip((10, 20, 30), (2.0, 0.5, 0.5), pad)]
-    got = zarr.open_array(store=str(tmp_path / "out.zarr"), path=ms["datasets"][0]["path"], mode="r")
+    got = zarr.open_array(store=str(tmp_path / "out.zarr"), path=ms["datasets"][0]["path"],
+                          mode="r")
     expected = ref_conv3d(a[None], layer.kernel, layer.bias, strides=(2, 2, 2), padding="same",
                           data_format="channels_first")[0]
     assert_close(got[...], expected)

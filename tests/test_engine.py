@@ -18,7 +18,6 @@ from conv3d_cli.errors import ArgumentError, EngineError
 from reference import conv3d as ref_conv3d
 from reference import conv3d_transpose as ref_conv3d_transpose
 
-
 CONV_CASES = [  # kernel, strides, dilation, padding, groups, channels, filters
     ((3, 3, 3), 1, 1, "valid", 1, 2, 3),
     ((2, 4, 3), 1, 1, "same", 1, 1, 2),        # even kernels

@@ -69,7 +69,8 @@ def test_hdf5_output_from_two_worker_processes_in_many_tiles(volume):
 @pytest.fixture(scope="module")
 def dask_address():
     """One local Dask cluster (two worker processes) for the module: starting one is slow."""
-    distributed = pytest.importorskip("distributed", reason="dask.distributed is part of the test extra")
+    distributed = pytest.importorskip("distributed",
+                                      reason="dask.distributed is part of the test extra")
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                   dashboard_address=None,
                                   scheduler_kwargs={"dashboard_address": "127.0.0.1:0"}) as cluster:
@@ -195,7 +196,8 @@ def test_output_over_input_is_refused_even_with_overwrite(tmp_path):
     specs = _same_file_specs(tmp_path)
     before = _snapshot(tmp_path)
     for src, dst in specs:
-        with _naming(src, dst), pytest.raises(VolumeError, match="is (the input file|or holds the input)"):
+        with _naming(src, dst), \
+                pytest.raises(VolumeError, match="is (the input file|or holds the input)"):
             apply_to_file(Conv3D(1, 3, padding="same"), f"{tmp_path}/{src}", f"{tmp_path}/{dst}",
                           overwrite=True, progress=False)
         assert _snapshot(tmp_path) == before, (src, dst)

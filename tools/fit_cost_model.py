@@ -61,9 +61,9 @@ sys.path.insert(0, str(ROOT))
 
 from conv3d_cli import Conv3D, Conv3DTranspose  # noqa: E402
 from conv3d_cli.engine import choose  # noqa: E402
-from conv3d_cli.engine.task import compute_tile  # noqa: E402
 from conv3d_cli.engine.fft import SpectrumCache  # noqa: E402
 from conv3d_cli.engine.plan import Tile  # noqa: E402
+from conv3d_cli.engine.task import compute_tile  # noqa: E402
 from conv3d_cli.engine.winograd import kernel_transform  # noqa: E402
 from conv3d_cli.layout import CanonicalView, Layout  # noqa: E402
 

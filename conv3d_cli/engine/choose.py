@@ -330,7 +330,8 @@ def plan_seconds(job, plan, model=None) -> float:
         key = _shape_key(job, tile)
         first.setdefault(key, tile)
         sizes[key] += 1
-    costs = {key: tile_seconds(job, plan.method, t, plan.threads, model) for key, t in first.items()}
+    costs = {key: tile_seconds(job, plan.method, t, plan.threads, model)
+             for key, t in first.items()}
     busy = max(1, min(plan.workers, len(plan.tiles)))
     path = path_of(job, plan.method)
     # Each of `busy` workers runs slower by busy / amdahl(p, busy) while the others run.

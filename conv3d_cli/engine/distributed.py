@@ -176,7 +176,8 @@ def _client(distributed, scheduler, timeout, workers):
             cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1,
                                                processes=True, dashboard_address=None,
                                                silence_logs=quiet,
-                                               scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})
+                                               scheduler_kwargs={
+                                                   "dashboard_address": "127.0.0.1:0"})
             client = distributed.Client(cluster)
         else:
             _probe(scheduler, timeout)

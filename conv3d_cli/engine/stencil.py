@@ -38,8 +38,9 @@ def stencil_suits(job) -> bool:
 
 if numba is not None:
     @numba.njit(nogil=True, fastmath=FASTMATH, cache=True)
-    def _kernel(xt, w, out, in_start, in_step, offs0, offs1, offs2, out_start, out_step,
-                counts, groups, init, assign):
+    def _kernel(  # noqa: C901 (one loop nest, compiled by numba)
+            xt, w, out, in_start, in_step, offs0, offs1, offs2, out_start, out_step,
+            counts, groups, init, assign):
         # xt is channels-first (B, C, D, H, W) so every input row is contiguous.
         nb = xt.shape[0]
         cg = xt.shape[1] // groups
@@ -77,10 +78,12 @@ if numba is not None:
                         for f in range(fg):
                             if assign:
                                 for q2 in range(n2):
-                                    out[b, o0, o1, out_start[2] + q2 * out_step[2], g * fg + f] = acc[f, q2]
+                                    w2 = out_start[2] + q2 * out_step[2]
+                                    out[b, o0, o1, w2, g * fg + f] = acc[f, q2]
                             else:
                                 for q2 in range(n2):
-                                    out[b, o0, o1, out_start[2] + q2 * out_step[2], g * fg + f] += acc[f, q2]
+                                    w2 = out_start[2] + q2 * out_step[2]
+                                    out[b, o0, o1, w2, g * fg + f] += acc[f, q2]
 
 
 if numba is not None:

@@ -133,7 +133,8 @@ if numba is not None:
                             v[48 + j * 4 + k, g, n, c] = a1 - a3
 
     @numba.njit(nogil=True, fastmath=FASTMATH, cache=True)
-    def _output_transform(m, out, b, o0, o1, o2, na, nb, n1, n2, c0, c1, c2, groups, bias):
+    def _output_transform(  # noqa: C901 (unrolled for numba)
+            m, out, b, o0, o1, o2, na, nb, n1, n2, c0, c1, c2, groups, bias):
         """out[b, o + 2t + (0|1), g*Fg + f] = bias + (A^T M A) for the tiles na..nb."""
         fg = m.shape[3]
         p = np.empty((2, 4, 4, fg), m.dtype)
@@ -178,7 +179,8 @@ if numba is not None:
                             bf = bias[g * fg + f]
                             out[b, o0 + y0, o1 + y1, o2 + 2 * t2, g * fg + f] = bf + (a0 + a1 + a2)
                             if 2 * t2 + 1 < c2:
-                                out[b, o0 + y0, o1 + y1, o2 + 2 * t2 + 1, g * fg + f] = bf + (a1 - a2 - a3)
+                                w2 = o2 + 2 * t2 + 1
+                                out[b, o0 + y0, o1 + y1, w2, g * fg + f] = bf + (a1 - a2 - a3)
 
 
 def correlate_winograd(x, terms, taps_w, out, cache=None, bias=None):

@@ -432,7 +432,8 @@ def has_hdf5_signature(path) -> bool:
 def is_lock_error(exc) -> bool:
     """An h5py OSError raised because another process holds the file locked."""
     text = str(exc).lower()
-    return "unable to lock file" in text or "errno = 11" in text or "lock" in text and "unavailable" in text
+    return ("unable to lock file" in text or "errno = 11" in text
+            or ("lock" in text and "unavailable" in text))
 
 
 def existing_dataset(path, dataset, what):

@@ -160,8 +160,9 @@ class ZarrVolume:
             except Exception as exc:
                 raise VolumeError(f"{where}: cannot list the group's arrays ({exc})") from None
             if len(arrays) != 1:
+                listed = ": " + ", ".join(arrays) if arrays else ""
                 raise VolumeError(f"{path}: name the array as {path}:/path; the group holds "
-                                  f"{len(arrays)} arrays{': ' + ', '.join(arrays) if arrays else ''}")
+                                  f"{len(arrays)} arrays{listed}")
             inner = arrays[0]
         return "/".join(p for p in ((array_path or "").strip("/"), inner) if p)
 
