@@ -3,7 +3,7 @@
 Reads slice the dataset (h5py reads only the chunks a region touches);
 worker processes reopen the file after a fork. Writes go through a single
 writer (HDF5 files do not take concurrent writers); the output dataset is
-chunked and compressed and its parent groups are created. Links out of the
+chunked (uncompressed) and its parent groups are created. Links out of the
 file (external links, anywhere on a dataset's path), external storage and
 virtual datasets are not followed (:func:`lookup`).
 """
@@ -325,9 +325,11 @@ class H5Writer:
 
     def __init__(self, path, dataset, shape, dtype, attrs=None):
         self.file = h5py.File(path, "w")
+        # Uncompressed, as h5py and BigDataViewer write by default: gzip in the one
+        # writing process took 5x the whole run (W8), for 10-15% less disk on float
+        # data. `h5repack -f GZIP=4` compresses a finished file.
         self.ds = self.file.create_dataset(dataset, shape=tuple(shape), dtype=np.dtype(dtype),
-                                           chunks=True, compression="gzip",
-                                           compression_opts=4, shuffle=True)
+                                           chunks=True)
         self.ds.attrs.update(attrs or {})
         self.shape, self.dtype = self.ds.shape, self.ds.dtype
 
@@ -340,7 +342,7 @@ class H5Writer:
 
 class Writer(FileWriter):
     """An HDF5 dataset (``file.h5:/group/name``, default ``/data``), chunked and
-    compressed, its parent groups created.
+    uncompressed, its parent groups created.
 
     HDF5 files take one writer: the engine sends every block to this process.
     The dataset is written into a new temporary file beside OUTPUT; committing
