@@ -186,7 +186,7 @@ def _open_output(layer, vol, job, plan, out_spec, options, overwrite, resume, re
                            description=_description(layer), overwrite=overwrite,
                            inputs=[vol], resume_record=_record(layer, vol, plan, out_layout,
                                                                out_dtype),
-                           resume=resume)
+                           resume=resume, workers=options["workers"])
     if writer.recorded_tiles is not None:
         plan = _plan(job, vol, tiles=_tiles(writer.recorded_tiles), **options)
     return writer, out_layout, plan, note

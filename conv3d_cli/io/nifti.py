@@ -17,12 +17,11 @@ data_format, stored in Fortran order (X fastest).
 
 from __future__ import annotations
 
-import gzip
 import logging
 import math
 import os
-import shutil
 import tempfile
+import zlib
 
 import nibabel as nib
 import numpy as np
@@ -31,6 +30,7 @@ from nibabel.volumeutils import native_code
 
 from ..errors import ShapeError, VolumeError
 from ..geometry import UNIT_METERS, Geometry
+from . import gzipio
 from .base import FileWriter, Volume
 from .npy import check_dtype
 from .paths import check_input_path
@@ -80,15 +80,8 @@ def _decompress(path, folder, limit):
     tmp = temp_path(folder, os.path.basename(path) + ".decompressed")
     log.info("decompressing %s to %s (%d bytes)", path, tmp, limit)
     try:
-        with gzip.open(path, "rb") as src, open(tmp, "xb") as dst:
-            left = limit
-            while left > 0:
-                chunk = src.read(min(16 << 20, left))
-                if not chunk:
-                    break
-                dst.write(chunk)
-                left -= len(chunk)
-    except (OSError, EOFError) as exc:
+        gzipio.decompress_file(path, tmp, limit)
+    except (OSError, EOFError, ValueError, zlib.error) as exc:
         _unlink(tmp)
         raise VolumeError(f"{path}: corrupt or truncated gzip data, or {folder} is not "
                           f"writable ({exc})") from None
@@ -345,11 +338,6 @@ def _clear_non_spatial(header):
     header.set_intent("none")
 
 
-def gzip_file(src, dst):
-    with open(src, "rb") as fin, gzip.open(dst, "wb", compresslevel=6) as fout:
-        shutil.copyfileobj(fin, fout, 16 << 20)
-
-
 def _placement(geometry):
     """(affine, the input header to copy or None, xyzt unit) of an output of ``geometry``.
 
@@ -380,7 +368,7 @@ class Writer(FileWriter):
     parallel_writes = True
 
     def __init__(self, spec, *, shape, dtype, geometry=None, description="", overwrite=False,
-                 inputs=(), resume=False, **_):
+                 inputs=(), resume=False, workers=None, **_):
         if len(shape) > 4:
             raise ShapeError(f"OUTPUT {spec}: a NIfTI output holds one volume "
                              f"(X, Y, Z[, C]); this output has shape {tuple(shape)}")
@@ -392,6 +380,7 @@ class Writer(FileWriter):
         super().__init__(spec, shape, dtype, create, overwrite, inputs, resume,
                          name=base[:-3] if spec.gzipped else base)
         self._tmp_gz = temp_path(self.folder, base) if spec.gzipped else None
+        self._workers = workers
 
     @classmethod
     def output_axes(cls, geometry=None):
@@ -400,7 +389,7 @@ class Writer(FileWriter):
     def _finish(self, tmp):
         if not self.spec.gzipped:
             return tmp
-        gzip_file(tmp, self._tmp_gz)
+        gzipio.compress_file(tmp, self._tmp_gz, threads=self._workers)
         os.unlink(tmp)
         return self._tmp_gz
 
