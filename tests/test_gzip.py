@@ -159,3 +159,21 @@ def test_failure_while_compressing_leaves_nothing(tmp_path, rng, monkeypatch):
              "--seed", 0, "-q", "--workers", 2)
     assert r.exit_code != 0 and "No space left on device" in r.output
     assert sorted(os.listdir(tmp_path)) == ["in.nii"]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_output_is_compressed_on_the_runs_workers(tmp_path, rng, monkeypatch, workers):
+    a = rng.standard_normal((6, 7, 8)).astype(np.float32)
+    nib.save(nib.Nifti1Image(a, np.eye(4)), tmp_path / "in.nii")
+    seen = []
+    compress = gzipio.compress_file
+
+    def spy(src, dst, threads=None, **kwargs):
+        seen.append(threads)
+        return compress(src, dst, threads, **kwargs)
+
+    monkeypatch.setattr(gzipio, "compress_file", spy)
+    r = _run(tmp_path / "in.nii", tmp_path / "out.nii.gz", "--filters", 1, "--kernel-size", 3,
+             "--seed", 0, "-q", "--workers", workers)
+    assert r.exit_code == 0, r.output
+    assert seen == [workers]
