@@ -45,7 +45,7 @@ def _conv3d():
 
 def cli_run(src, dst, *args):
     """(wall seconds, the run's --report seconds) of ``conv3d run src dst args``."""
-    report = dst + ".report.json"
+    report = dst.split(".h5:")[0] + ".report.json"
     cmd = [_conv3d(), "run", src, dst, "--seed", "0", "--overwrite", "--no-progress", "-q",
            "--report", report, *map(str, args)]
     start = time.perf_counter()
