@@ -4,7 +4,10 @@ inflated member by member; every gzip reader reads them, byte for byte."""
 import gzip
 import os
 import shutil
+import signal
 import subprocess
+import sys
+import time
 import zlib
 
 import nibabel as nib
@@ -177,3 +180,44 @@ def test_output_is_compressed_on_the_runs_workers(tmp_path, rng, monkeypatch, wo
              "--seed", 0, "-q", "--workers", workers)
     assert r.exit_code == 0, r.output
     assert seen == [workers]
+
+
+SLOW_GZIP = """
+import sys, time
+from conv3d_cli.io import gzipio
+compress = gzipio.compress_member
+def slow(*args):
+    time.sleep(0.5)
+    return compress(*args)
+gzipio.compress_member = slow
+gzipio.BLOCK = 20_000
+from conv3d_cli.cli.main import main
+sys.argv[0] = "conv3d"
+main()
+"""
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGTERM"), reason="POSIX signals")
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_signal_while_compressing_leaves_nothing(tmp_path, rng, sig):
+    a = rng.standard_normal((30, 31, 32)).astype(np.float32)
+    nib.save(nib.Nifti1Image(a, np.eye(4)), tmp_path / "in.nii")
+    (tmp_path / "out.nii.gz").write_bytes(b"earlier output")
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_GZIP, "run", str(tmp_path / "in.nii"),
+                             str(tmp_path / "out.nii.gz"), "--filters", "4", "--kernel-size",
+                             "3", "--seed", "0", "--workers", "2", "--overwrite", "-q"],
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not any(n.startswith(".out.nii.gz.conv3d-") for n in os.listdir(tmp_path)):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.02)
+    proc.send_signal(getattr(signal, sig))
+    try:
+        proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail("the run did not stop within 30 s of the signal")
+    assert proc.returncode != 0
+    assert sorted(os.listdir(tmp_path)) == ["in.nii", "out.nii.gz"]
+    assert (tmp_path / "out.nii.gz").read_bytes() == b"earlier output"
