@@ -1,6 +1,6 @@
 """The engine against PyTorch and SciPy, side by side in one process (`make bench`).
 
-    python benchmarks/bench.py [--only W1,W2,...,NF,CH,ST] [--repeats N] [--skip-w5] [--markdown]
+    python benchmarks/bench.py [--only W1,W2,...,W8,NF,CH,ST] [--repeats N] [--skip-w5] [--markdown]
                                [--against GIT_REF]
 
 Every workload is timed as the median of repeats after one warm-up run (which
@@ -18,6 +18,8 @@ check); W2 and W3 are timed with the check and with it skipped, side by side.
 CH is the method-choice grid (``benchmarks/choice.py``): every suitable method
 timed on 38 layers, and how often ``--method auto`` picks one within 10% of
 the fastest.
+W6-W8 are file to file against the same layer in memory (benchmarks/files.py): Zarr -> Zarr
+throughput, .nii.gz against .nii, and .npy / .nii / HDF5 runs' own time.
 ST is the commands' start-up, as ratios to `python -c "import numpy, click"`
 (benchmarks/startup.py).
 """
@@ -36,6 +38,7 @@ import threading
 import time
 
 import choice
+import files
 import numpy as np
 
 from conv3d_cli import Conv3D, Conv3DTranspose
@@ -350,7 +353,7 @@ def main():
     if torch is None:
         print("note: torch is not installed; its columns are skipped", file=sys.stderr)
     sgemm = sgemm_gflops()
-    compute = only - {"W5", "NF", "CH", "ST"} if only else None
+    compute = only - {"W5", "W6", "W7", "W8", "NF", "CH", "ST"} if only else None
     rows = bench_compute(compute, args.repeats) if compute is None or compute else []
     nf = bench_finite_check(args.repeats) if not only or "NF" in only else []
     grid = choice.run_grid(max(3, args.repeats // 2), CORES) if not only or "CH" in only else []
@@ -361,7 +364,15 @@ def main():
             w5 = bench_w5(tmp)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+    file_rows = files.run(only & set(files.BENCHES) if only else set(),
+                          max(3, args.repeats // 2)) \
+        if not only or only & set(files.BENCHES) else []
     report(rows, sgemm, w5, args.markdown, nf, grid)
+    if file_rows:
+        print()
+        print(f"W6-W8: file to file against layer(x) in memory ({CORES} cores; medians)")
+        print()
+        print(files.report(file_rows))
     if not only or "ST" in only:
         import startup
         print()

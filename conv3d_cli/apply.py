@@ -333,7 +333,7 @@ def _open_output(layer, vol, job, plan, out_spec, options, overwrite, resume, re
                            geometry=geometry, description=_description(layer),
                            overwrite=overwrite, inputs=[vol],
                            resume_record=_record(layer, vol, plan, file_shape, out_dtype, modes),
-                           resume=resume)
+                           resume=resume, workers=options["workers"])
     if writer.recorded_tiles is not None:
         plan = _plan(edges.compute_job(job, modes["boundary"]), vol,
                      tiles=writer.recorded_tiles, **options)

@@ -117,7 +117,7 @@ class Writer(FileWriter):
     parallel_writes = True
 
     def __init__(self, spec, *, shape, dtype, geometry=None, overwrite=False, inputs=(),
-                 resume=False, **_):
+                 resume=False, workers=None, **_):
         if not 3 <= len(shape) <= 4:
             raise ShapeError(f"OUTPUT {spec}: an MGH output holds one volume (X, Y, Z[, C]); "
                              f"this output has shape {tuple(shape)}")
@@ -125,6 +125,7 @@ class Writer(FileWriter):
         source = geometry.header if geometry is not None else None
         base = os.path.basename(spec.path)
         self._gz = base.lower().endswith(".mgz")
+        self._workers = workers
 
         def create(tmp):
             return create_mgh(tmp, shape, dtype, affine, source)
@@ -139,7 +140,7 @@ class Writer(FileWriter):
     def _finish(self, tmp):
         if not self._gz:
             return tmp
-        gzip_file(tmp, self._tmp_gz)
+        gzip_file(tmp, self._tmp_gz, self._workers)
         os.unlink(tmp)
         return self._tmp_gz
 

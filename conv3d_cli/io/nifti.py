@@ -17,11 +17,11 @@ data_format, stored in Fortran order (X fastest).
 
 from __future__ import annotations
 
-import gzip
 import logging
 import math
 import os
 import tempfile
+import zlib
 
 import nibabel as nib
 import numpy as np
@@ -31,6 +31,7 @@ from nibabel.volumeutils import native_code
 from ..errors import ShapeError, VolumeError
 from ..geometry import UNIT_METERS, Geometry
 from ..progress import phase
+from . import gzipio
 from .base import FileWriter, Volume
 from .npy import check_dtype
 from .paths import check_input_path
@@ -39,7 +40,6 @@ from .tempfiles import remove_stale, temp_path
 
 log = logging.getLogger("conv3d_cli")
 
-_BLOCK = 16 << 20  # bytes (de)compressed at a time
 
 
 class Scaled:
@@ -82,17 +82,9 @@ def _decompress(path, folder, limit):
     tmp = temp_path(folder, os.path.basename(path) + ".decompressed")
     log.info("decompressing %s to %s (%d bytes)", path, tmp, limit)
     try:
-        with gzip.open(path, "rb") as src, open(tmp, "xb") as dst, \
-                phase("decompress", limit, desc="decompressing") as bar:
-            left = limit
-            while left > 0:
-                chunk = src.read(min(_BLOCK, left))
-                if not chunk:
-                    break
-                dst.write(chunk)
-                left -= len(chunk)
-                bar.update(len(chunk))
-    except (OSError, EOFError) as exc:
+        with phase("decompress", limit, desc="decompressing") as bar:
+            gzipio.decompress_file(path, tmp, limit, progress=bar.update)
+    except (OSError, EOFError, ValueError, zlib.error) as exc:
         _unlink(tmp)
         raise VolumeError(f"{path}: corrupt or truncated gzip data, or {folder} is not "
                           f"writable ({exc})") from None
@@ -379,12 +371,11 @@ def _clear_non_spatial(header, series=False):
     header.set_intent("none")
 
 
-def gzip_file(src, dst):
-    with open(src, "rb") as fin, gzip.open(dst, "wb", compresslevel=6) as fout, \
-            phase("compress", os.path.getsize(src), desc="compressing") as bar:
-        while chunk := fin.read(_BLOCK):
-            fout.write(chunk)
-            bar.update(len(chunk))
+def gzip_file(src, dst, workers=None):
+    """Compress ``src`` into a new ``dst`` (:func:`gzipio.compress_file`, on ``workers``
+    threads), shown as the run's "compress" phase."""
+    with phase("compress", os.path.getsize(src), desc="compressing") as bar:
+        gzipio.compress_file(src, dst, threads=workers, progress=bar.update)
 
 
 def _placement(geometry):
@@ -417,7 +408,7 @@ class Writer(FileWriter):
     parallel_writes = True
 
     def __init__(self, spec, *, shape, dtype, geometry=None, description="", overwrite=False,
-                 inputs=(), resume=False, **_):
+                 inputs=(), resume=False, workers=None, **_):
         if len(shape) > 4:
             raise ShapeError(f"OUTPUT {spec}: a NIfTI output holds one volume "
                              f"(X, Y, Z[, C]); this output has shape {tuple(shape)}")
@@ -430,6 +421,7 @@ class Writer(FileWriter):
         super().__init__(spec, shape, dtype, create, overwrite, inputs, resume,
                          name=base[:-3] if spec.gzipped else base)
         self._tmp_gz = temp_path(self.folder, base) if spec.gzipped else None
+        self._workers = workers
 
     @classmethod
     def output_axes(cls, geometry=None):
@@ -438,7 +430,7 @@ class Writer(FileWriter):
     def _finish(self, tmp):
         if not self.spec.gzipped:
             return tmp
-        gzip_file(tmp, self._tmp_gz)
+        gzip_file(tmp, self._tmp_gz, self._workers)
         os.unlink(tmp)
         return self._tmp_gz
 

@@ -28,7 +28,7 @@ provides:
 
 ``Writer``, a :class:`~conv3d_cli.io.base.VolumeWriter`
     ``Writer(spec, *, shape, dtype, chunks, geometry, description, overwrite,
-    inputs, resume_record, resume, tmp_dir)`` (keywords it has no use for are
+    inputs, resume_record, resume, tmp_dir, workers)`` (keywords it has no use for are
     taken and ignored: ``**_``), as :func:`~conv3d_cli.io.create_output`
     documents them. It checks OUTPUT in the classmethod ``check`` (also
     called before any work), turns the moved geometry into the format's own

@@ -54,7 +54,7 @@ def output_axes(spec, geometry=None):
 
 def create_output(spec, *, shape, dtype, chunks=None, geometry=None, description="",
                   overwrite=False, inputs=(), resume_record=None, resume=False,
-                  tmp_dir=None) -> VolumeWriter:
+                  tmp_dir=None, workers=None) -> VolumeWriter:
     """A new output volume of ``shape`` and ``dtype``, written by region.
 
     ``chunks``: the block shape the writes come in (the tiles); a format whose
@@ -66,14 +66,16 @@ def create_output(spec, *, shape, dtype, chunks=None, geometry=None, description
     the run computes (JSON), kept by resumable formats; with ``resume``, a
     partial output written for the same record is continued. ``tmp_dir``: for
     scratch files (temporary outputs are always beside OUTPUT, so the final
-    rename is atomic). The writer refuses, in one line, a shape its format
-    cannot hold.
+    rename is atomic). ``workers``: the cores the run uses, which a format
+    may use to finish the output (compress a ``.nii.gz``; default: the usable
+    cores). The writer refuses, in one line, a shape its format cannot hold.
     """
     spec = _spec(spec, "OUTPUT")
     return writer_class(spec)(spec, shape=tuple(shape), dtype=np.dtype(dtype), chunks=chunks,
                               geometry=geometry, description=description,
                               overwrite=overwrite, inputs=inputs,
-                              resume_record=resume_record, resume=resume, tmp_dir=tmp_dir)
+                              resume_record=resume_record, resume=resume, tmp_dir=tmp_dir,
+                              workers=workers)
 
 
 def read_volume(path):

@@ -285,7 +285,8 @@ class Writer(VolumeWriter):
         self._keep = resume_record is not None
         self._lock = self._array = None
         self._done = set()
-        chunks = tuple(min(int(c), n) for c, n in zip(chunks or self.shape, self.shape))
+        chunks = split_chunks(tuple(min(int(c), n) for c, n in zip(chunks or self.shape,
+                                                                  self.shape)), self.dtype)
         multiscales, note = ome.multiscales_for(geometry, len(self.shape), _header_axes(geometry))
         self.notes = (note,) if note else ()
         try:
@@ -452,6 +453,41 @@ class Writer(VolumeWriter):
         shown = f"{self.loc.root}:/{self.loc.node}" if self.loc.in_store else partial
         return (f"its partial output {shown} is kept: run again with --resume to continue, "
                 "or delete it")
+
+
+# Output chunks: a tile is one writer's block, so any chunk shape that divides
+# the tile shape axis by axis keeps one writer per chunk (tiles start at
+# multiples of the tile shape). A tile-sized chunk is encoded by one thread
+# (a 64 MiB zstd chunk takes ~0.3 s, several times the convolution's own time
+# for a 3^3 kernel); chunks of at most CHUNK_BYTES are encoded concurrently by
+# zarr's threads and read back by region with less waste.
+CHUNK_BYTES = 8 << 20
+_MAX_CUT = 7  # an axis is cut into 2, 3, 5 or 7 parts (never a long prime side into slices)
+
+
+def split_chunks(chunks, dtype, limit=None):
+    """``chunks`` cut, the longest axis first, into equal parts (2, 3, 5 or 7 of
+    them) until a chunk holds at most ``limit`` bytes (default: CHUNK_BYTES) or
+    no axis can be cut."""
+    chunks, limit = list(chunks), limit or CHUNK_BYTES
+    while math.prod(chunks) * np.dtype(dtype).itemsize > limit:
+        cuts = [(n, i, _smallest_factor(n)) for i, n in enumerate(chunks)]
+        cuts = [(n, i, f) for n, i, f in cuts if 1 < f <= _MAX_CUT]
+        if not cuts:
+            break
+        n, i, f = max(cuts)
+        chunks[i] = n // f
+    return tuple(chunks)
+
+
+def _smallest_factor(n):
+    """The smallest factor of ``n`` above 1 (``n`` itself when prime)."""
+    f = 2
+    while f * f <= n:
+        if n % f == 0:
+            return f
+        f += 1
+    return max(n, 1)
 
 
 def _header_axes(geometry):
