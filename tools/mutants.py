@@ -241,6 +241,11 @@ MUTANTS = [
     M("hdf5-element-size-written-x-first", "conv3d_cli/io/hdf5.py",
       "return [float(v) for v in sizes], None", "return [float(v) for v in sizes[::-1]], None",
       ("tests/test_formats_hdf5.py",)),
+    # The HDF5 writer reads element_size_um from the output's geometry; the strides
+    # enter it where the input's geometry is moved, once for every format.
+    M("hdf5-element-size-not-scaled-by-strides", "conv3d_cli/apply.py",
+      "geometry = vol.geometry.moved(job.geoms)", "geometry = vol.geometry",
+      ("tests/test_formats_hdf5.py",)),
     M("analyze-scale-factor-ignored", "conv3d_cli/io/analyze.py",
       "            array = Scaled(array, slope, inter)\n", "            pass\n",
       ("tests/test_formats_mgh.py",)),
@@ -263,6 +268,10 @@ MUTANTS = [
       "write_block(self.task.job, self.sink, self.plan.tiles[index], block)",
       "write_block(self.task.job, self.sink, self.plan.tiles[index - 1], block)",
       ("tests/test_executors.py", "tests/test_file_executors.py")),
+    M("worker-computes-the-previous-tile", "conv3d_cli/engine/executors.py",
+      "pending.add(pool.submit(run_in_worker, index, self.plan.tiles[index]))",
+      "pending.add(pool.submit(run_in_worker, index, self.plan.tiles[index - 1]))",
+      ("tests/test_executors.py", "tests/test_file_executors.py", "tests/test_distributed.py")),
     M("dask-key-from-address", "conv3d_cli/engine/distributed.py",
       'key=f"conv3d-tile-{token}-{index}")', 'key=f"conv3d-tile-{id(task)}-{index}")',
       ("tests/test_executors.py",)),
