@@ -173,6 +173,35 @@ def test_interrupted_run_resumes(volume, monkeypatch):
     assert not (tmp / "out.zarr.partial").exists()
 
 
+def test_resumed_run_computes_only_the_tiles_left(volume, monkeypatch):
+    """Resuming computes the tiles the interrupted run did not write, each once,
+    and none of those it wrote (their output is the same either way: only the
+    count of computed tiles shows a resume that starts over)."""
+    tmp, a = volume
+    layer = _layer(seed=4)
+    real = task_mod.compute_tile
+    tiles = []
+
+    def counting(job, tile, *args, **kwargs):
+        tiles.append(tile)
+        if stop_after and len(tiles) > stop_after:
+            raise KeyboardInterrupt("simulated interruption")
+        return real(job, tile, *args, **kwargs)
+
+    monkeypatch.setattr(task_mod, "compute_tile", counting)
+    stop_after = 5
+    with pytest.raises(KeyboardInterrupt):
+        apply_to_file(layer, str(tmp / "v3.zarr"), str(tmp / "out.zarr"), workers=1,
+                      chunk_shape=(5, 6, 7), progress=False)
+    written, tiles, stop_after = tiles[:5], [], 0
+    report = apply_to_file(layer, str(tmp / "v3.zarr"), str(tmp / "out.zarr"), workers=1,
+                           resume=True, progress=False)
+    assert report["skipped_tiles"] == 5 and len(tiles) == len(set(tiles)) == 27 - 5
+    assert not set(tiles) & set(written)
+    expected = ref_conv3d(a[None, ..., None], layer.kernel, layer.bias, padding="same")[0]
+    assert_close(_read(tmp / "out.zarr")[...], expected)
+
+
 def test_transposed_on_local_cluster_to_npy(volume):
     tmp, a = volume
     layer = Conv3DTranspose(1, 3, strides=2, padding="same")

@@ -28,10 +28,13 @@ def _plan(env, *args):
 
 
 def test_the_environment_sets_the_defaults():
-    plan = _plan({"CONV3D_WORKERS": "2", "CONV3D_MEMORY_LIMIT": "3G",
+    # One worker more than the default (the cores here): a value equal to the
+    # default would pass with the variable ignored.
+    workers = _plan({}, "--chunk-shape", "8,11,22")["workers"] + 1
+    plan = _plan({"CONV3D_WORKERS": str(workers), "CONV3D_MEMORY_LIMIT": "3G",
                   "CONV3D_METHOD": "FFT", "CONV3D_CHUNK_SHAPE": "8,11,22"})
     assert plan["method"] == "fft" and plan["memory_limit"] == 3 << 30
-    assert plan["tile_shape"] == [8, 11, 22] and plan["workers"] == 2
+    assert plan["tile_shape"] == [8, 11, 22] and plan["workers"] == workers
 
 
 def test_the_command_line_wins_over_the_environment():
