@@ -185,6 +185,13 @@ def stop_pool(pool, grace=2.0):
     _wait_exited(processes, grace)
     for p in processes:  # reap (the pool's manager thread may have done it)
         p.join(0)
+    # Let the pool's manager thread finish closing its wake-up pipe now: at exit,
+    # concurrent.futures wakes every manager thread still registered, and on
+    # Python 3.11 a pipe closed meanwhile raised "Bad file descriptor" there
+    # (printed under the one-line error).
+    manager = getattr(pool, "_executor_manager_thread", None)
+    if manager is not None:
+        manager.join(grace)
 
 
 def _wait_exited(processes, timeout):
