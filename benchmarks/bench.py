@@ -1,6 +1,6 @@
 """The engine against PyTorch and SciPy, side by side in one process (`make bench`).
 
-    python benchmarks/bench.py [--only W1,W2,...,W8,NF,CH,ST] [--repeats N] [--skip-w5] [--markdown]
+    python benchmarks/bench.py [--only W1,...,W8,NF,CH,ST,CL] [--repeats N] [--skip-w5] [--markdown]
                                [--against GIT_REF]
 
 Every workload is timed as the median of repeats after one warm-up run (which
@@ -22,6 +22,10 @@ W6-W8 are file to file against the same layer in memory (benchmarks/files.py): Z
 throughput, .nii.gz against .nii, and .npy / .nii / HDF5 runs' own time.
 ST is the commands' start-up, as ratios to `python -c "import numpy, click"`
 (benchmarks/startup.py).
+CL is the engine on Dask (benchmarks/cluster.py): what the client sends per
+task and its memory for 65,536 tiles (a dry run), 4,096 small tiles on a
+LocalCluster against the local engine, W6 on a real scheduler and two workers.
+It takes several minutes, so only `--only CL` runs it.
 """
 
 from __future__ import annotations
@@ -353,7 +357,7 @@ def main():
     if torch is None:
         print("note: torch is not installed; its columns are skipped", file=sys.stderr)
     sgemm = sgemm_gflops()
-    compute = only - {"W5", "W6", "W7", "W8", "NF", "CH", "ST"} if only else None
+    compute = only - {"W5", "W6", "W7", "W8", "NF", "CH", "ST", "CL"} if only else None
     rows = bench_compute(compute, args.repeats) if compute is None or compute else []
     nf = bench_finite_check(args.repeats) if not only or "NF" in only else []
     grid = choice.run_grid(max(3, args.repeats // 2), CORES) if not only or "CH" in only else []
@@ -377,6 +381,14 @@ def main():
         import startup
         print()
         print(startup.report(startup.measure_all(startup.RUNS), startup.RUNS, args.markdown))
+    if "CL" in only:
+        import cluster
+        tmp = tempfile.mkdtemp(prefix="conv3d-bench-", dir=os.environ.get("BENCH_TMP", "."))
+        try:
+            print()
+            print("\n".join(cluster.run(tmp, max(2, args.repeats // 2))))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     if args.against:
         import kernels
         kernels.main(["--against", args.against, "--repeats", str(args.repeats)]

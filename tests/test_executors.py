@@ -240,10 +240,11 @@ def _dask_run(spatial, chunk, seed=0):
     return cluster, y, _expected(layer, x)
 
 
-def test_dask_tasks_carry_a_tile_index_and_stay_few_in_flight():
-    """The task and the plan are scattered once; each tile's task sends its
-    index only, under a key made from the job's token; at most IN_FLIGHT per
-    cluster thread wait at a time, however many tiles the plan has."""
+def test_dask_tasks_carry_a_tile_range_and_stay_few_in_flight():
+    """The task and the plan are scattered once; each Dask task sends the range
+    of tile indices it computes only, under a key made from the job's token;
+    small tiles are grouped, several tasks per cluster thread; at most
+    IN_FLIGHT per cluster thread wait at a time, however many tiles the plan has."""
     import pickle
 
     from conv3d_cli.engine import distributed
@@ -251,13 +252,15 @@ def test_dask_tasks_carry_a_tile_index_and_stay_few_in_flight():
     assert_close(y, expected)
     many, y, expected = _dask_run((16, 16, 16), (1, 1, 2))
     assert_close(y, expected)
-    assert len(few.sent) == 8 and len(many.sent) == 2048
-    for cluster in (few, many):
+    # 8 tiles on 2 threads: one per task; 2048 two-voxel tiles: 16 tasks of 128.
+    assert len(few.sent) == 8 and len(many.sent) == 2 * distributed.TASKS_PER_THREAD
+    for cluster, tiles in ((few, 8), (many, 2048)):
         assert len(cluster.scattered) == 1
-        assert all(len(args) == 1 and isinstance(args[0], int) for args, _ in cluster.sent)
+        assert all(len(args) == 1 and isinstance(args[0], range) for args, _ in cluster.sent)
+        assert sorted(i for args, _ in cluster.sent for i in args[0]) == list(range(tiles))
         assert cluster.most_waiting <= distributed.IN_FLIGHT * cluster.threads
     payload = [max(len(pickle.dumps(sent)) for sent in c.sent) for c in (few, many)]
-    assert payload[1] <= payload[0] + 4 and payload[1] < 200, payload
+    assert payload[1] <= payload[0] + 16 and payload[1] < 200, payload
     # The same job gets the same keys again; another kernel, other keys.
     again, _, _ = _dask_run((8, 8, 8), (4, 4, 4))
     other, _, _ = _dask_run((8, 8, 8), (4, 4, 4), seed=1)

@@ -1,15 +1,21 @@
 """The engine's tiles on a Dask cluster (``--scheduler ADDRESS`` or ``local``).
 
-Each tile is one Dask task running the engine's tile task
-(:class:`~conv3d_cli.engine.task.TileTask`): it reads its input region from
-shared storage, computes, and writes its block straight into the output (a
-Zarr store chunked like the tiles, so no two tasks touch a chunk and no lock
-is needed). The task (job, weights, source, sink) and the plan go to every
-worker once; each tile's Dask task carries only its index, and a bounded
-number of them are submitted at a time, so the client's memory does not grow
-with the number of tiles. Only the small results (activity sums) come back;
-no volume passes the client. Lost workers' tasks are recomputed by Dask
-(``retries``).
+Each Dask task runs the engine's tile task
+(:class:`~conv3d_cli.engine.task.TileTask`) on a run of consecutive tiles:
+each tile reads its input region from shared storage, is computed, and is
+written straight into the output (a Zarr store chunked like the tiles, so no
+two tasks touch a chunk and no lock is needed). The task (job, weights,
+source, sink) and the plan's tiles (one integer array) go to every worker
+once, where the volumes are opened once; each Dask task carries only the
+range of tile indices it computes, and a bounded number of them are
+submitted at a time, so the client's memory does not grow with the number of
+tiles. Only the small results (activity sums) come back; no volume passes
+the client. Lost workers' tasks are recomputed by Dask (``retries``).
+
+Small tiles are grouped (:func:`task_batches`): a Dask task costs a few
+milliseconds of scheduling and two network round trips, as much as computing
+a small tile, so a task holds enough tiles to dwarf that, while every cluster
+thread still gets several tasks to balance the load.
 """
 
 from __future__ import annotations
@@ -18,7 +24,10 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import os
+
+import numpy as np
 
 from ..errors import ArgumentError, Conv3DError, EngineError
 
@@ -129,9 +138,38 @@ def _quiet_logs():
 
 def tile_task(task, plan, index):
     """Tile ``index`` of ``plan`` by ``task`` on a Dask worker: ``(index, sums)``."""
+    return tiles_task(task, plan.tiles, (index,))[0]
+
+
+def tiles_task(task, tiles, indices):
+    """Tiles ``indices`` of ``tiles`` (a plan's, or its :class:`TileTable`) by ``task``
+    on a Dask worker, one after another: ``[(index, sums), ...]``."""
     from .fft import SpectrumCache
-    _, sums = task(plan.tiles[index], SpectrumCache())
-    return index, sums
+    cache = SpectrumCache()
+    return [(index, task(tiles[index], cache)[1]) for index in indices]
+
+
+class TileTable:
+    """A plan's tiles as one integer array, what the workers get: a row per tile
+    (``b0, b1`` and the output box's six bounds). It is sent as one buffer of
+    32 bytes a tile (int32 when every bound fits, as for any volume of fewer
+    than 2^31 voxels along each axis), where the tuple of tiles pickles object
+    by object through a memo of every one of them (tens of MiB on the client
+    for 65,536 tiles)."""
+
+    def __init__(self, tiles, largest):
+        from itertools import chain
+        values = chain.from_iterable((t.b0, t.b1, *chain.from_iterable(t.out)) for t in tiles)
+        dtype = np.int32 if largest < np.iinfo(np.int32).max else np.int64
+        self.rows = np.fromiter(values, dtype, count=8 * len(tiles)).reshape(len(tiles), 8)
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        from .plan import Tile
+        b0, b1, d0, d1, h0, h1, w0, w1 = self.rows[index].tolist()
+        return Tile(b0, b1, ((d0, d1), (h0, h1), (w0, w1)))
 
 
 class Dask:
@@ -194,32 +232,66 @@ def _client(distributed, scheduler, timeout, workers):
             cluster.close()
 
 
-# Tiles submitted per worker thread of the cluster at a time: enough to keep
-# every thread busy while results travel back, few enough that the client
+# Dask tasks submitted per worker thread of the cluster at a time: enough to
+# keep every thread busy while results travel back, few enough that the client
 # holds a handful of futures however many tiles the plan has.
 IN_FLIGHT = 2
+# Tiles are grouped until a task moves about this many values (input and
+# output voxels times channels: 8 MiB of float32), where the tile's own work
+# outweighs the task's scheduling; ...
+TASK_VALUES = 1 << 21
+# ... but every cluster thread gets at least this many tasks (the last ones
+# to finish then keep a thread busy for at most 1/8 of its share), and no task
+# holds more than MAX_TILES_PER_TASK tiles (its description stays small when
+# the indices are not consecutive, as when a run is resumed).
+TASKS_PER_THREAD = 8
+MAX_TILES_PER_TASK = 1024
+
+
+def task_batches(job, plan, indices, threads):
+    """The runs of ``indices`` (a sequence) each Dask task computes, one by one as
+    they are submitted: a ``range`` for consecutive indices (a few bytes,
+    whatever its length), else a tuple."""
+    if not indices:
+        return
+    tile = plan.tiles[indices[0]]
+    values = (tile.b1 - tile.b0) * math.prod(tile.shape) * (job.in_channels + job.filters)
+    size = min(-(-TASK_VALUES // max(values, 1)), MAX_TILES_PER_TASK,
+               len(indices) // (threads * TASKS_PER_THREAD))
+    size = max(size, 1)
+    for i in range(0, len(indices), size):
+        yield _compact(indices[i:i + size])
+
+
+def _compact(indices):
+    first, last = indices[0], indices[-1]
+    if last - first + 1 == len(indices):
+        return range(first, last + 1)
+    return tuple(indices)
 
 
 def _run(distributed, client, task, plan, indices, on_done, workers):
     """Run ``indices`` of ``plan``; returns the number of workers of the cluster.
 
-    The task and the plan go to every worker once; each tile's Dask task then
-    carries only its index. Its key is the job's token and the index, so the
-    keys of two runs of different jobs (or outputs) never meet on a cluster.
+    The task and the plan's tiles go to every worker once; each Dask task then
+    carries only its run of tile indices (:func:`task_batches`). Its key is
+    the job's token and its first index, so the keys of two runs of different
+    jobs (or outputs) never meet on a cluster.
     """
     from dask.base import tokenize
     info = client.scheduler_info().get("workers", {})
     n_workers = len(info) or workers
     threads = sum(w.get("nthreads", 1) for w in info.values()) or n_workers
-    task_f, plan_f = client.scatter([task, plan], broadcast=True, hash=False)
+    table = TileTable(plan.tiles, max(task.job.batch, *task.job.out_spatial))
+    task_f, tiles_f = client.scatter([task, table], broadcast=True, hash=False)
     token = tokenize(task, plan.method, plan.tile_shape, plan.batch_per_tile, len(plan.tiles))
-    todo = iter(indices)
+    todo = task_batches(task.job, plan, indices, threads)
     pending = set()
 
     def submit(count):
-        for index in itertools.islice(todo, count):
-            fut = client.submit(tile_task, task_f, plan_f, index, retries=3, pure=False,
-                                key=f"conv3d-tile-{token}-{index}")
+        for batch in itertools.islice(todo, count):
+            fut = client.submit(tiles_task, task_f, tiles_f, batch, retries=3, pure=False,
+                                key=f"conv3d-tiles-{token}-{batch[0]}")
             pending.add(fut)
             running.add(fut)
 
@@ -228,8 +300,8 @@ def _run(distributed, client, task, plan, indices, on_done, workers):
     try:
         for fut in running:
             pending.discard(fut)
-            index, sums = fut.result()
-            on_done(index, sums)
+            for index, sums in fut.result():
+                on_done(index, sums)
             submit(1)
     except distributed.client.FutureCancelledError as exc:
         raise EngineError(f"the cluster cancelled a tile ({_reason(exc)})") from None

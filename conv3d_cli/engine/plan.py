@@ -46,7 +46,7 @@ MAX_TILES = 1 << 18
 MAX_MEMORY_LIMIT = 1 << 60
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Tile:
     b0: int
     b1: int
