@@ -122,3 +122,16 @@ def test_voxel_sizes_only_formats_say_so(tmp_path, rng):
     data = info(tmp_path / "a.h5")
     assert data["voxel_size"] == [2.0, 1.0, 1.0]
     assert data["geometry"] == "voxel sizes only (element_size_um: no origin or orientation)"
+
+
+def test_no_tr_for_a_fourth_axis_of_filters(tmp_path):
+    """A 4-D output of several filters has no time unit: info shows no TR for it."""
+    from conv3d_cli.io import read_volume, write_volume
+    a, affine = read_volume(nibabel_file("example4d.nii.gz"))
+    r = CliRunner().invoke(cli, ["run", nibabel_file("example4d.nii.gz"), str(tmp_path / "o.nii"),
+                                 "--filters", "3", "--kernel-size", "1", "--seed", "0", "-q"])
+    assert r.exit_code == 0, r.output
+    data = info(str(tmp_path / "o.nii"))
+    assert data["shape"][3] == 3 and "tr" not in data and "tr_unit" not in data
+    write_volume(str(tmp_path / "plain.nii"), a[..., 0], affine)
+    assert "tr" not in info(str(tmp_path / "plain.nii"))

@@ -184,12 +184,15 @@ def header_details(header, slope=1.0, inter=0.0):
                "qform_code": int(header["qform_code"]), "extensions": extensions}
     if not (slope == 1 and inter == 0):
         details["scaling"] = {"slope": float(slope), "intercept": float(inter)}
-    if int(header["dim"][0]) == 4:
+    try:
+        time_unit = header.get_xyzt_units()[1]
+    except Exception:  # a units code nibabel does not know
+        time_unit = "unknown"
+    # A 4th axis is a series only if the header gives it a time unit: this
+    # tool's own outputs keep their filters there, with the unit cleared.
+    if int(header["dim"][0]) == 4 and time_unit in ("sec", "msec", "usec"):
         details["tr"] = float(header["pixdim"][4])
-        try:
-            details["tr_unit"] = header.get_xyzt_units()[1]
-        except Exception:  # a units code nibabel does not know
-            details["tr_unit"] = "unknown"
+        details["tr_unit"] = time_unit
     text = {key: f"{details[key]} ({_label(xform_codes, details[key])})"
             for key in ("sform_code", "qform_code")}
     text["extensions"] = ", ".join(
