@@ -137,20 +137,22 @@ def inflate_member(raw, length=MAX_MEMBER, lib=None) -> bytes:
     return data
 
 
-def decompress_file(src, dst, limit, threads=None, chunk=16 << 20, progress=None):
+def decompress_file(src, dst, limit, threads=None, chunk=16 << 20, progress=None, offset=0):
     """Write the first ``limit`` bytes of the decompressed ``src`` into a new file ``dst``.
 
     Nothing beyond ``limit`` is inflated (a small file cannot fill the disk).
     Files made of members that record their sizes are inflated in parallel on
     ``threads`` (default: the usable cores); others as one stream. Corrupt or
     truncated data raise OSError, EOFError, ValueError or zlib.error.
-    ``progress(n)`` is told each ``n`` bytes written."""
+    ``progress(n)`` is told each ``n`` bytes written. The gzip data start at byte
+    ``offset`` of ``src`` (an NRRD file's attached header comes first)."""
     progress = progress or (lambda n: None)
     threads = max(1, int(threads or usable_cores()))
     with open(src, "rb") as fin, open(dst, "xb") as fout:
         total = os.fstat(fin.fileno()).st_size
-        members = _index(fin, total, limit) if threads > 1 else None
+        members = _index(fin, total, limit) if threads > 1 and not offset else None
         if members is None:
+            fin.seek(offset)
             _stream(fin, fout, limit, chunk, progress)
         else:
             _parallel(fin, fout, members, limit, threads, progress)

@@ -64,13 +64,15 @@ class HeaderOnly:
         raise RuntimeError("volume opened with header_only=True")
 
 
-def _decompress(path, folder, limit):
-    """Stream ``path`` (.nii.gz) into a temporary .nii in ``folder``; its path.
+def _decompress(path, folder, limit, offset=0, name=None):
+    """Stream ``path`` (.nii.gz; gzip data from byte ``offset``) into a temporary
+    file in ``folder``; its path. Messages name the file ``name`` (default ``path``).
 
     Only the first ``limit`` bytes (header, extensions and voxels, as the
     header says) are written: whatever the stream holds beyond them is never
     read, so a small .nii.gz cannot fill the disk.
     """
+    data_path, path = path, name or path
     folder = folder or default_tmp_dir()
     remove_stale(folder)
     free = _free_bytes(folder)
@@ -83,7 +85,7 @@ def _decompress(path, folder, limit):
     log.info("decompressing %s to %s (%d bytes)", path, tmp, limit)
     try:
         with phase("decompress", limit, desc="decompressing") as bar:
-            gzipio.decompress_file(path, tmp, limit, progress=bar.update)
+            gzipio.decompress_file(data_path, tmp, limit, progress=bar.update, offset=offset)
     except (OSError, EOFError, ValueError, zlib.error) as exc:
         _unlink(tmp)
         raise VolumeError(f"{path}: corrupt or truncated gzip data, or {folder} is not "

@@ -21,7 +21,6 @@ Outputs are raw ``.nrrd`` files in LPS (as 3D Slicer and ITK write them),
 
 from __future__ import annotations
 
-import gzip
 import math
 import os
 
@@ -30,11 +29,10 @@ import numpy as np
 from ..errors import ArgumentError, ShapeError, VolumeError
 from ..geometry import Geometry
 from .base import FileWriter, Volume
-from .nifti import _free_bytes, default_tmp_dir
+from .nifti import _decompress
 from .npy import check_dtype
 from .paths import check_input_path
 from .rawfile import RawArrayFile
-from .tempfiles import remove_stale, temp_path
 
 # NRRD space -> the sign that takes each of its world axes to RAS+.
 SPACE_TO_RAS = {
@@ -186,7 +184,7 @@ def open_volume(spec, header_only=False, tmp_dir=None) -> Volume:
         if skip:
             raise VolumeError(f"{path}: 'byte skip' with gzip encoding is not supported")
         if not header_only:
-            tmp = _gunzip(data_path, offset, nbytes, tmp_dir, path)
+            tmp = _decompress(data_path, tmp_dir, nbytes, offset, name=path)
             volume.temp_files.append(tmp)
             data_path, offset = tmp, 0
     elif encoding == "raw":
@@ -203,45 +201,6 @@ def open_volume(spec, header_only=False, tmp_dir=None) -> Volume:
         raise VolumeError(f"{path}: file is truncated: the header says sizes {list(shape)} "
                           f"of {header['type']}")
     return volume
-
-
-def _gunzip(data_path, offset, nbytes, folder, path):
-    """Stream the gzip data at ``offset`` into a temporary file in ``folder``; its path.
-    Only the ``nbytes`` the header describes are written."""
-    folder = folder or default_tmp_dir()
-    remove_stale(folder)
-    free = _free_bytes(folder)
-    if free is not None and free < nbytes:
-        raise VolumeError(f"{path}: decompressing it needs {nbytes} bytes in {folder}, which "
-                          f"has {free} free; choose another folder with --tmp-dir or "
-                          "CONV3D_TMPDIR")
-    tmp = temp_path(folder, os.path.basename(path) + ".decompressed")
-    try:
-        with open(data_path, "rb") as raw, open(tmp, "xb") as dst:
-            raw.seek(offset)
-            with gzip.GzipFile(fileobj=raw, mode="rb") as src:
-                left = nbytes
-                while left > 0:
-                    chunk = src.read(min(16 << 20, left))
-                    if not chunk:
-                        break
-                    dst.write(chunk)
-                    left -= len(chunk)
-    except (OSError, EOFError) as exc:
-        _unlink(tmp)
-        raise VolumeError(f"{path}: corrupt or truncated gzip data, or {folder} is not "
-                          f"writable ({exc})") from None
-    except BaseException:
-        _unlink(tmp)
-        raise
-    return tmp
-
-
-def _unlink(path):
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 # ------------------------------------------------------------------ output side
