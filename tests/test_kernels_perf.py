@@ -101,9 +101,9 @@ def test_fft_stages_across_threads_equal_reference(rng, monkeypatch, fft_stages,
     got = np.zeros((batch,) + job.out_spatial + (channels,), dtype)
     fft_mod.correlate_fft(x, terms, job.taps, got, workers=workers)
     assert_close(got, expected, rtol=_rtol(dtype))
-    # three stages, each shared among the threads when it has a block for each
-    # (on one thread: no pool)
-    assert len(fft_stages) == (0 if workers == 1 else 3)
+    # the kernel spectra's transform along D, then three stages, each shared
+    # among the threads when it has a block for each (on one thread: no pool)
+    assert len(fft_stages) == (0 if workers == 1 else 4)
     assert all(n == workers for n in fft_stages) if block == 1 else \
         all(1 <= n <= workers for n in fft_stages)
     # fused bias (one term per axis): bias + sum set on every output

@@ -85,7 +85,11 @@ class SpectrumCache:
                 self._bytes += hit.nbytes
         return hit
 
-    def get(self, taps_w, terms, fshape, dtype, workers=1):
+    def get(self, taps_w, terms, fshape, dtype, workers=1, pool=None):
+        """The kernel spectra of the term combination ``terms`` over ``fshape``:
+        (N, G, Cg, Fg), N over (f0, f1, f2 // 2 + 1). ``pool`` (with ``workers``
+        threads in all) shares the transform along D; without one, ``workers``
+        are the FFTs' own threads."""
         from scipy import fft as sfft
         key = (tuple(t.taps for t in terms), fshape)
         with self._lock:
@@ -98,15 +102,31 @@ class SpectrumCache:
             spans.append((lo, span))
         g, cg, fg = taps_w.shape[3:]
         dense = np.zeros(tuple(s for _, s in spans) + (g, cg, fg), dtype)
-        for (j0, o0), (j1, o1), (j2, o2) in product(*(t.taps for t in terms)):
-            dense[o0 - spans[0][0], o1 - spans[1][0], o2 - spans[2][0]] = taps_w[j0, j1, j2]
+        # Taps combine axis by axis: tap (j0, j1, j2) sits at offsets (o0, o1, o2).
+        at = [np.array([o - lo for _, o in t.taps], np.intp) for t, (lo, _) in zip(terms, spans)]
+        taps = [np.array([j for j, _ in t.taps], np.intp) for t in terms]
+        dense[np.ix_(*at)] = taps_w[np.ix_(*taps)]
         dense = dense[::-1, ::-1, ::-1]
         # rfftn(dense, s=fshape) one axis at a time, so each transform runs only
         # over the kernel's nonzero extent of the axes not yet transformed
-        # (the padded kernel is mostly zeros): about a third of the work.
-        spec = sfft.rfft(dense, n=fshape[2], axis=2, workers=workers)
-        spec = sfft.fft(spec, n=fshape[1], axis=1, workers=workers)
-        spec = sfft.fft(spec, n=fshape[0], axis=0, workers=workers)
+        # (the padded kernel is mostly zeros): about a third of the work. The
+        # last (along D, over every (H, W) frequency) is most of it: with a
+        # pool, the threads share it by runs of H frequencies.
+        threads = 1 if pool is not None else workers
+        part = sfft.rfft(dense, n=fshape[2], axis=2, workers=threads)
+        part = sfft.fft(part, n=fshape[1], axis=1, workers=threads)
+        spec = np.empty((fshape[0],) + part.shape[1:], part.dtype)
+
+        def along_d(runs):
+            for h0, h1 in runs:
+                spec[:, h0:h1] = sfft.fft(part[:, h0:h1], n=fshape[0], axis=0, workers=threads)
+
+        runs = _blocks(fshape[1], max(1, -(-fshape[1] // (4 * workers))))
+        if pool is None:
+            along_d(runs)
+        else:
+            _in_threads(pool, [lambda share=share: along_d(share)
+                               for share in _shares(runs, workers)])
         # (f0, f1, f2, G, Cg, Fg) -> (N, G, Cg, Fg) for per-frequency matmul
         spec = np.ascontiguousarray(spec.reshape(-1, g, cg, fg))
         with self._lock:
@@ -145,7 +165,7 @@ def correlate_fft(x, terms, taps_w, out, cache=None, workers=1, bias=None):
 
 def _correlate(x, terms, taps_w, out, cache, pool, workers, bias):
     for combo in product(*terms):
-        spec = cache.get(taps_w, combo, _fft_shape(combo), x.dtype, workers)
+        spec = cache.get(taps_w, combo, _fft_shape(combo), x.dtype, workers, pool)
         _correlate_combo(x, combo, spec, out, pool, workers, bias)
     return out
 
