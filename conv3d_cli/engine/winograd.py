@@ -21,10 +21,10 @@ output voxel and channel pair with F(2, 3) along W, 96 / 16 = 6 with F(4, 3)
 Why F(4, 3) along one axis only: its larger constants (up to 8 in A^T, 5 in
 B^T) amplify the float32 rounding of the GEMM's operands. On random data
 with 32 to 256 channels (normal, offset by 10, or a dynamic range of e^12),
-the error is, in units of the output's scale: 2.4e-7 to 7.8e-7 for F(2, 3)
-along all three axes, 3.7e-7 to 3.0e-6 with F(4, 3) along one axis, 7.9e-7
-to 1.5e-5 along two, 1.6e-5 to 4.4e-5 along all three (direct summation:
-2e-7 to 3e-7), whether the transforms run in float32 or float64
+the error is, in units of the output's scale: 2.4e-7 to 8.0e-7 for F(2, 3)
+along all three axes, 4.7e-7 to 3.3e-6 with F(4, 3) along W, 7.3e-7 to
+1.3e-5 along two axes, 1.6e-5 to 4.4e-5 along all three (direct summation:
+2e-7 to 6e-7), whether the transforms run in float32 or float64
 (``tools/winograd_error.py``); the engine keeps 1e-5.
 
 The transforms (few nonzero constants per row) are compiled with numba and
