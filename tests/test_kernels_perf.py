@@ -63,9 +63,11 @@ def test_scatter_transpose_blocks_equal_reference(rng, monkeypatch, block, case)
 # ------------------------------------------------------- FFT stages across threads
 @pytest.fixture
 def fft_stages(monkeypatch):
-    """How many threads' shares each stage of correlate_fft ran in."""
+    """How many threads' shares each stage of correlate_fft ran in (tiles of any
+    size on the threads asked for)."""
     seen = []
     real = fft_mod._in_threads
+    monkeypatch.setattr(fft_mod, "MIN_THREADED_VALUES", 0)
 
     def spy(pool, jobs):
         seen.append(len(jobs))
@@ -112,12 +114,26 @@ def test_fft_stages_across_threads_equal_reference(rng, monkeypatch, fft_stages,
     assert_close(got, expected + layer.bias, rtol=_rtol(dtype))
 
 
+def test_fft_small_tile_runs_on_one_thread(rng, monkeypatch):
+    seen = []
+    monkeypatch.setattr(fft_mod, "_in_threads", lambda pool, jobs: seen.append(len(jobs)))
+    layer = Conv3D(2, 3)
+    x = _x(rng, (1, 8, 8, 8, 2))
+    layer.build(x.shape)
+    job, terms = _whole_tile(layer, x)
+    got = np.zeros((1,) + job.out_spatial + (2,), np.float32)
+    fft_mod.correlate_fft(x, terms, job.taps, got, workers=2)
+    assert seen == []  # no thread pool: its start costs more than the tile
+    assert_close(got, ref_conv3d(x, layer.kernel, None))
+
+
 @pytest.mark.parametrize("df", ["channels_first", "channels_last"])
 @pytest.mark.parametrize("workers", [1, 2])
 def test_fft_transposed_phases_across_threads_equal_reference(rng, monkeypatch, df, workers):
     # Strided transposed: one term per output phase along D and W, each output
     # plane kept once by its phase (accumulated, not set).
     monkeypatch.setattr(fft_mod, "BLOCK_BYTES", 3000)
+    monkeypatch.setattr(fft_mod, "MIN_THREADED_VALUES", 0)
     layer = Conv3DTranspose(3, 3, strides=(2, 1, 2), padding="same", data_format=df,
                             bias_initializer="random_normal")
     x = _x(rng, (2, 11, 5, 6, 2), df)
