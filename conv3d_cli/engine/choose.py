@@ -32,9 +32,10 @@ operation ``c[path][i]``. The counts mirror what the code computes:
 - ``scatter`` (direct, strided transposed): one GEMM ``(voxels, C) @ (C,
   k^3 F)`` (``mac``) and the compiled col2im of every product that lands in
   the tile (``col2im``);
-- ``winograd``: per 2x2x2 output block, the input and output transforms
-  (``tin`` per channel, ``tout`` per filter) and 64 GEMMs of K = C/G
-  (``mac``: 64 per block and channel pair; ``stream``);
+- ``winograd``: per block of 2x2x2 outputs (2x2x4 with F(4, 3) along W), its
+  P = 64 (96) transform points: the input and output transforms (``tin`` per
+  channel, ``tout`` per filter, in units of 64 points) and P GEMMs of K = C/G
+  (``mac``: P per block and channel pair; ``stream``);
 - ``fft``: per term combination (one for Conv3D, which computes every
   stride-1 output over its whole input extent; one per output phase for a
   transposed layer, each transforming the input again): ``call``,
@@ -94,7 +95,7 @@ from ..shapes import CONV
 from .fftsize import next_fast_len
 from .jit import worth_compiling
 from .stencil import stencil_suits
-from .winograd import winograd_suits
+from .winograd import axis_steps, winograd_suits
 
 METHODS = ("auto", "measure", "direct", "fft", "winograd")
 MODEL_FILE = Path(__file__).with_name("cost_model.json")
@@ -233,11 +234,13 @@ def _scatter_counts(job, nb, terms, counts, shape):
 def _winograd_counts(job, nb, terms, counts, shape):
     g, cg, fg = _groups(job)
     for combo in product(*terms):
-        blocks = nb * math.prod(-(-t.count // 2) for t in combo)
-        counts["tin"] += blocks * job.in_channels
-        counts["tout"] += blocks * job.filters
-        counts["mac"] += 64 * blocks * g * cg * fg
-        counts["stream"] += 64 * blocks * job.in_channels
+        steps = axis_steps([t.count for t in combo])
+        blocks = nb * math.prod(-(-t.count // m) for t, m in zip(combo, steps))
+        points = math.prod(m + 2 for m in steps)  # 64, or 96 with F(4, 3) along W
+        counts["tin"] += blocks * job.in_channels * points / 64
+        counts["tout"] += blocks * job.filters * points / 64
+        counts["mac"] += points * blocks * g * cg * fg
+        counts["stream"] += points * blocks * job.in_channels
 
 
 def fft_shape(combo):
