@@ -315,7 +315,9 @@ def timings(configs):
             threaded = any((path, name) in choose.THREADED for name in counts)
             out.append(Timing({"kind": "tile", "path": path, "config": config, "threads": 1,
                                "counts": counts}, tile_task(job, tile, source, method, 1)))
-            if threaded and CORES > 1 and i % THREAD_EVERY == 0:  # speed-up on all cores
+            # speed-up on all cores: every FFT tile large enough to run on threads
+            every = 1 if path == "fft" else THREAD_EVERY
+            if threaded and CORES > 1 and i % every == 0 and choose.uses_threads(path, counts):
                 out.append(Timing({"kind": "wall", "path": path, "config": config, "threads": 1},
                                   tile_task(job, tile, source, method, 1), clock=time.perf_counter))
                 out.append(Timing({"kind": "wall", "path": path, "config": config,

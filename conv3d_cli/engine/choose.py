@@ -99,11 +99,13 @@ from .winograd import axis_steps, winograd_suits
 
 METHODS = ("auto", "measure", "direct", "fft", "winograd")
 MODEL_FILE = Path(__file__).with_name("cost_model.json")
-# Which counts run on the tile's BLAS or FFT threads.
+# Which counts run on the tile's BLAS or FFT threads (the FFT path's stages
+# share the transforms, the spectrum product and the output among its threads).
 THREADED = {("gemm", "mac"): "blas", ("gemm", "stream"): "blas",
             ("scatter", "mac"): "blas", ("winograd", "mac"): "blas",
             ("winograd", "stream"): "blas", ("fft", "fft"): "fft", ("fft", "fmem"): "fft",
-            ("spectra", "spectra"): "fft"}
+            ("fft", "mul1"): "fft", ("fft", "freq"): "fft", ("fft", "cmac"): "fft",
+            ("fft", "ctr"): "fft", ("fft", "out"): "fft", ("spectra", "spectra"): "fft"}
 # Plans with more tiles than this are spread evenly instead of tile by tile.
 SCHEDULE_TILES = 4096
 
@@ -311,12 +313,20 @@ def _shape_key(job, tile):
         for g, (o0, o1) in zip(job.geoms, tile.out))
 
 
+def uses_threads(path, counts) -> bool:
+    """Whether a tile of these counts runs on the plan's threads: FFT tiles of
+    fewer than ``fft.MIN_THREADED_VALUES`` transformed values run on one."""
+    from .fft import MIN_THREADED_VALUES
+    return path != "fft" or counts.get("fmem", 0) >= MIN_THREADED_VALUES
+
+
 def tile_seconds(job, method, tile, threads=1, model=None, cold=False):
     """Estimated seconds of one tile (``cold``: with its kernel transforms)."""
     model = model or load_model()
     axes = tile_axes(job, tile.out)
     path = path_of(job, method)
-    seconds = model.seconds(path, tile_counts(job, path, tile, axes), threads)
+    counts = tile_counts(job, path, tile, axes)
+    seconds = model.seconds(path, counts, threads if uses_threads(path, counts) else 1)
     if cold and path in SETUP and all(t for _, _, t in axes):
         seconds += model.seconds(SETUP[path], setup_counts(job, path, axes), threads)
     return seconds
