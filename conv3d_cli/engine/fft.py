@@ -121,7 +121,8 @@ class SpectrumCache:
             for h0, h1 in runs:
                 spec[:, h0:h1] = sfft.fft(part[:, h0:h1], n=fshape[0], axis=0, workers=threads)
 
-        runs = _blocks(fshape[1], max(1, -(-fshape[1] // (4 * workers))))
+        per_row = fshape[0] * part.shape[2] * g * cg * fg * part.itemsize
+        runs = _blocks(fshape[1], max(1, BLOCK_BYTES // per_row))
         if pool is None:
             along_d(runs)
         else:
