@@ -88,12 +88,14 @@ def test_transposed_counts_every_tap_of_each_outputs_phase(layer, path):
             assert counts.get("mac", 0) + counts.get("mac_strided", 0) == expected
 
 
-def test_winograd_counts_8_products_per_output_and_channel_pair():
-    job = _job(Conv3D(16, 3), (1, 10, 12, 14, 8))  # 8 x 10 x 12 outputs: whole 2x2x2 blocks
+def test_winograd_counts_6_or_8_products_per_output_and_channel_pair():
+    job = _job(Conv3D(16, 3), (1, 10, 12, 14, 8))  # 8 x 10 x 12 outputs: whole 2x2x4 blocks
     counts = choose.tile_counts(job, "winograd", Tile(0, 1, ((0, 8), (0, 10), (0, 12))))
-    assert counts["mac"] == 8 * 8 * 10 * 12 * 8 * 16
-    odd = choose.tile_counts(job, "winograd", Tile(0, 1, ((0, 7), (0, 10), (0, 12))))
+    assert counts["mac"] == 6 * 8 * 10 * 12 * 8 * 16  # F(4, 3) along W: 96 points per 16
+    odd = choose.tile_counts(job, "winograd", Tile(0, 1, ((0, 7), (0, 10), (0, 11))))
     assert odd["mac"] == counts["mac"]  # an odd edge still computes whole blocks
+    short = choose.tile_counts(job, "winograd", Tile(0, 1, ((0, 8), (0, 10), (0, 6))))
+    assert short["mac"] == 8 * 8 * 10 * 6 * 8 * 16  # under 8 along W: 2x2x2 blocks, 64 points
 
 
 def test_fft_counts_follow_the_transforms_the_code_computes():

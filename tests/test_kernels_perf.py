@@ -60,18 +60,20 @@ def test_scatter_transpose_blocks_equal_reference(rng, monkeypatch, block, case)
     assert layer.last_stats.method == "direct"
 
 
-# ------------------------------------------------------- FFT split across threads
+# ------------------------------------------------------- FFT stages across threads
 @pytest.fixture
-def fft_parts(monkeypatch):
-    """(batch, axis-0 counts) of each part correlate_fft computed."""
+def fft_stages(monkeypatch):
+    """How many threads' shares each stage of correlate_fft ran in (tiles of any
+    size on the threads asked for)."""
     seen = []
-    real = fft_mod._correlate
+    real = fft_mod._in_threads
+    monkeypatch.setattr(fft_mod, "MIN_THREADED_VALUES", 0)
 
-    def spy(x, terms, *args):
-        seen.append((x.shape[0], tuple(t.count for t in terms[0])))
-        return real(x, terms, *args)
+    def spy(pool, jobs):
+        seen.append(len(jobs))
+        return real(pool, jobs)
 
-    monkeypatch.setattr(fft_mod, "_correlate", spy)
+    monkeypatch.setattr(fft_mod, "_in_threads", spy)
     return seen
 
 
@@ -81,50 +83,65 @@ def _whole_tile(layer, x):
     return job, [g.terms(0, g.out)[2] for g in job.geoms]
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("batch,d,parts", [
-    (4, 9, [(2, (7,)), (2, (7,))]),          # along the batch
-    (3, 30, [(3, (14,)), (3, (14,))]),       # along D: 30 -> 2 x (14 + 2) FFT rows
-    (1, 6, [(1, (4,))]),                     # D too short to cut: one part, threaded FFTs
+@pytest.mark.parametrize("block", [1, 5000])  # one plane / H row per block, a few
+@pytest.mark.parametrize("workers,dtype", [(1, np.float32), (2, np.float32), (3, np.float32),
+                                           (2, np.float64)])
+@pytest.mark.parametrize("batch,d,groups,channels", [
+    (2, 9, 2, 4),       # channels mixed per frequency, by group
+    (1, 30, 1, 1),      # one channel: one multiply per frequency
+    (3, 6, 1, 3),
 ])
-def test_fft_tile_split_across_threads_equals_reference(rng, fft_parts, dtype, batch, d, parts):
-    layer = Conv3D(4, 3, groups=2, dtype="float64" if dtype == np.float64 else None,
+def test_fft_stages_across_threads_equal_reference(rng, monkeypatch, fft_stages, block,
+                                                   workers, dtype, batch, d, groups, channels):
+    monkeypatch.setattr(fft_mod, "BLOCK_BYTES", block)
+    layer = Conv3D(channels, 3, groups=groups, dtype="float64" if dtype == np.float64 else None,
                    bias_initializer="random_normal")
-    x = _x(rng, (batch, d, 7, 8, 4), dtype=dtype)
+    x = _x(rng, (batch, d, 7, 8, channels), dtype=dtype)
     layer.build(x.shape)
     job, terms = _whole_tile(layer, x)
-    expected = ref_conv3d(x, layer.kernel, None, groups=2)
-    got = np.zeros((batch,) + job.out_spatial + (4,), dtype)
-    fft_mod.correlate_fft(x, terms, job.taps, got, workers=2)
-    assert sorted(fft_parts) == parts
+    expected = ref_conv3d(x, layer.kernel, None, groups=groups)
+    got = np.zeros((batch,) + job.out_spatial + (channels,), dtype)
+    fft_mod.correlate_fft(x, terms, job.taps, got, workers=workers)
     assert_close(got, expected, rtol=_rtol(dtype))
-    # fused bias (one term per axis): every part sets bias + sum on its outputs
+    # the kernel spectra's transform along D, then three stages, each shared
+    # among the threads when it has a block for each (on one thread: no pool)
+    assert len(fft_stages) == (0 if workers == 1 else 4)
+    assert all(n == workers for n in fft_stages) if block == 1 else \
+        all(1 <= n <= workers for n in fft_stages)
+    # fused bias (one term per axis): bias + sum set on every output
     got[...] = np.nan
-    fft_mod.correlate_fft(x, terms, job.taps, got, workers=2, bias=layer.bias)
+    fft_mod.correlate_fft(x, terms, job.taps, got, workers=workers, bias=layer.bias)
     assert_close(got, expected + layer.bias, rtol=_rtol(dtype))
 
 
-@pytest.mark.parametrize("df", ["channels_last", "channels_first"])
-def test_fft_transposed_split_along_d_equals_reference(rng, fft_parts, df):
-    # Strided transposed: axis D has one term per output phase; each is cut.
-    layer = Conv3DTranspose(3, 3, strides=(2, 1, 1), padding="same", data_format=df,
+def test_fft_small_tile_runs_on_one_thread(rng, monkeypatch):
+    seen = []
+    monkeypatch.setattr(fft_mod, "_in_threads", lambda pool, jobs: seen.append(len(jobs)))
+    layer = Conv3D(2, 3)
+    x = _x(rng, (1, 8, 8, 8, 2))
+    layer.build(x.shape)
+    job, terms = _whole_tile(layer, x)
+    got = np.zeros((1,) + job.out_spatial + (2,), np.float32)
+    fft_mod.correlate_fft(x, terms, job.taps, got, workers=2)
+    assert seen == []  # no thread pool: its start costs more than the tile
+    assert_close(got, ref_conv3d(x, layer.kernel, None))
+
+
+@pytest.mark.parametrize("df", ["channels_first", "channels_last"])
+@pytest.mark.parametrize("workers", [1, 2])
+def test_fft_transposed_phases_across_threads_equal_reference(rng, monkeypatch, df, workers):
+    # Strided transposed: one term per output phase along D and W, each output
+    # plane kept once by its phase (accumulated, not set).
+    monkeypatch.setattr(fft_mod, "BLOCK_BYTES", 3000)
+    monkeypatch.setattr(fft_mod, "MIN_THREADED_VALUES", 0)
+    layer = Conv3DTranspose(3, 3, strides=(2, 1, 2), padding="same", data_format=df,
                             bias_initializer="random_normal")
-    x = _x(rng, (1, 24, 5, 6, 2), df)
+    x = _x(rng, (2, 11, 5, 6, 2), df)
     layer.build(x.shape)
     expected = ref_conv3d_transpose(x, layer.kernel, layer.bias, layer.strides, "same",
                                     None, layer.dilation_rate, df)
-    got = layer(x, method="fft", workers=2)
-    assert len(fft_parts) == 2 and all(len(counts) == 2 for _, counts in fft_parts)
-    assert_close(got, expected)
-
-
-def test_fft_axis_split_only_when_the_overlap_is_small():
-    def terms(n):
-        return [g.terms(0, g.out)[2] for g in Conv3D(1, 15).geometries((n, n, n))]
-    assert fft_mod._split_axis0(terms(40), 2) is None  # 26 outputs: 2 x 27 FFT rows > 1.25 x 40
-    pieces = fft_mod._split_axis0(terms(192), 2)
-    assert [p[0][0].count for p in pieces] == [89, 89]
-    assert [(p[0][0].in_start, p[0][0].out_start) for p in pieces] == [(0, 0), (89, 89)]
+    assert_close(layer(x, method="fft", workers=workers), expected)
+    assert_close(layer(x, method="fft", workers=workers, chunk_shape=(5, 4, 7)), expected)
 
 
 # ------------------------------------------------- Winograd slabs, fused bias

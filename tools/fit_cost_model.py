@@ -178,15 +178,25 @@ METHOD = {"stencil": "direct", "gemm": "direct", "scatter": "direct", "winograd"
 
 
 # ------------------------------------------------------------------ measuring
-def config_job(config):
-    """(job, tile) of a configuration: the whole output as one tile."""
+def _config_layer_job(config):
     kwargs = {"groups": config["g"]} if config["layer"] == "Conv3D" else {}
     cls = Conv3D if config["layer"] == "Conv3D" else Conv3DTranspose
     layer = cls(config["f"], config["k"], strides=config["s"], padding=config["padding"],
                 **kwargs)
     shape = (1,) + tuple(config["n"]) + (config["c"],)
     layer.build(shape)
-    job = layer.job(shape)
+    return layer.job(shape)
+
+
+def runs_its_path(config):
+    """Whether the engine computes the configuration by its path (a job too small
+    to pay for loading numba runs the im2col GEMM, not the stencil)."""
+    return choose.path_of(_config_layer_job(config), METHOD[config["path"]]) == config["path"]
+
+
+def config_job(config):
+    """(job, tile) of a configuration: the whole output as one tile."""
+    job = _config_layer_job(config)
     path = choose.path_of(job, METHOD[config["path"]])
     if path != config["path"]:
         raise SystemExit(f"configuration {config} runs the {path} path, not {config['path']}")
@@ -297,6 +307,7 @@ def timings(configs):
     rng = np.random.default_rng(0)
     out = []
     for path, cases in configs.items():
+        cases = [c for c in cases if runs_its_path(c)]
         for i, config in enumerate(cases):
             job, tile, source = build(config, rng)
             method = METHOD[path]
@@ -304,7 +315,9 @@ def timings(configs):
             threaded = any((path, name) in choose.THREADED for name in counts)
             out.append(Timing({"kind": "tile", "path": path, "config": config, "threads": 1,
                                "counts": counts}, tile_task(job, tile, source, method, 1)))
-            if threaded and CORES > 1 and i % THREAD_EVERY == 0:  # speed-up on all cores
+            # speed-up on all cores: every FFT tile large enough to run on threads
+            every = 1 if path == "fft" else THREAD_EVERY
+            if threaded and CORES > 1 and i % every == 0 and choose.uses_threads(path, counts):
                 out.append(Timing({"kind": "wall", "path": path, "config": config, "threads": 1},
                                   tile_task(job, tile, source, method, 1), clock=time.perf_counter))
                 out.append(Timing({"kind": "wall", "path": path, "config": config,

@@ -2,8 +2,9 @@
 
     python tools/winograd_error.py
 
-Why the engine uses F(2, 3) and not F(4, 3) or F(3, 3): for each point set
-this builds the Toom-Cook matrices A^T, G, B^T, runs the 3-D algorithm with
+Why the engine uses F(2, 3) along D and H and F(4, 3) along W only, and not
+F(4, 3) or F(3, 3) along every axis: for each point set this builds the
+Toom-Cook matrices A^T, G, B^T (one set per axis), runs the 3-D algorithm with
 float32 GEMMs (transforms in float32, or in float64 and rounded to float32
 around the GEMM) and prints max |error| / max |exact output|, beside direct
 float32 summation, for random normal data, 256 channels, a large dynamic range
@@ -40,25 +41,30 @@ def toom_cook(points, m, r):
     return at, g, bt
 
 
-def winograd(x, w, at, g, bt, transform_dtype):
-    """Valid 3-D correlation of x (D, D, D, C) by w (3, 3, 3, C, F), float32 GEMMs."""
-    m, n = at.shape
-    t = (x.shape[0] - 2) // m
-    idx = np.arange(t)[:, None] * m + np.arange(n)
-    d = x[idx][:, :, idx][:, :, :, :, idx].astype(transform_dtype)  # (t, n, t, n, t, n, C)
-    b = bt.astype(transform_dtype)
-    v = np.einsum("ai,xiyjzkc->xyzajkc", b, d)
-    v = np.einsum("bj,xyzajkc->xyzabkc", b, v)
-    v = np.einsum("ek,xyzabkc->xyzabec", b, v).astype(np.float32)
-    u = np.einsum("ai,bj,ek,ijkcf->abecf", g, g, g, w.astype(np.float64)).astype(np.float32)
-    prod = np.matmul(v.reshape(t ** 3, n ** 3, -1).transpose(1, 0, 2),
-                     u.reshape(n ** 3, w.shape[3], -1))
-    mm = prod.transpose(1, 0, 2).reshape((t,) * 3 + (n,) * 3 + (-1,)).astype(transform_dtype)
-    a = at.astype(transform_dtype)
-    y = np.einsum("ia,xyzabef->xyzibef", a, mm)
-    y = np.einsum("jb,xyzibef->xyzijef", a, y)
-    y = np.einsum("ke,xyzijef->xyzijkf", a, y)
-    return y.transpose(0, 3, 1, 4, 2, 5, 6).reshape((t * m,) * 3 + (-1,)).astype(np.float32)
+def winograd(x, w, matrices, transform_dtype):
+    """Valid 3-D correlation of x (D, D, D, C) by w (3, 3, 3, C, F), float32 GEMMs;
+    ``matrices`` one (A^T, G, B^T) per axis (D, H, W)."""
+    ms = [at.shape[0] for at, _, _ in matrices]
+    ns = [at.shape[1] for at, _, _ in matrices]
+    t = [(x.shape[0] - 2) // m for m in ms]
+    idx = [np.arange(ti)[:, None] * m + np.arange(n) for ti, m, n in zip(t, ms, ns)]
+    d = x[idx[0]][:, :, idx[1]][:, :, :, :, idx[2]].astype(transform_dtype)
+    b = [bt.astype(transform_dtype) for _, _, bt in matrices]
+    v = np.einsum("ai,xiyjzkc->xyzajkc", b[0], d)
+    v = np.einsum("bj,xyzajkc->xyzabkc", b[1], v)
+    v = np.einsum("ek,xyzabkc->xyzabec", b[2], v).astype(np.float32)
+    g = [gg for _, gg, _ in matrices]
+    u = np.einsum("ai,bj,ek,ijkcf->abecf", *g, w.astype(np.float64)).astype(np.float32)
+    points, tiles = int(np.prod(ns)), int(np.prod(t))
+    prod = np.matmul(v.reshape(tiles, points, -1).transpose(1, 0, 2),
+                     u.reshape(points, w.shape[3], -1))
+    mm = prod.transpose(1, 0, 2).reshape(tuple(t) + tuple(ns) + (-1,)).astype(transform_dtype)
+    a = [at.astype(transform_dtype) for at, _, _ in matrices]
+    y = np.einsum("ia,xyzabef->xyzibef", a[0], mm)
+    y = np.einsum("jb,xyzibef->xyzijef", a[1], y)
+    y = np.einsum("ke,xyzijef->xyzijkf", a[2], y)
+    shape = tuple(ti * m for ti, m in zip(t, ms))
+    return y.transpose(0, 3, 1, 4, 2, 5, 6).reshape(shape + (-1,)).astype(np.float32)
 
 
 def direct(x, w):
@@ -80,19 +86,23 @@ def errors(matrices, c, f, data, n=12, seed=0):
     x, w = x.astype(np.float32), w.astype(np.float32)
     exact = direct(x.astype(np.float64), w.astype(np.float64))
     scale = np.abs(exact).max()
-    got = [winograd(x, w, *matrices, np.float32), winograd(x, w, *matrices, np.float64),
+    got = [winograd(x, w, matrices, np.float32), winograd(x, w, matrices, np.float64),
            direct(x, w)]
     return [np.abs(y - exact).max() / scale for y in got]
 
 
 def main():
     half = Fraction(1, 2)
-    variants = {
-        "F(2,3) (0, +-1)": toom_cook([0, 1, -1], 2, 3),
-        "F(3,3) (0, +-1, 2)": toom_cook([0, 1, -1, 2], 3, 3),
-        "F(3,3) (0, +-1, 1/2)": toom_cook([0, 1, -1, half], 3, 3),
-        "F(4,3) (0, +-1, +-2)": toom_cook([0, 1, -1, 2, -2], 4, 3),
-        "F(4,3) (0, +-1, +-1/2)": toom_cook([0, 1, -1, half, -half], 4, 3),
+    f2 = toom_cook([0, 1, -1], 2, 3)
+    f4 = toom_cook([0, 1, -1, 2, -2], 4, 3)
+    variants = {  # one (A^T, G, B^T) per axis (D, H, W)
+        "F(2,3) (0, +-1)": [f2] * 3,
+        "F(3,3) (0, +-1, 2)": [toom_cook([0, 1, -1, 2], 3, 3)] * 3,
+        "F(3,3) (0, +-1, 1/2)": [toom_cook([0, 1, -1, half], 3, 3)] * 3,
+        "F(4,3) (0, +-1, +-2)": [f4] * 3,
+        "F(4,3) (0, +-1, +-1/2)": [toom_cook([0, 1, -1, half, -half], 4, 3)] * 3,
+        "F(2,3) on D, H x F(4,3) (0, +-1, +-2) on W (the engine's)": [f2, f2, f4],
+        "F(2,3) on D x F(4,3) (0, +-1, +-2) on H, W": [f2, f4, f4],
     }
     cases = [(32, 64, "normal"), (256, 16, "normal"), (32, 64, "range"), (32, 64, "offset"),
              (256, 16, "offset")]

@@ -32,9 +32,10 @@ operation ``c[path][i]``. The counts mirror what the code computes:
 - ``scatter`` (direct, strided transposed): one GEMM ``(voxels, C) @ (C,
   k^3 F)`` (``mac``) and the compiled col2im of every product that lands in
   the tile (``col2im``);
-- ``winograd``: per 2x2x2 output block, the input and output transforms
-  (``tin`` per channel, ``tout`` per filter) and 64 GEMMs of K = C/G
-  (``mac``: 64 per block and channel pair; ``stream``);
+- ``winograd``: per block of 2x2x2 outputs (2x2x4 with F(4, 3) along W), its
+  P = 64 (96) transform points: the input and output transforms (``tin`` per
+  channel, ``tout`` per filter, in units of 64 points) and P GEMMs of K = C/G
+  (``mac``: P per block and channel pair; ``stream``);
 - ``fft``: per term combination (one for Conv3D, which computes every
   stride-1 output over its whole input extent; one per output phase for a
   transposed layer, each transforming the input again): ``call``,
@@ -94,15 +95,17 @@ from ..shapes import CONV
 from .fftsize import next_fast_len
 from .jit import worth_compiling
 from .stencil import stencil_suits
-from .winograd import winograd_suits
+from .winograd import axis_steps, winograd_suits
 
 METHODS = ("auto", "measure", "direct", "fft", "winograd")
 MODEL_FILE = Path(__file__).with_name("cost_model.json")
-# Which counts run on the tile's BLAS or FFT threads.
+# Which counts run on the tile's BLAS or FFT threads (the FFT path's stages
+# share the transforms, the spectrum product and the output among its threads).
 THREADED = {("gemm", "mac"): "blas", ("gemm", "stream"): "blas",
             ("scatter", "mac"): "blas", ("winograd", "mac"): "blas",
             ("winograd", "stream"): "blas", ("fft", "fft"): "fft", ("fft", "fmem"): "fft",
-            ("spectra", "spectra"): "fft"}
+            ("fft", "mul1"): "fft", ("fft", "freq"): "fft", ("fft", "cmac"): "fft",
+            ("fft", "ctr"): "fft", ("fft", "out"): "fft", ("spectra", "spectra"): "fft"}
 # Plans with more tiles than this are spread evenly instead of tile by tile.
 SCHEDULE_TILES = 4096
 
@@ -233,11 +236,13 @@ def _scatter_counts(job, nb, terms, counts, shape):
 def _winograd_counts(job, nb, terms, counts, shape):
     g, cg, fg = _groups(job)
     for combo in product(*terms):
-        blocks = nb * math.prod(-(-t.count // 2) for t in combo)
-        counts["tin"] += blocks * job.in_channels
-        counts["tout"] += blocks * job.filters
-        counts["mac"] += 64 * blocks * g * cg * fg
-        counts["stream"] += 64 * blocks * job.in_channels
+        steps = axis_steps([t.count for t in combo])
+        blocks = nb * math.prod(-(-t.count // m) for t, m in zip(combo, steps))
+        points = math.prod(m + 2 for m in steps)  # 64, or 96 with F(4, 3) along W
+        counts["tin"] += blocks * job.in_channels * points / 64
+        counts["tout"] += blocks * job.filters * points / 64
+        counts["mac"] += points * blocks * g * cg * fg
+        counts["stream"] += points * blocks * job.in_channels
 
 
 def fft_shape(combo):
@@ -308,12 +313,20 @@ def _shape_key(job, tile):
         for g, (o0, o1) in zip(job.geoms, tile.out))
 
 
+def uses_threads(path, counts) -> bool:
+    """Whether a tile of these counts runs on the plan's threads: FFT tiles of
+    fewer than ``fft.MIN_THREADED_VALUES`` transformed values run on one."""
+    from .fft import MIN_THREADED_VALUES
+    return path != "fft" or counts.get("fmem", 0) >= MIN_THREADED_VALUES
+
+
 def tile_seconds(job, method, tile, threads=1, model=None, cold=False):
     """Estimated seconds of one tile (``cold``: with its kernel transforms)."""
     model = model or load_model()
     axes = tile_axes(job, tile.out)
     path = path_of(job, method)
-    seconds = model.seconds(path, tile_counts(job, path, tile, axes), threads)
+    counts = tile_counts(job, path, tile, axes)
+    seconds = model.seconds(path, counts, threads if uses_threads(path, counts) else 1)
     if cold and path in SETUP and all(t for _, _, t in axes):
         seconds += model.seconds(SETUP[path], setup_counts(job, path, axes), threads)
     return seconds

@@ -14,12 +14,16 @@ discarded first ``span - 1`` samples): this is overlap-save, with sizes from
 frequency, group by group. Kernel spectra are computed once per tile shape
 and cached for the job.
 
-With several threads a tile is cut into independent parts, one per thread,
-each computed with single-threaded FFTs (a tile on pocketfft's own threads
-gave 1.4-1.6x on two cores; each of two parts costs half the whole's CPU
-time): along the batch when it divides evenly, else along the first spatial
-axis when the overlap this costs (``span - step`` input rows per cut) is
-small, else one part with threaded FFTs.
+The 3-D transform of a term combination runs as its per-axis passes, in
+three stages, each shared out among the tile's threads without overlap
+(:func:`_correlate_combo`): ``rfft2`` over (H, W) of each input plane; per
+run of H frequencies the FFT along D, the product with the kernel spectra
+and the inverse FFT along D, while that run is in cache; ``irfft2`` of each
+output plane that is kept, cropped into the output. The threads wait for each
+other between stages only. Against one ``rfftn`` / ``irfftn`` of the whole
+tile this transforms only the D planes of output that are kept, and keeps
+each stage's block in L2; against cutting the tile into one part per thread,
+it transforms no overlap twice.
 """
 
 from __future__ import annotations
@@ -27,7 +31,6 @@ from __future__ import annotations
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from itertools import product
 
 import numpy as np
@@ -82,7 +85,11 @@ class SpectrumCache:
                 self._bytes += hit.nbytes
         return hit
 
-    def get(self, taps_w, terms, fshape, dtype, workers=1):
+    def get(self, taps_w, terms, fshape, dtype, workers=1, pool=None):
+        """The kernel spectra of the term combination ``terms`` over ``fshape``:
+        (N, G, Cg, Fg), N over (f0, f1, f2 // 2 + 1). ``pool`` (with ``workers``
+        threads in all) shares the transform along D; without one, ``workers``
+        are the FFTs' own threads."""
         from scipy import fft as sfft
         key = (tuple(t.taps for t in terms), fshape)
         with self._lock:
@@ -95,15 +102,32 @@ class SpectrumCache:
             spans.append((lo, span))
         g, cg, fg = taps_w.shape[3:]
         dense = np.zeros(tuple(s for _, s in spans) + (g, cg, fg), dtype)
-        for (j0, o0), (j1, o1), (j2, o2) in product(*(t.taps for t in terms)):
-            dense[o0 - spans[0][0], o1 - spans[1][0], o2 - spans[2][0]] = taps_w[j0, j1, j2]
+        # Taps combine axis by axis: tap (j0, j1, j2) sits at offsets (o0, o1, o2).
+        at = [np.array([o - lo for _, o in t.taps], np.intp) for t, (lo, _) in zip(terms, spans)]
+        taps = [np.array([j for j, _ in t.taps], np.intp) for t in terms]
+        dense[np.ix_(*at)] = taps_w[np.ix_(*taps)]
         dense = dense[::-1, ::-1, ::-1]
         # rfftn(dense, s=fshape) one axis at a time, so each transform runs only
         # over the kernel's nonzero extent of the axes not yet transformed
-        # (the padded kernel is mostly zeros): about a third of the work.
-        spec = sfft.rfft(dense, n=fshape[2], axis=2, workers=workers)
-        spec = sfft.fft(spec, n=fshape[1], axis=1, workers=workers)
-        spec = sfft.fft(spec, n=fshape[0], axis=0, workers=workers)
+        # (the padded kernel is mostly zeros): about a third of the work. The
+        # last (along D, over every (H, W) frequency) is most of it: with a
+        # pool, the threads share it by runs of H frequencies.
+        threads = 1 if pool is not None else workers
+        part = sfft.rfft(dense, n=fshape[2], axis=2, workers=threads)
+        part = sfft.fft(part, n=fshape[1], axis=1, workers=threads)
+        spec = np.empty((fshape[0],) + part.shape[1:], part.dtype)
+
+        def along_d(runs):
+            for h0, h1 in runs:
+                spec[:, h0:h1] = sfft.fft(part[:, h0:h1], n=fshape[0], axis=0, workers=threads)
+
+        per_row = fshape[0] * part.shape[2] * g * cg * fg * part.itemsize
+        runs = _blocks(fshape[1], max(1, BLOCK_BYTES // per_row))
+        if pool is None:
+            along_d(runs)
+        else:
+            _in_threads(pool, [lambda share=share: along_d(share)
+                               for share in _shares(runs, workers)])
         # (f0, f1, f2, G, Cg, Fg) -> (N, G, Cg, Fg) for per-frequency matmul
         spec = np.ascontiguousarray(spec.reshape(-1, g, cg, fg))
         with self._lock:
@@ -120,30 +144,23 @@ def _fft_shape(combo):
     return tuple(sfft.next_fast_len(L, real=True) for _, _, L in map(_term_extent, combo))
 
 
-# Cutting the first axis pays while the parts' FFT lengths add up to at most
-# this much of the whole's: two threads on one FFT reach about 1.45x, so up to
-# 2 / 1.45 = 1.38x more FFT work would still pay; 1.25 keeps a margin.
-MAX_SPLIT_GROWTH = 1.25
+# Bytes of complex values one thread transforms at a time: a block of planes
+# (stage 1, 3) or of H frequencies (stage 2) stays in L2 between its
+# transform, its product and its copy.
+BLOCK_BYTES = 1 << 19
 
 
-def _split_axis0(terms, parts):
-    """``terms`` with axis 0's terms cut into ``parts`` runs of outputs, or None
-    when the overlap makes the parts' FFTs too much longer than the whole's."""
-    from scipy import fft as sfft
-    pieces = []
-    for p in range(parts):
-        axis0 = []
-        for t in terms[0]:
-            per = -(-t.count // parts)
-            q0, q1 = p * per, min(t.count, (p + 1) * per)
-            if q1 > q0:
-                axis0.append(replace(t, count=q1 - q0, in_start=t.in_start + q0 * t.in_step,
-                                     out_start=t.out_start + q0 * t.out_step))
-        if axis0:
-            pieces.append([axis0] + list(terms[1:]))
-    whole = sum(sfft.next_fast_len(_term_extent(t)[2], real=True) for t in terms[0])
-    cut = sum(sfft.next_fast_len(_term_extent(t)[2], real=True) for pc in pieces for t in pc[0])
-    return pieces if len(pieces) > 1 and cut <= MAX_SPLIT_GROWTH * whole else None
+# Values (complex, over the FFT shapes of the term combinations, input and
+# output channels) below which a tile runs on one thread: the threads' start
+# and the waits between stages cost about 0.2 ms, more than a 64^3 tile of one
+# channel gains from them (96^3: 1.6x faster on two threads).
+MIN_THREADED_VALUES = 1 << 20
+
+
+def _transform_values(x, terms, taps_w):
+    g, cg, fg = taps_w.shape[3:]
+    n = sum(math.prod(_fft_shape(combo)) for combo in product(*terms))
+    return x.shape[0] * n * g * (cg + fg)
 
 
 def correlate_fft(x, terms, taps_w, out, cache=None, workers=1, bias=None):
@@ -151,64 +168,115 @@ def correlate_fft(x, terms, taps_w, out, cache=None, workers=1, bias=None):
 
     With ``bias`` (one term per axis covering the tile), ``out`` is set to
     bias + result instead, saving a pass over it. ``workers`` threads share
-    the tile (see the module's notes).
+    each stage (see the module's notes).
     """
     cache = cache or SpectrumCache()
-    nb = x.shape[0]
-    if workers > 1 and nb % workers == 0:
-        per = nb // workers
-        parts = [(slice(b, b + per), terms) for b in range(0, nb, per)]
-    elif workers > 1 and (pieces := _split_axis0(terms, workers)) is not None:
-        parts = [(slice(None), pc) for pc in pieces]
-    else:
-        return _correlate(x, terms, taps_w, out, cache, workers, bias)
-    # The kernel spectra once, before the parts look them up.
-    for _, pc in parts:
-        for combo in product(*pc):
-            cache.get(taps_w, combo, _fft_shape(combo), x.dtype, workers)
+    if workers <= 1 or _transform_values(x, terms, taps_w) < MIN_THREADED_VALUES:
+        return _correlate(x, terms, taps_w, out, cache, None, 1, bias)
+    with ThreadPoolExecutor(workers - 1) as pool:
+        return _correlate(x, terms, taps_w, out, cache, pool, workers, bias)
 
-    def part(i):
-        b, pc = parts[i]
-        _correlate(x[b], pc, taps_w, out[b], cache, 1, bias)
 
-    with ThreadPoolExecutor(len(parts) - 1) as pool:
-        futures = [pool.submit(part, i) for i in range(1, len(parts))]
-        part(0)
-        for f in futures:
-            f.result()
+def _correlate(x, terms, taps_w, out, cache, pool, workers, bias):
+    for combo in product(*terms):
+        spec = cache.get(taps_w, combo, _fft_shape(combo), x.dtype, workers, pool)
+        _correlate_combo(x, combo, spec, out, pool, workers, bias)
     return out
 
 
-def _correlate(x, terms, taps_w, out, cache, workers, bias):
+def _in_threads(pool, jobs):
+    """Run the callables ``jobs`` at once, one per thread (this thread runs the
+    first, ``pool`` the others), and wait for all of them."""
+    futures = [pool.submit(job) for job in jobs[1:]]
+    try:
+        jobs[0]()
+    finally:
+        for f in futures:
+            f.result()
+
+
+def _shares(items, parts):
+    """``items`` in at most ``parts`` contiguous runs of nearly equal length."""
+    per = max(1, -(-len(items) // max(parts, 1)))
+    return [items[a:a + per] for a in range(0, len(items), per)] or [[]]
+
+
+def _blocks(n, size):
+    """``range(n)`` in runs ``(start, stop)`` of at most ``size``."""
+    return [(a, min(n, a + size)) for a in range(0, n, max(size, 1))]
+
+
+def _correlate_combo(x, combo, spec, out, pool, workers, bias):
+    """One term combination (one term per axis) of the tile, by the three stages
+    of the module's notes on ``workers`` threads.
+
+    With ``fshape = (f0, f1, f2)``: stage 1 sets ``xs[b, d] = rfft2(src[b, d])``
+    (zero planes for ``d`` past the input); stage 2 sets, per run of H
+    frequencies, ``ys = ifft_D(fft_D(xs) @ spec)`` (a ``C/G x F/G`` matrix
+    product per frequency and group, or one multiply for one channel);
+    stage 3 sets ``out = irfft2(ys[b, d])`` over the kept outputs. The
+    inverse along D (1/f0) and ``irfft2`` (1/(f1 f2)) give irfftn's
+    normalisation 1/(f0 f1 f2).
+    """
     from scipy import fft as sfft
     nb = x.shape[0]
-    g, cg, fg = taps_w.shape[3:]
-    for combo in product(*terms):
-        ext = [_term_extent(t) for t in combo]
-        fshape = _fft_shape(combo)
-        spec = cache.get(taps_w, combo, fshape, x.dtype, workers)
-        src = x[(slice(None),) + tuple(
-            slice(t.in_start + lo, t.in_start + lo + L) for t, (lo, _, L) in zip(combo, ext))]
-        xs = sfft.rfftn(src, s=fshape, axes=(1, 2, 3), workers=workers)
-        fshape_c = xs.shape[1:4]
-        n = int(np.prod(fshape_c))
-        if g == 1 and cg == 1 and fg == 1:
-            xs *= spec.reshape(fshape_c + (1,))
-            ys = xs
-        else:
-            # (B, N, G, Cg) -> (N, G, B, Cg) @ (N, G, Cg, Fg) -> (N, G, B, Fg)
-            xm = xs.reshape(nb, n, g, cg).transpose(1, 2, 0, 3)
-            ym = np.matmul(xm, spec)
-            ys = ym.transpose(2, 0, 1, 3).reshape((nb,) + fshape_c + (g * fg,))
-        y = sfft.irfftn(ys, s=fshape, axes=(1, 2, 3), workers=workers)
-        sel = (slice(None),) + tuple(
-            slice(span - 1, span - 1 + (t.count - 1) * t.in_step + 1, t.in_step)
-            for t, (_, span, _) in zip(combo, ext))
-        dst = (slice(None),) + tuple(
-            slice(t.out_start, t.out_start + (t.count - 1) * t.out_step + 1, t.out_step)
-            for t in combo)
-        if bias is not None:
-            np.add(y[sel], bias, out=out[dst], casting="unsafe")
-        else:
-            out[dst] += y[sel].astype(out.dtype, copy=False)
+    g, cg, fg = spec.shape[1:]
+    one = g == cg == fg == 1
+    ext = [_term_extent(t) for t in combo]
+    f0, f1, f2 = _fft_shape(combo)
+    f2c = f2 // 2 + 1
+    src = x[(slice(None),) + tuple(
+        slice(t.in_start + lo, t.in_start + lo + L) for t, (lo, _, L) in zip(combo, ext))]
+    cdt = np.result_type(x.dtype, np.complex64)
+    xs = np.empty((nb, f0, f1, f2c, g * cg), cdt)
+    ys = xs if one else np.empty((nb, f0, f1, f2c, g * fg), cdt)
+    plane = f1 * f2c * max(g * cg, g * fg) * xs.itemsize
+    run = (lambda jobs: _in_threads(pool, jobs)) if pool is not None else \
+        (lambda jobs: [job() for job in jobs])
+
+    def forward(items):
+        for b, (d0, d1) in items:
+            filled = min(d1, src.shape[1])
+            if filled > d0:
+                xs[b, d0:filled] = sfft.rfft2(src[b, d0:filled], s=(f1, f2), axes=(1, 2))
+            xs[b, max(d0, filled):d1] = 0
+
+    items = [(b, r) for b in range(nb) for r in _blocks(f0, max(1, BLOCK_BYTES // plane))]
+    run([lambda share=share: forward(share) for share in _shares(items, workers)])
+
+    spec = spec.reshape(f0, f1, f2c, g, cg, fg)
+
+    def mix(runs):
+        for h0, h1 in runs:
+            blk = sfft.fft(xs[:, :, h0:h1], axis=1)  # (B, f0, h, f2c, C), a new array
+            if one:
+                blk *= spec[:, h0:h1, :, 0, 0]
+            else:
+                # (B, n, G, Cg) -> (n, G, B, Cg) @ (n, G, Cg, Fg) -> (n, G, B, Fg)
+                n = f0 * (h1 - h0) * f2c
+                ym = np.matmul(blk.reshape(nb, n, g, cg).transpose(1, 2, 0, 3),
+                               spec[:, h0:h1].reshape(n, g, cg, fg))
+                blk = ym.transpose(2, 0, 1, 3).reshape(blk.shape[:4] + (g * fg,))
+            ys[:, :, h0:h1] = sfft.ifft(blk, axis=1, overwrite_x=True)
+
+    rows = max(1, BLOCK_BYTES // (nb * f0 * plane // f1))
+    runs = _blocks(f1, rows)
+    run([lambda share=share: mix(share) for share in _shares(runs, workers)])
+
+    sel = [slice(span - 1, span - 1 + (t.count - 1) * t.in_step + 1, t.in_step)
+           for t, (_, span, _) in zip(combo, ext)]
+    dst = [slice(t.out_start, t.out_start + (t.count - 1) * t.out_step + 1, t.out_step)
+           for t in combo]
+    kept = list(zip(range(f0)[sel[0]], range(out.shape[1])[dst[0]]))
+
+    def inverse(items):
+        for b, (d, o) in items:
+            y = sfft.irfft2(ys[b, d], s=(f1, f2), axes=(0, 1))[sel[1], sel[2]]
+            if bias is not None:
+                np.add(y, bias, out=out[b, o, dst[1], dst[2]], casting="unsafe")
+            else:
+                out[b, o, dst[1], dst[2]] += y.astype(out.dtype, copy=False)
+
+    items = [(b, k) for b in range(nb) for k in kept]
+    run([lambda share=share: inverse(share) for share in _shares(items, workers)])
     return out
